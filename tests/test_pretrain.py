@@ -1,0 +1,138 @@
+"Pre-training loop: exact resume, DDP equivalence (2 gloo processes), CLI, NaN stop, run-directory safety."
+import json, os, socket, subprocess, sys
+from pathlib import Path
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, pretrain, batch_indices, CheckpointError, read_checkpoint
+from vtp_nbdev.data import ShapesDataset
+
+SMALL = dict(vision_depth=2, decoder_depth=1, text_depth=1, dino_out_dim=256, dino_hidden_dim=64, dino_bottleneck_dim=32)
+
+
+def small_cfg(**kw):
+    base = dict(model=SMALL, steps=6, batch_clip=8, batch_ssl=4, batch_rec=2, n_local_crops=2, log_every=1, ckpt_every=2,
+                dataset_kwargs={'size': 40})
+    return PretrainConfig(**{**base, **kw})
+
+
+def test_resume_is_bit_identical(tmp_path):
+    cfg = small_cfg()
+    full = pretrain(cfg, runs_dir=tmp_path/'a', device='cpu', progress=False)
+    part = pretrain(cfg, runs_dir=tmp_path/'b', device='cpu', max_steps=3, progress=False)   # stops after step 3
+    assert not (part/'done.json').exists()
+    assert sorted(p.name for p in (part/'checkpoints').glob('last-*')) == ['last-00000003.safetensors']
+    pretrain(cfg, runs_dir=tmp_path/'b', device='cpu', progress=False)                     # resumes from step 3
+    a, b = load_file(full/'final'/'model.safetensors'), load_file(part/'final'/'model.safetensors')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra = [json.loads(l) for l in (full/'metrics.jsonl').read_text().splitlines()]
+    rb = [json.loads(l) for l in (part/'metrics.jsonl').read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != 'time_s'} for r in rows]
+    assert strip(ra) == strip(rb)
+    ta, _ = read_checkpoint(next((full/'checkpoints').glob('last-*')))
+    tb, _ = read_checkpoint(next((part/'checkpoints').glob('last-*')))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta if k.startswith(('model.', 'optim.')))  # teacher, centres, moments too
+
+
+def test_losses_fall_on_shapes(tmp_path):
+    run = pretrain(small_cfg(steps=30, log_every=5, ckpt_every=30, lr=2e-3, warmup=0.1), runs_dir=tmp_path, device='cpu', progress=False)
+    rows = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]
+    for k in ('rec', 'clip'):
+        assert rows[-1][k] < rows[0][k], (k, rows[0][k], rows[-1][k])
+    assert rows[-1]['flops'] == 30 * rows[0]['flops_per_step'] > 0
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path):
+    cfg = small_cfg(steps=4, ckpt_every=1)
+    run = pretrain(cfg, runs_dir=tmp_path, device='cpu', max_steps=2, progress=False)
+    ck = run/'checkpoints'
+    good = next(ck.glob('last-*'))
+    bad = ck/'last-00000009.safetensors'; bad.write_bytes(good.read_bytes()[:100])          # a truncated "newer" file
+    with pytest.raises(CheckpointError, match='last-00000009.safetensors: unreadable or truncated'):
+        read_checkpoint(bad)
+    pretrain(cfg, runs_dir=tmp_path, device='cpu', progress=False)
+    assert (run/'done.json').exists()
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, monkeypatch):
+    cfg = small_cfg(steps=6, ckpt_every=2)
+    run = pretrain(cfg, runs_dir=tmp_path, device='cpu', max_steps=2, progress=False)
+    orig = VTPPretrainer.forward
+    def poisoned(self, batch, step):
+        loss, terms = orig(self, batch, step)
+        return loss * float('nan') if step == 3 else loss, terms
+    monkeypatch.setattr(VTPPretrainer, 'forward', poisoned)
+    with pytest.raises(FloatingPointError, match='non-finite loss nan at step 3'):
+        pretrain(cfg, runs_dir=tmp_path, device='cpu', progress=False)
+    tensors, meta = read_checkpoint(next((run/'checkpoints').glob('last-*')))
+    assert meta['step'] == '2' and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+
+
+def test_run_dir_with_other_config_is_refused(tmp_path):
+    cfg = small_cfg(steps=2)
+    run = pretrain(cfg, runs_dir=tmp_path, device='cpu', max_steps=1, progress=False)
+    (run/'config.json').write_text(json.dumps({**cfg.to_dict(), 'lr': 1.0}))
+    with pytest.raises(RuntimeError, match='differs from this run'):
+        pretrain(cfg, runs_dir=tmp_path, device='cpu', progress=False)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match='unknown PretrainConfig keys'): PretrainConfig.from_dict({'batch': 3})
+    with pytest.raises(ValueError, match='steps=0'): PretrainConfig(steps=0)
+    with pytest.raises(ValueError, match='not divisible by the number of heads|divisible'):
+        PretrainConfig(model={'vision_embed_dim': 65})
+
+
+def test_cli(tmp_path):
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1'}
+    cmd = [sys.executable, '-m', 'vtp_nbdev.pretrain', '--runs-dir', str(tmp_path), '--device', 'cpu', '--no-progress', '--set',
+           'steps=2', 'losses=AE', 'batch_clip=4', 'batch_rec=4', 'log_every=1', f'model={json.dumps(SMALL)}', 'dataset_kwargs={"size": 8}']
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = Path(out.stdout.strip().splitlines()[-1])
+    assert (run/'final'/'config.json').exists() and (run/'done.json').exists()
+    bad = subprocess.run(cmd[:cmd.index('--set') + 1] + ['stepz=2'], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "unknown PretrainConfig keys ['stepz']" in bad.stderr
+
+
+# ---- DDP: 2 gloo processes == 1 process on the concatenated batch --------------------------------------------------
+def _free_port():
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def _step_grads(cfg, batch, world=1, rank=0):
+    torch.manual_seed(0)
+    tr = VTPPretrainer(cfg)
+    model = torch.nn.parallel.DistributedDataParallel(tr, find_unused_parameters=True, broadcast_buffers=False) if world > 1 else tr
+    loss, terms = model(batch, 5)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in tr.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, {k: v.clone() for k, v in tr.state_dict().items() if 'center' in k}
+
+
+def _worker(rank, world, port, cfg, batch, out):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
+    local = {k: v[rank::world] for k, v in batch.items() if torch.is_tensor(v)}
+    loss, grads, centres = _step_grads(cfg, local, world, rank)
+    losses = [torch.zeros(()) for _ in range(world)]
+    torch.distributed.all_gather(losses, loss)
+    if rank == 0: torch.save(dict(loss=torch.stack(losses).mean(), grads=grads, centres=centres), out)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    cfg = small_cfg(batch_clip=8, batch_ssl=4, batch_rec=4)
+    ds = ShapesDataset(size=16, context_length=32)
+    batch = torch.utils.data.default_collate([ds[i] for i in batch_indices(0, 8, 16)])
+    batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+    out = tmp_path/'rank0.pt'
+    mp.start_processes(_worker, args=(2, _free_port(), cfg, batch, out), nprocs=2, join=True, start_method='spawn')
+    ddp = torch.load(out, weights_only=True)
+    loss, grads, centres = _step_grads(cfg, batch)
+    assert torch.allclose(ddp['loss'], loss, atol=1e-5), (ddp['loss'], loss)
+    assert grads.keys() == ddp['grads'].keys() and len(grads) > 20
+    for n in grads:
+        assert torch.allclose(ddp['grads'][n], grads[n], atol=2e-5, rtol=1e-3), n
+    for k in centres: assert torch.allclose(ddp['centres'][k], centres[k], atol=1e-6), k

@@ -113,6 +113,7 @@ def _step_grads(cfg, batch, world=1, rank=0):
 
 def _worker(rank, world, port, cfg, batch, out):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)                      # two processes on two cores: no oversubscription
     torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
     local = {k: v[rank::world] for k, v in batch.items() if torch.is_tensor(v)}
     loss, grads, centres = _step_grads(cfg, local, world, rank)

@@ -1,0 +1,298 @@
+"Evaluation: FID-family sanity (reference extractors, torch-fidelity), bad inputs, checksums, reconstruction, zero-shot, probes."
+import json, time
+from pathlib import Path
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from vtp_nbdev.data import ShapesDataset, uint8_to_model, normalize, denormalize, zero_shot_prompts, tokenize, SHAPES_CLASSES
+from vtp_nbdev import fid
+from vtp_nbdev.fid import (REFERENCE_EXTRACTORS, ChecksumError, FeatureSet, check_batch, extract_features, fidelity_metrics,
+                           load_reference_extractor, make_extractor, save_samples, torch_fidelity_metrics, sha256_file, repo_root)
+from vtp_nbdev.eval_understanding import zero_shot, linear_probe, train_linear_probe
+from vtp_nbdev.eval_reconstruction import reconstruction_metrics, evaluate_tokenizer, psnr, ssim
+
+
+def shapes_images(split, n):
+    "ImageNet-normalised shapes images (n, 3, 32, 32) without captions (fast)."
+    ds = ShapesDataset(split, size=n)
+    return torch.stack([uint8_to_model(ds.raw(i)[0]) for i in range(n)])
+
+
+@pytest.fixture(scope='module')
+def real():
+    return shapes_images('test', 1000)
+
+
+@pytest.fixture(scope='module')
+def ref_feats():
+    return extract_features(shapes_images('val', 1000), 'shapes')
+
+
+# ---- committed reference extractors ----
+@pytest.mark.parametrize('name', list(REFERENCE_EXTRACTORS))
+def test_committed_weights_match_checksum_and_are_small(name):
+    rel, sha, _ = REFERENCE_EXTRACTORS[name]
+    p = repo_root()/rel
+    assert p.is_file(), p
+    assert sha256_file(p) == sha
+    assert p.stat().st_size < 2 * 2**20
+    report = json.loads(p.with_suffix('.json').read_text())
+    assert report['sha256'] == sha
+    assert report['accuracy']['test']['logits'] > (0.97 if name == 'shapes' else 0.88)
+
+
+def test_checksum_mismatch_detected(tmp_path):
+    src = repo_root()/REFERENCE_EXTRACTORS['shapes'][0]
+    bad = tmp_path/'shapes.safetensors'
+    b = bytearray(src.read_bytes()); b[len(b) // 2] ^= 0x10; bad.write_bytes(bytes(b))
+    with pytest.raises(ChecksumError, match='sha256'):
+        load_reference_extractor('shapes', bad)
+    with pytest.raises(ChecksumError):                               # also through the torch-fidelity extractor
+        make_extractor('shapes', weights_path=bad)
+    with pytest.raises(KeyError, match='no reference extractor'):
+        load_reference_extractor('cifar10')
+
+
+# ---- FD / KID / IS / precision-recall sanity ----
+@pytest.mark.parametrize('name', list(REFERENCE_EXTRACTORS))
+def test_identical_sets(name, real):
+    f = extract_features(real, name)
+    m = fidelity_metrics(f, f, extractor=name)
+    assert abs(m[f'FD_{name}']) < 1e-3
+    assert m[f'precision_{name}'] == pytest.approx(1.0) and m[f'recall_{name}'] == pytest.approx(1.0)
+    assert abs(m[f'KID_{name}_mean']) < 0.02                   # unbiased MMD of a set with itself: -O(1/n)
+    assert m['extractor'] == f'vtp-ref-{name}' and m['extractor_sha256'] == REFERENCE_EXTRACTORS[name][1]
+    assert m['n1'] == m['n2'] == 1000 and m['uint8_policy'] == 'round'
+    assert 'FID' not in m                                            # never labelled as Inception FID
+
+
+def _fd(images, ref):
+    return fidelity_metrics(images, ref, metrics=('fd',))['FD_shapes']
+
+
+def test_fd_monotone_in_gaussian_noise(real, ref_feats):
+    px = denormalize(real)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(px.shape, generator=g)
+    fds = [_fd(normalize((px + s * noise).clamp(0, 1)), ref_feats) for s in (0, 0.03, 0.06, 0.12, 0.25)]
+    assert all(a < b for a, b in zip(fds, fds[1:])), fds
+    assert fds[0] < 0.1 * fds[-1]
+
+
+def test_fd_monotone_in_blur(real, ref_feats):
+    px = denormalize(real)
+    blur = lambda s: px if s == 0 else TF.gaussian_blur(px, 2 * int(3 * s) + 1, s)
+    fds = [_fd(normalize(blur(s)), ref_feats) for s in (0, 0.6, 1.0, 1.5, 2.5)]
+    assert all(a < b for a, b in zip(fds, fds[1:])), fds
+
+
+def test_is_and_prc_react_to_degradation(real, ref_feats):
+    clean = fidelity_metrics(real, ref_feats, kid_subset_size=500, kid_subsets=20)
+    noisy = fidelity_metrics(normalize((denormalize(real) + 0.3 * torch.randn_like(real)).clamp(0, 1)), ref_feats, kid_subset_size=500, kid_subsets=20)
+    assert noisy['KID_shapes_mean'] > clean['KID_shapes_mean'] and noisy['precision_shapes'] < clean['precision_shapes']
+    assert clean['IS_shapes_mean'] > 10 and noisy['IS_shapes_mean'] < clean['IS_shapes_mean']
+
+
+def test_torch_fidelity_registered_extractor_agrees(real, tmp_path):
+    a, b = real[:300], shapes_images('val', 300)
+    ours = fidelity_metrics(a, b, kid_subset_size=200)
+    save_samples(a, tmp_path/'png', fmt='png')                     # PNG folder: read by torch-fidelity itself
+    for src in (a, tmp_path/'png'):
+        tf = torch_fidelity_metrics(src, b, kid_subset_size=200)
+        for k in ('FD_shapes', 'KID_shapes_mean', 'IS_shapes_mean', 'precision_shapes', 'recall_shapes'):
+            assert tf[k] == pytest.approx(ours[k], rel=1e-4, abs=1e-5), k
+
+
+def test_sources_agree_and_stream(real, tmp_path):
+    x = real[:250]
+    f = extract_features(x, 'shapes', batch_size=64)
+    save_samples(x, tmp_path/'st', shard_size=100)
+    save_samples(x[:30], tmp_path/'png', fmt='png')
+    torch.testing.assert_close(extract_features(tmp_path/'st').feats['feat'], f.feats['feat'])
+    torch.testing.assert_close(extract_features(tmp_path/'png').feats['feat'], f.feats['feat'][:30])
+    torch.testing.assert_close(extract_features(fid.check_batch(x)).feats['feat'], f.feats['feat'])   # uint8 == rounded float
+    gen = ({'image': x[i:i + 32]} for i in range(0, 250, 32))
+    g = extract_features(gen, n=100)
+    assert g.n == 100 and set(g.feats) == set(f.feats)
+    f.save(tmp_path/'f.safetensors')
+    assert FeatureSet.load(tmp_path/'f.safetensors').n == 250
+
+
+# ---- bad inputs ----
+@pytest.mark.parametrize('bad, exc, msg', [
+    (torch.zeros(2, 1, 32, 32, dtype=torch.uint8), ValueError, '3 RGB channels'),
+    (torch.zeros(3, 32, 32, dtype=torch.uint8), ValueError, r'\(B, 3, H, W\)'),
+    (torch.zeros(2, 3, 28, 28, dtype=torch.uint8), ValueError, 'expects 32x32'),
+    (torch.zeros(2, 3, 32, 32, dtype=torch.int64), ValueError, 'dtype torch.int64'),
+    (torch.full((2, 3, 32, 32), 200.), ValueError, r'\[0, 255\] pixels'),
+    (torch.full((2, 3, 32, 32), float('nan')), ValueError, 'NaN'),
+    (torch.zeros(2, 3, 32, 32).numpy(), TypeError, 'torch.Tensor'),
+])
+def test_bad_batches(bad, exc, msg):
+    with pytest.raises(exc, match=msg):
+        check_batch(bad)
+    with pytest.raises((exc, ValueError, TypeError), match=msg):
+        extract_features([bad])
+
+
+def test_bad_sources(tmp_path, real):
+    with pytest.raises(FileNotFoundError, match='no \\*.png files'):
+        extract_features(tmp_path)
+    save_samples(real[:4], tmp_path, fmt='png'); save_samples(real[:4], tmp_path)
+    with pytest.raises(ValueError, match='both'):
+        extract_features(tmp_path)
+    with pytest.raises(ValueError, match='need a reference set'):
+        fidelity_metrics(real[:10])
+    with pytest.raises(ValueError, match='unknown metrics'):
+        fidelity_metrics(real[:10], real[:10], metrics=('fid',))
+    fm = extract_features(real[:20], 'fashion_mnist')
+    with pytest.raises(ValueError, match='cached features are from vtp-ref-fashion_mnist'):
+        fidelity_metrics(fm, real[:20], extractor='shapes')
+
+
+def test_inception_offline_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv('VTP_INCEPTION_WEIGHTS', raising=False)
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))
+    try:
+        with pytest.raises(FileNotFoundError, match='weights-inception-2015-12-05-6726825d.pth') as e:
+            make_extractor('inception-v3-compat')
+        assert '\n' not in str(e.value) and str(tmp_path) in str(e.value)
+        with pytest.raises(FileNotFoundError, match='weights-inception'):
+            fidelity_metrics(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), extractor='inception-v3-compat', metrics=('is',))
+    finally:
+        torch.hub.set_dir(old)
+
+
+def test_inception_path_with_local_weights(tmp_path, monkeypatch):
+    "The standard Inception path works once a weights file is local (a random-weight file stands in here)."
+    import torch_fidelity.feature_extractor_inceptionv3 as inc
+    with monkeypatch.context() as mp:                               # build a randomly initialised network to save
+        mp.setattr(inc, 'load_state_dict_from_url', lambda *a, **k: None)
+        mp.setattr(inc.FeatureExtractorInceptionV3, 'load_state_dict', lambda self, sd: None)
+        net = inc.FeatureExtractorInceptionV3('inception-v3-compat', ['2048'])
+    p = tmp_path/'weights-inception-2015-12-05-6726825d.pth'
+    torch.save(net.state_dict(), p)
+    monkeypatch.setenv('VTP_INCEPTION_WEIGHTS', str(p))
+    x = torch.randint(0, 256, (6, 3, 48, 48), dtype=torch.uint8)   # any size: Inception resizes to 299
+    m = fidelity_metrics(x, x, extractor='inception-v3-compat', metrics=('fd', 'is'), isc_splits=2)
+    assert {'FID', 'IS_inception_mean'} <= set(m) and not any(k.startswith('FD_') for k in m)
+    assert m['extractor'] == 'inception-v3-compat' and m['extractor_sha256'] == sha256_file(p) and m['n1'] == 6
+
+
+def test_feature_extraction_speed():
+    x = torch.randint(0, 256, (2000, 3, 32, 32), dtype=torch.uint8)
+    fe = make_extractor('shapes')
+    extract_features(x[:500], fe)
+    t0 = time.perf_counter(); extract_features(x, fe); dt = time.perf_counter() - t0
+    assert dt * 5 < 60, f"10k images would take {dt * 5:.1f} s"   # budget 30 s; slack for a shared machine
+
+
+# ---- attributes (prompt following) ----
+def test_attribute_accuracy_on_real_images():
+    ds = ShapesDataset('test', size=300)
+    x = torch.stack([uint8_to_model(ds.raw(i)[0]) for i in range(300)])
+    acc = fid.attribute_accuracy(x, [ds.attributes(i) for i in range(300)])
+    assert acc['attr_all_acc'] > 0.95
+    shuffled = fid.attribute_accuracy(x, [ds.attributes((i + 1) % 300) for i in range(300)])
+    assert shuffled['attr_all_acc'] < 0.2
+
+
+# ---- reconstruction ----
+class IdentityTokenizer(torch.nn.Module):
+    def get_reconstruction_latents(self, x): return x
+    def get_latents_decoded_images(self, z): return z
+
+
+class NoisyTokenizer(IdentityTokenizer):
+    def __init__(self, s): super().__init__(); self.s = s
+    def get_latents_decoded_images(self, z): return z + self.s * torch.randn_like(z)
+
+
+def test_reconstruction_metrics_identity_and_noise():
+    ds = ShapesDataset('test', size=200)
+    ident = reconstruction_metrics(IdentityTokenizer(), ds, n=200, dataset_name='shapes')
+    assert abs(ident['rFID']) < 1e-3 and ident['ssim'] == pytest.approx(1.0) and ident['psnr'] > 140
+    torch.manual_seed(0)
+    noisy = [reconstruction_metrics(NoisyTokenizer(s), ds, n=200, dataset_name='shapes') for s in (0.05, 0.2)]
+    assert noisy[0]['psnr'] > noisy[1]['psnr'] and noisy[0]['ssim'] > noisy[1]['ssim'] and noisy[0]['rFID'] < noisy[1]['rFID']
+    assert abs(noisy[0]['psnr'] - noisy[0]['psnr_float']) < 1.0     # rounding moves PSNR a little at this noise level
+    assert noisy[0]['rFID_metric'] == 'FD_shapes' and noisy[0]['extractor_sha256'] == REFERENCE_EXTRACTORS['shapes'][1]
+    assert noisy[0]['lpips'] is None and 'lpips_note' in noisy[0]
+
+
+def test_psnr_ssim_reference_values():
+    x = torch.zeros(1, 3, 16, 16); y = x + 255 / 10 ** (20 / 20) * 1.0          # constant error: PSNR exactly 20 dB
+    assert psnr(y, x).item() == pytest.approx(20.0, abs=1e-6)
+    a = torch.rand(2, 3, 32, 32) * 255
+    assert ssim(a, a).allclose(torch.ones(2, dtype=torch.float64)) and (ssim(a, 255 - a) < 0.1).all()
+
+
+# ---- zero-shot and linear probe with a stub "tokenizer" whose features are the reference CNN's ----
+class OracleTokenizer(torch.nn.Module):
+    "Duck-typed VTP stand-in: image features = reference-CNN class one-hots; text features = the prompt's class one-hot."
+    def __init__(self):
+        super().__init__()
+        self.net = load_reference_extractor('shapes')
+        self.config = type('C', (), dict(text_context_length=32, vision_depth=2))()
+        self.lookup = {}
+        for w in ('train', 'heldout'):
+            for c, ps in enumerate(zero_shot_prompts('shapes', SHAPES_CLASSES, w)):
+                for t in tokenize(ps, 32): self.lookup[tuple(t.tolist())] = c
+    def get_clip_text_feature(self, tokens, normalize=True):
+        return F.one_hot(torch.tensor([self.lookup[tuple(t.tolist())] for t in tokens]), 20).float()
+    def get_clip_image_feature(self, images, normalize=True):
+        return F.one_hot(self.net(images)['logits'].argmax(1), 20).float()
+    def get_intermediate_layers_feature(self, images, n, return_class_token=True):
+        f = self.net(images)['feat']
+        return tuple((f[:, None].expand(-1, 4, -1), f) for _ in range(n))
+    def get_reconstruction_latents(self, images):
+        return self.net(images)['feat'][:, :, None, None].expand(-1, -1, 2, 2)
+
+
+def test_zero_shot_and_linear_probe_oracle():
+    m = OracleTokenizer()
+    zs = zero_shot(m, 'shapes', ShapesDataset('test', size=300), n=300)
+    assert zs['zero_shot_top1_train'] > 0.95 and zs['zero_shot_top1_heldout'] > 0.95 and zs['zero_shot_top5_train'] >= zs['zero_shot_top1_train']
+    assert zs['n_templates_train'] == 4 and zs['n_templates_heldout'] == 3
+    lp = linear_probe(m, ShapesDataset('train', size=1000), ShapesDataset('test', size=400), epochs=20)
+    for f in ('bottleneck', 'last', 'last4_avgpool'):
+        assert lp[f'linear_probe_{f}_top1'] > 0.9, (f, lp[f'linear_probe_{f}'])
+    assert lp['linear_probe_last4_avgpool']['dim'] == 3 * 128 and lp['n_blocks_last4'] == 2
+
+
+def test_linear_probe_speed_5k_2k():
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(20, 320, generator=g)
+    ytr, yte = torch.randint(0, 20, (5000,), generator=g), torch.randint(0, 20, (2000,), generator=g)
+    xtr, xte = c[ytr] + 3 * torch.randn(5000, 320, generator=g), c[yte] + 3 * torch.randn(2000, 320, generator=g)
+    t0 = time.perf_counter(); r = train_linear_probe(xtr, ytr, xte, yte); dt = time.perf_counter() - t0
+    assert r['top1'] > 0.5 and dt < 30, (r['top1'], dt)
+
+
+def test_evaluate_tokenizer_checkpoint_folder(tmp_path):
+    from vtp_nbdev.tokenizer import VTPModel, vtp_config
+    torch.manual_seed(0)
+    VTPModel(vtp_config('tiny')).save_pretrained(tmp_path/'ckpt')
+    ev = evaluate_tokenizer(tmp_path/'ckpt', 'shapes', n_zero_shot=64, n_probe_train=200, n_probe_test=64, n_rec=32,
+                            batch_size=32, out=tmp_path/'m.json')
+    assert set(ev) >= {'zero_shot', 'linear_probe', 'reconstruction'} and not ev['notes']
+    assert json.loads((tmp_path/'m.json').read_text())['reconstruction']['rFID_metric'] == 'FD_shapes'
+
+
+def test_evaluate_tokenizer_user_image_folder(tmp_path):
+    "A user's ImageNet-style folder: zero-shot with class-name templates, probe, reconstruction (rFID skipped: no extractor)."
+    from PIL import Image
+    from vtp_nbdev.tokenizer import VTPModel, vtp_config
+    ds = ShapesDataset('train', size=24)
+    for i in range(24):
+        img, _, label = ds.raw(i)
+        d = tmp_path/'data'/('reddish' if label % 4 == 0 else 'other'); d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d/f'{i}.png')
+    torch.manual_seed(0)
+    ev = evaluate_tokenizer(VTPModel(vtp_config('tiny')), 'image_folder', splits=('train', 'val'), n_zero_shot=24,
+                            n_probe_train=24, n_probe_test=24, n_rec=8, dataset_kwargs=dict(root=tmp_path/'data'))
+    assert ev['zero_shot']['n_classes'] == 2 and ev['zero_shot']['zero_shot_top5_train'] == 1.0
+    assert ev['reconstruction']['rFID'] is None and 'rFID_note' in ev['reconstruction']
+    assert ev['linear_probe']['linear_probe_last']['n_test'] == 24

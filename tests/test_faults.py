@@ -18,20 +18,31 @@ def _env():
     return {**os.environ, 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1'}   # same threads in every process: same reductions
 
 
+def _logged_step(runs):
+    "Last step logged by the run under `runs` (0 before any)."
+    for f in runs.glob('tokenizer/*/metrics.jsonl'):
+        lines = [l for l in f.read_text().splitlines() if l.endswith('}')]
+        return json.loads(lines[-1])['step'] if lines else 0
+    return 0
+
+
 def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
     ref = subprocess.run(_cmd(tmp_path/'ref'), capture_output=True, text=True, env=_env(), timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
     ref_run = Path(ref.stdout.strip().splitlines()[-1])
-    rng, kills = random.Random(0), 0
-    for attempt in range(4):                                           # 3 kills at random moments, then run to the end
+    rng, kills, metrics = random.Random(0), 0, None
+    for target in (3, 7, 11, None):                                 # SIGKILL just after these steps (+ random delay), then finish
         p = subprocess.Popen(_cmd(tmp_path/'killed'), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-        try: out, err = p.communicate(timeout=rng.uniform(5, 12) if attempt < 3 else 600)
-        except subprocess.TimeoutExpired:
-            p.send_signal(signal.SIGKILL); p.communicate(); kills += 1
+        if target is not None:
+            t0 = time.time()
+            while p.poll() is None and time.time() - t0 < 600 and _logged_step(tmp_path/'killed') < target: time.sleep(0.02)
+            time.sleep(rng.uniform(0, 0.25))                        # lands anywhere: mid-step, mid-checkpoint-write, ...
+            if p.poll() is None: p.send_signal(signal.SIGKILL); kills += 1
+            p.communicate()
             continue
+        out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]
-        if attempt < 3: break                                          # finished before the planned kill (a fast machine)
-    assert kills >= 1 and p.returncode == 0
+    assert kills >= 2
     run = Path(out.strip().splitlines()[-1])
     assert run.name == ref_run.name                                     # same config, same hash
     a, b = load_file(ref_run/'final'/'model.safetensors'), load_file(run/'final'/'model.safetensors')

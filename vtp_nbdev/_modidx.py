@@ -390,6 +390,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'vtp_nbdev.pretrain.checkpoint_state': ('pretrain.html#checkpoint_state', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.cosine_schedule': ('pretrain.html#cosine_schedule', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.count_step_flops': ('pretrain.html#count_step_flops', 'vtp_nbdev/pretrain.py'),
+                                    'vtp_nbdev.pretrain.demo_config': ('pretrain.html#demo_config', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.finetune_decoder_gan': ( 'pretrain.html#finetune_decoder_gan',
                                                                                  'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.latest_checkpoint': ('pretrain.html#latest_checkpoint', 'vtp_nbdev/pretrain.py'),

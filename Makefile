@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
-.PHONY: setup repro test test-sync test-nbs test-py clean
+.PHONY: setup repro test test-sync test-nbs test-repro test-py clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -27,8 +27,8 @@ setup: $(VENV)/.installed
 repro: setup
 	$(PY) -m vtp_nbdev.repro --scale $(SCALE)
 
-## Everything CI runs: nbdev sync check, every notebook (smoke parameters), pytest.
-test: setup test-sync test-nbs test-py
+## Everything CI runs: nbdev sync check, every library notebook, the smoke reproduction (papermill driver), pytest.
+test: setup test-sync test-nbs test-repro test-py
 
 test-sync: setup
 	@before=$$(git status --porcelain -- vtp_nbdev nbs; git diff -- vtp_nbdev nbs | sha1sum); \
@@ -39,11 +39,15 @@ test-sync: setup
 	  git status --porcelain -- vtp_nbdev nbs; exit 1; fi; echo "nbdev sync: ok"
 
 test-nbs: setup
-	@expected=$$(find nbs -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' -not -name '_*' | wc -l); \
-	$(VENV)/bin/nbdev-test --do-print --timing --n-workers 1 2>&1 | tee /tmp/vtp_nbdev_test.log; rc=$${PIPESTATUS[0]}; \
+	@expected=$$(find nbs -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' -not -path 'nbs/repro/*' -not -name '_*' | wc -l); \
+	$(VENV)/bin/nbdev-test --do-print --timing --n-workers 1 --skip-folder-re '^([_.]|repro$$)' 2>&1 | tee /tmp/vtp_nbdev_test.log; rc=$${PIPESTATUS[0]}; \
 	ran=$$(grep -c '^- Completed' /tmp/vtp_nbdev_test.log); \
 	echo "nbdev-test: $$ran of $$expected notebooks ran (rc=$$rc)"; \
 	[ "$$rc" = 0 ] && [ "$$ran" -ge "$$expected" ] && [ "$$expected" -gt 0 ]
+
+## The reproduction notebooks run by their driver (papermill) at the smoke scale, as `make repro` does.
+test-repro: setup
+	$(PY) -m vtp_nbdev.repro --scale smoke --force
 
 test-py: setup
 	$(VENV)/bin/pytest -q tests; rc=$$?; if [ $$rc = 5 ]; then echo "FAIL: pytest collected no tests"; exit 1; fi; exit $$rc

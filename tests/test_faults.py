@@ -198,10 +198,6 @@ def test_runs_dir_that_is_a_file_is_named(kind, dit_latents, tmp_path, no_traini
     assert isinstance(e.value, (NotADirectoryError, FileExistsError, PermissionError)), repr(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="pretrain._prepare_run_dir checks os.access(run, W_OK) only when config.json is new: "
-                                       "a resumed run whose directory is no longer writable builds the model, loads the checkpoint "
-                                       "and fails only at its first write (metrics.tmp; metrics.jsonl after log_every steps when "
-                                       "no checkpoint exists yet) with a bare errno message")
 @pytest.mark.parametrize('kind', ['pretrain', 'dit'])
 def test_unwritable_existing_run_dir_is_refused_on_resume(kind, dit_latents, tmp_path, monkeypatch):
     run = pretrain(pt_cfg(), runs_dir=tmp_path, device='cpu', max_steps=1, progress=False) if kind == 'pretrain' else \
@@ -250,8 +246,6 @@ def test_disk_full_on_second_checkpoint_keeps_the_first(kind, dit_latents, tmp_p
     assert _same_files(ref/'final'/'model.safetensors', run/'final'/'model.safetensors')
 
 
-@pytest.mark.xfail(strict=True, reason="pretrain.atomic_save re-raises the bare OSError: '[Errno 28] No space left on device' "
-                                       "names neither the checkpoint being written nor the kept one")
 def test_disk_full_error_names_the_checkpoint(tmp_path, monkeypatch):
     _disk_full_after(monkeypatch, 1)
     with pytest.raises(OSError) as e: pretrain(pt_cfg(), runs_dir=tmp_path, device='cpu', progress=False)

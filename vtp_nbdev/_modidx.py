@@ -239,6 +239,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'vtp_nbdev.latents.LatentDataset.__len__': ( 'latents.html#latentdataset.__len__',
                                                                                 'vtp_nbdev/latents.py'),
                                    'vtp_nbdev.latents.LatentDataset._raw': ('latents.html#latentdataset._raw', 'vtp_nbdev/latents.py'),
+                                   'vtp_nbdev.latents.LatentDataset.check_labels': ( 'latents.html#latentdataset.check_labels',
+                                                                                     'vtp_nbdev/latents.py'),
                                    'vtp_nbdev.latents.LatentDataset.get_batch': ( 'latents.html#latentdataset.get_batch',
                                                                                   'vtp_nbdev/latents.py'),
                                    'vtp_nbdev.latents.LatentDataset.num_classes': ( 'latents.html#latentdataset.num_classes',

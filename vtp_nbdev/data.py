@@ -15,12 +15,13 @@ from .config import get_settings
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SHAPE_KINDS', 'COLOURS', 'SIZES', 'COUNTS', 'POSITIONS', 'BACKGROUNDS',
-           'SHAPES_CLASSES', 'SPLIT_OFFSETS', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_FILES', 'IMAGE_EXTS', 'DATASETS',
-           'ZERO_SHOT_TEMPLATES', 'normalize', 'denormalize', 'to_uint8', 'uint8_to_model', 'get_text_tokenizer',
-           'tokenize', 'shapes_attributes', 'shapes_label', 'render_shapes', 'shapes_caption', 'shapes_sample',
-           'VTPDataset', 'ShapesDataset', 'read_idx', 'fashion_mnist_dir', 'FashionMNISTDataset', 'BadSampleError',
-           'load_image', 'ImageFolderDataset', 'ImageTextDataset', 'TarShardDataset', 'check_resolution', 'get_dataset',
-           'zero_shot_prompts', 'local_crop_size', 'random_resized_crops', 'multicrop', 'block_masks']
+           'SHAPES_CLASSES', 'SPLIT_OFFSETS', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_FILES', 'MAX_IMAGE_PIXELS',
+           'IMAGE_EXTS', 'DATASETS', 'ZERO_SHOT_TEMPLATES', 'normalize', 'denormalize', 'to_uint8', 'uint8_to_model',
+           'get_text_tokenizer', 'tokenize', 'shapes_attributes', 'shapes_label', 'render_shapes', 'shapes_caption',
+           'shapes_sample', 'VTPDataset', 'ShapesDataset', 'read_idx', 'fashion_mnist_dir', 'FashionMNISTDataset',
+           'BadSampleError', 'load_image', 'ImageFolderDataset', 'ImageTextDataset', 'TarShardDataset',
+           'check_resolution', 'get_dataset', 'zero_shot_prompts', 'local_crop_size', 'random_resized_crops',
+           'multicrop', 'block_masks']
 
 # %% ../nbs/01_data.ipynb #ef9dfebd
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -269,6 +270,8 @@ class FashionMNISTDataset(VTPDataset):
 class BadSampleError(ValueError):
     "A sample that cannot be used: unreadable image, missing file, empty caption, missing pair."
 
+MAX_IMAGE_PIXELS = 2 ** 26      # 64 Mi pixels (8192 x 8192): larger images are refused before decoding (decompression bombs)
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     "Convert any PIL mode to RGB (alpha composited on white, 16-bit scaled)."
     if im.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
@@ -288,7 +291,12 @@ def load_image(src, res: int, name=None) -> np.ndarray:
         if not path.exists(): raise BadSampleError(f"{path}: file does not exist")
     try:
         with Image.open(src) as im:
+            w, h = im.size                                                 # from the header: nothing decoded yet
+            if w * h > MAX_IMAGE_PIXELS:
+                raise BadSampleError(f"{path}: {w}x{h} image ({w * h} pixels) exceeds the limit of {MAX_IMAGE_PIXELS} pixels "
+                                     f"(vtp_nbdev.data.MAX_IMAGE_PIXELS); expected a smaller image")
             im.load(); im = _to_rgb(im)
+    except BadSampleError: raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadSampleError(f"{path}: cannot read image ({type(e).__name__}: {e}); expected a readable image file") from None
     w, h = im.size

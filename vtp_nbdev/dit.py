@@ -224,6 +224,9 @@ DIT_ARGS = tuple(inspect.signature(LightningDiT.__init__).parameters)[1:]
 
 def _check_dit_args(a: dict):
     "Clear errors for impossible constructor arguments."
+    for k in ('patch_size', 'input_size', 'in_channels', 'hidden_size', 'num_heads', 'depth', 'num_classes'):
+        lo = 0 if k in ('depth', 'num_classes') else 1
+        if a[k] < lo: raise ValueError(f"LightningDiT: {k}={a[k]} must be a {'positive' if lo else 'non-negative'} integer")
     if a['input_size'] % a['patch_size']:
         raise ValueError(f"LightningDiT: input_size={a['input_size']} is not divisible by patch_size={a['patch_size']}")
     if a['hidden_size'] % a['num_heads']:

@@ -116,6 +116,9 @@ def train_linear_probe(x_train, y_train, x_test, y_test, lrs=PROBE_LRS, epochs: 
 def _train_linear_probe(x_train, y_train, x_test, y_test, lrs, epochs, batch_size, weight_decay, val_frac, seed, num_classes):
     if len(x_train) != len(y_train) or len(x_test) != len(y_test): raise ValueError("features and labels differ in length")
     C = num_classes or int(max(y_train.max(), y_test.max())) + 1
+    for split, y in (('train', y_train), ('test', y_test)):
+        if len(bad := y[(y < 0) | (y >= C)]):
+            raise ValueError(f"linear probe: {split} label {bad[0].item()} is outside [0, {C}) (num_classes={C}; {len(bad)} bad labels)")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x_train), generator=g)
     n_val = max(1, int(round(val_frac * len(x_train))))

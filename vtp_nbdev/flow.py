@@ -20,7 +20,7 @@ from .tokenizer import VTPModel, flop_counter_mode
 from .pretrain import (atomic_save, batch_indices, restore_checkpoint, latest_checkpoint, log_spaced_steps,
                                 parse_overrides, _init_distributed, _prepare_run_dir, _resume_rows, _rewrite_jsonl, _save_rolling)
 from .latents import LatentDataset, load_latents_stats, destandardize, tokenizer_folder
-from .dit import LightningDiT, DIT_PRESETS, dit_config, load_lightningdit, save_lightningdit
+from .dit import LightningDiT, DIT_PRESETS, dit_config, load_lightningdit, save_lightningdit, _check_dit_args
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'linear_path', 'logit_normal_t', 'velocity_losses', 'shift_time', 'time_grid', 'guided_velocity',
@@ -99,6 +99,8 @@ def sample_latents(model: LightningDiT, n: int, labels: Tensor | None = None, se
     model = model.to(device).eval()
     labels = balanced_labels(n, model.num_classes) if labels is None else torch.as_tensor(labels, dtype=torch.long)
     if len(labels) != n: raise ValueError(f"sample_latents: {len(labels)} labels for n={n} samples")
+    if len(bad := labels[(labels < 0) | (labels >= model.num_classes)]):
+        raise ValueError(f"sample_latents: label {bad[0].item()} is outside [0, {model.num_classes}) (the model's num_classes)")
     size = model.grid * model.patch_size
     out = []
     for s in range(0, n, batch_size):
@@ -139,7 +141,8 @@ class DiTTrainConfig(PlainConfig):
             if not isinstance(v, int) or v <= 0: raise ValueError(f"DiTTrainConfig.{k}={v!r}; expected a positive integer")
         if not 0 <= self.ema_decay <= 1: raise ValueError(f"DiTTrainConfig.ema_decay={self.ema_decay}; expected a value in [0, 1]")
         if self.lognorm_sigma <= 0: raise ValueError(f"DiTTrainConfig.lognorm_sigma={self.lognorm_sigma}; expected > 0")
-        dit_config(self.preset, **self.model)                              # raises on unknown presets / arguments
+        a = dit_config(self.preset, **self.model)                          # raises on unknown presets / arguments
+        _check_dit_args({**a, 'input_size': self.model.get('input_size', a['patch_size'])})   # sizes (input size: from the latents)
 
 
     def transport(self) -> dict:
@@ -221,11 +224,12 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
     latents_dir = Path(latents_dir)
     key = _run_key(cfg, latents_dir); h = config_hash(key); run = dit_run_dir(cfg, latents_dir, runs_dir)
     if (run/'done.json').exists() and (run/'final'/'model.safetensors').exists(): return run
+    ds = LatentDataset(latents_dir, multiplier=cfg.latent_multiplier)
+    ds.check_labels(); model_args = _model_args(cfg, ds)                  # bad latents fail before the run is claimed
     if rank == 0: _prepare_run_dir(run, types.SimpleNamespace(to_dict=lambda: key), rank)
     if world > 1: dist.barrier()                                           # rank 0 has written config.json
-    ds = LatentDataset(latents_dir, multiplier=cfg.latent_multiplier)
     seed_everything(cfg.seed)
-    trainer = DiTTrainer(_model_args(cfg, ds), cfg).to(device)
+    trainer = DiTTrainer(model_args, cfg).to(device)
     opt = torch.optim.AdamW(trainer.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     step, rows = 0, []
     if (last := latest_checkpoint(run/'checkpoints')) is not None:

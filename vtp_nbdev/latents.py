@@ -186,6 +186,14 @@ class LatentDataset(torch.utils.data.Dataset):
     @property
     def num_classes(self) -> int: return int(self.meta.get('num_classes') or int(self.labels.max()) + 1)
 
+    def check_labels(self, what: str = 'class-conditional training'):
+        "Raise ValueError unless every label is a class in [0, num_classes)."
+        if len(self.labels) and (self.labels == -1).all():
+            raise ValueError(f"the latents in {self.run} are unlabelled (every label is -1); {what} needs labels")
+        bad = self.labels[(self.labels < 0) | (self.labels >= self.num_classes)]
+        if len(bad): raise ValueError(f"label {bad[0].item()} in the latents {self.run} is outside [0, {self.num_classes}) "
+                                      f"(num_classes={self.num_classes}; {len(bad)} bad labels)")
+
     def __len__(self): return self.n
 
     def _raw(self, idx: Tensor, flip: Tensor) -> Tensor:

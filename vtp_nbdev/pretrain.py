@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_pretrain.ipynb #614ef184
 from __future__ import annotations
-import argparse, json, math, os, shutil, sys, tempfile, time
+import argparse, json, math, os, re, shutil, sys, tempfile, time
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import numpy as np
@@ -212,9 +212,14 @@ def atomic_save(tensors: dict, path, metadata: dict | None = None):
         with open(tmp, 'rb') as f: os.fsync(f.fileno())
         os.replace(tmp, path)
         dfd = os.open(path.parent, os.O_RDONLY); os.fsync(dfd); os.close(dfd)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
+    except BaseException as e:
+        if os.path.exists(tmp):
+            try: os.unlink(tmp)
+            except OSError: pass
+        if not isinstance(e, OSError) or e.errno is None: raise
+        kept = sorted(path.parent.glob(re.sub(r'\d+', '*', path.name)))   # `last-00000002` -> the newest `last-*` on disk
+        raise OSError(e.errno, f"cannot write checkpoint {path} ({e.strerror}); the last good checkpoint in {path.parent} is kept"
+                      + (f" ({kept[-1].name})" if kept else '')) from e
     return path
 
 def checkpoint_state(trainer: nn.Module, opt: torch.optim.Optimizer, step: int, cfg_hash: str) -> tuple[dict, dict]:
@@ -367,11 +372,12 @@ def _prepare_run_dir(run: Path, cfg: PretrainConfig, rank: int):
         old = json.loads((run/'config.json').read_text())
         if old != json.loads(cfg_json):
             raise RuntimeError(f"{run}/config.json differs from this run's config (hash collision or edited file): refusing to reuse it")
-    if rank == 0:
-        for stale in run.glob('checkpoints/.*.tmp'): stale.unlink()   # a write cut short by a crash: never a checkpoint
-    if not (run/'config.json').exists() and rank == 0:
-        (run/'checkpoints').mkdir(parents=True, exist_ok=True)
-        if not os.access(run, os.W_OK): raise PermissionError(f"run directory {run} is not writable")
+    if rank > 0: return
+    (run/'checkpoints').mkdir(parents=True, exist_ok=True)
+    for d in (run, run/'checkpoints'):                             # every call, resumes too: before any model is built
+        if not os.access(d, os.W_OK): raise PermissionError(f"run directory {d} is not writable")
+    for stale in run.glob('checkpoints/.*.tmp'): stale.unlink()    # a write cut short by a crash: never a checkpoint
+    if not (run/'config.json').exists():
         tmp = run/'.config.json.tmp'; tmp.write_text(cfg_json); os.replace(tmp, run/'config.json')   # never half-written
 
 def _read_jsonl(path: Path) -> list:

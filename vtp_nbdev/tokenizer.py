@@ -26,6 +26,11 @@ __all__ = ['HF_CONFIG_KEYS', 'VTP_PRESETS', 'VTPConfig', 'vtp_config', 'VisionTr
 
 # %% ../nbs/03_tokenizer.ipynb #1cfc478a
 HF_CONFIG_KEYS = ('architectures', 'transformers_version', 'model_type', 'dtype', 'torch_dtype', '_name_or_path')
+# the smallest allowed value of each size field (bottleneck 0 or None: no bottleneck)
+_SIZE_FIELDS = {**dict.fromkeys(('image_size', 'vision_patch_size', 'vision_embed_dim', 'vision_num_heads', 'text_context_length',
+                                  'text_vocab_size', 'text_embed_dim', 'text_num_heads', 'decoder_embed_dim', 'decoder_num_heads',
+                                  'dino_out_dim', 'dino_hidden_dim', 'dino_bottleneck_dim'), 1),
+                **dict.fromkeys(('vision_depth', 'text_depth', 'decoder_depth', 'vision_feature_bottleneck', 'dino_nlayers'), 0)}
 
 @dataclass
 class VTPConfig:
@@ -87,6 +92,9 @@ class VTPConfig:
 
     def validate(self):
         "Raise ValueError naming the first inconsistent field."
+        for k, lo in _SIZE_FIELDS.items():
+            v = getattr(self, k)
+            if v is not None and v < lo: raise ValueError(f"{k}={v} must be a {'positive' if lo else 'non-negative'} integer")
         for pre, D, h in (('vision', self.vision_embed_dim, self.vision_num_heads),
                           ('decoder', self.decoder_embed_dim, self.decoder_num_heads),
                           ('text', self.text_embed_dim, self.text_num_heads)):

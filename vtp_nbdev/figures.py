@@ -140,6 +140,7 @@ def correlations(x, y, n_perm: int = 10_000, seed: int = 0) -> dict:
     return dict(n=len(x), pearson_r=r, spearman_rho=rho, p_perm=float((np.abs(pr) >= abs(r) - 1e-12).mean()))
 
 # %% ../nbs/14_figures.ipynb #35e916f8
-def verdict(ok: bool, finding: str, detail: str) -> str:
-    "One verdict line: 'REPRODUCED' / 'NOT REPRODUCED' + the finding + the numbers behind it."
-    return f"{'REPRODUCED' if ok else 'NOT REPRODUCED'}: {finding} — {detail}"
+def verdict(ok: bool, finding: str, detail: str, evidence: bool = True) -> str:
+    "One verdict line: REPRODUCED / NOT REPRODUCED (INCONCLUSIVE without a noise estimate) + the finding + the numbers."
+    word = 'INCONCLUSIVE' if not evidence else 'REPRODUCED' if ok else 'NOT REPRODUCED'
+    return f"{word}: {finding} — {detail}"

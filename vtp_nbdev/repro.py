@@ -50,14 +50,14 @@ def _failure(e: Exception) -> str:
 
 # %% ../nbs/99_repro.ipynb #839f0e84
 def run_repro(scale: str = 'smoke', seed: int = 0, only=None, jobs: int = 1, force: bool = False, kernel: str = 'python3',
-              root=None, out=None) -> dict:
+              root=None, out=None, store_only: bool = False) -> dict:
     "Execute the reproduction notebooks with papermill at `scale`; returns {notebook: 'ok' | 'skipped' | 'failed: ...'}."
     import papermill as pm
     if scale not in SCALES: raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
     root = project_root(root); out = Path(out or get_settings(root)['runs_dir']/'notebooks'/scale); out.mkdir(parents=True, exist_ok=True)
     nbs = select_notebooks(only, root)
     if not nbs: raise FileNotFoundError(f"no reproduction notebooks in {root/'nbs'/'repro'}")
-    params = dict(scale=scale, seed=seed)
+    params = dict(scale=scale, seed=seed, **({'store_only': True} if store_only else {}))   # store_only: plot what is stored
     if jobs > 1: os.environ['OMP_NUM_THREADS'] = os.environ['VTP_THREADS'] = str(max(1, (os.cpu_count() or 1) // jobs))
     def run_one(i, nb):
         done = out/f'{nb.stem}.done.json'
@@ -85,15 +85,16 @@ def run_repro(scale: str = 'smoke', seed: int = 0, only=None, jobs: int = 1, for
 
 # %% ../nbs/99_repro.ipynb #1c48d88d
 def main(argv=None):
-    "Command line: `vtp-repro --scale smoke|cpu|paper [--seed 0] [--only NAMES] [--jobs N] [--force]`."
+    "Command line: `vtp-repro --scale smoke|cpu|paper [--seed 0] [--only NAMES] [--jobs N] [--force] [--store-only]`."
     p = argparse.ArgumentParser(description='Run the papermill reproduction notebooks in nbs/repro/.')
     p.add_argument('--scale', default=get_settings()['scale'], choices=SCALES)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--only', default=None, help='comma-separated notebook names or globs, e.g. "fig4*,table2_generation"')
     p.add_argument('--jobs', type=int, default=1, help='notebooks run concurrently (threads are split between them)')
     p.add_argument('--force', action='store_true', help='rerun notebooks that finished before')
+    p.add_argument('--store-only', action='store_true', help='plot only the points already in results/<scale>/ (no training)')
     a = p.parse_args(argv)
-    try: run_repro(a.scale, a.seed, a.only, a.jobs, a.force)
+    try: run_repro(a.scale, a.seed, a.only, a.jobs, a.force, store_only=a.store_only)
     except (RuntimeError, FileNotFoundError) as e: sys.exit(str(e))
 
 if __name__ == '__main__' and '__file__' in globals(): main()  # `python -m vtp_nbdev.repro`, not when run as a notebook

@@ -163,14 +163,14 @@ def run_lock(cfg: PretrainConfig, runs_dir=None):
 
 # %% ../nbs/13_scaling.ipynb #1f953e75
 def run_series(scale: str, losses: str, seed: int = 0, flops: float | None = None, points=None, gen: dict | None = None,
-               device=None, progress: bool = True, root=None, **overrides) -> list:
+               device=None, progress: bool = True, root=None, store_only: bool = False, **overrides) -> list:
     "Train the scaling run of (`losses`, `seed`, overrides) at `scale` and score its checkpoints; records from the store when present."
     cfg = scaling_config(scale, losses, seed, flops, **overrides)
     steps = log_spaced_steps(cfg.steps, cfg.ckpt_log_points)
     points = points if points is not None else scale_settings(scale).get('points')
     steps = [steps[i] for i in points] if points is not None else steps
     paths = [point_path(cfg, s, scale, gen, root) for s in steps]
-    if all(p.exists() for p in paths): return [json.loads(p.read_text()) for p in paths]
+    if all(p.exists() for p in paths) or store_only: return [json.loads(p.read_text()) for p in paths if p.exists()]
     with run_lock(cfg):
         run = pretrain(cfg, device=device, progress=progress)
         out = []

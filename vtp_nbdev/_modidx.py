@@ -426,6 +426,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'vtp_nbdev.repro': { 'vtp_nbdev.repro._failure': ('repro.html#_failure', 'vtp_nbdev/repro.py'),
                                  'vtp_nbdev.repro._marker': ('repro.html#_marker', 'vtp_nbdev/repro.py'),
                                  'vtp_nbdev.repro._record_environment': ('repro.html#_record_environment', 'vtp_nbdev/repro.py'),
+                                 'vtp_nbdev.repro.declared_parameters': ('repro.html#declared_parameters', 'vtp_nbdev/repro.py'),
                                  'vtp_nbdev.repro.main': ('repro.html#main', 'vtp_nbdev/repro.py'),
                                  'vtp_nbdev.repro.repro_notebooks': ('repro.html#repro_notebooks', 'vtp_nbdev/repro.py'),
                                  'vtp_nbdev.repro.run_repro': ('repro.html#run_repro', 'vtp_nbdev/repro.py'),

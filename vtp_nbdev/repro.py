@@ -10,7 +10,7 @@ from pathlib import Path
 from .config import get_settings, project_root, environment_info, SCALES
 
 # %% auto #0
-__all__ = ['RUN_LAST', 'repro_notebooks', 'select_notebooks', 'run_repro', 'main']
+__all__ = ['RUN_LAST', 'repro_notebooks', 'select_notebooks', 'declared_parameters', 'run_repro', 'main']
 
 # %% ../nbs/99_repro.ipynb #dd5b7b00
 RUN_LAST = ('fig2_understanding_vs_generation', 'results_summary')   # read what the others wrote, in this order
@@ -42,6 +42,12 @@ def _record_environment(executed: Path, root=None):
     nb.metadata['vtp_nbdev'] = environment_info(root)
     nbformat.write(nb, executed)
 
+def declared_parameters(nb: Path) -> set:
+    "Names assigned in the notebook's cell tagged `parameters` (papermill's injection point)."
+    import ast, nbformat
+    cells = [c for c in nbformat.read(nb, as_version=4).cells if 'parameters' in c.get('metadata', {}).get('tags', [])]
+    return {t.id for c in cells for n in ast.parse(c.source).body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+
 def _failure(e: Exception) -> str:
     "Cell and error of a papermill failure, one line."
     if type(e).__name__ == 'PapermillExecutionError':
@@ -64,9 +70,10 @@ def run_repro(scale: str = 'smoke', seed: int = 0, only=None, jobs: int = 1, for
         if not force and done.exists() and json.loads(done.read_text()) == _marker(nb, params):
             print(f"[{i}/{len(nbs)}] {nb.name}: done before (marker {done.name}), skipped", flush=True); return 'skipped'
         t0 = time.time(); print(f"[{i}/{len(nbs)}] {nb.name} (scale={scale}) ...", flush=True)
+        declared = declared_parameters(nb)               # pass only what the notebook's parameters cell declares
         try:
-            pm.execute_notebook(str(nb), str(out/nb.name), parameters=params, kernel_name=kernel, language='python',
-                                cwd=str(nb.parent), progress_bar=False)
+            pm.execute_notebook(str(nb), str(out/nb.name), parameters={k: v for k, v in params.items() if k in declared or k in ('scale', 'seed')},
+                                kernel_name=kernel, language='python', cwd=str(nb.parent), progress_bar=False)
         except Exception as e:
             msg = _failure(e); print(f"[{i}/{len(nbs)}] {nb.name} FAILED after {time.time() - t0:.0f}s: {msg} (see {out/nb.name})", flush=True)
             return f'failed: {msg}'

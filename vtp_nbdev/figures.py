@@ -83,8 +83,10 @@ def paper_panel(ax, df: pd.DataFrame, x: str, y: str, title: str = 'paper', xlab
     return ax
 
 # %% ../nbs/14_figures.ipynb #92c19494
-def seed_summary(df: pd.DataFrame, y: str, by=('method', 'step')) -> pd.DataFrame:
-    "Mean, spread (max − min) and count of `y` over seeds, per `by` group, with the mean FLOPs."
+def seed_summary(df: pd.DataFrame, y: str, by=('method', 'ckpt')) -> pd.DataFrame:
+    "Mean, spread (max − min) and count of `y` over seeds per `by` group, with mean FLOPs; `ckpt` = checkpoint index in its run."
+    if 'ckpt' in by and 'ckpt' not in df:     # seeds' step counts differ slightly (equal FLOPs): align checkpoints by index
+        df = df.assign(ckpt=df.groupby(['method', 'seed']).step.rank(method='dense').astype(int) - 1)
     g = df.groupby(list(by))
     return pd.DataFrame({'flops': g.flops.mean(), 'mean': g[y].mean(), 'spread': g[y].max() - g[y].min(), 'n_seeds': g[y].count()}).reset_index()
 

@@ -13,3 +13,16 @@ def fixtures_dir():
     "The official-implementation fixtures (shared/ beside the repository); skip when absent."
     if not FIXTURES.is_dir(): pytest.skip(f"official fixtures not found at {FIXTURES}")
     return FIXTURES
+
+
+@pytest.fixture(scope='session')
+def tiny_latents(tmp_path_factory):
+    "(tokenizer folder, latents run): 48 `shapes` images (with flips, 20 classes) encoded by a freshly initialised tiny tokenizer."
+    import torch
+    from vtp_nbdev.tokenizer import VTPModel, vtp_config
+    from vtp_nbdev.latents import extract_latents
+    d = tmp_path_factory.mktemp('lat')
+    torch.manual_seed(0)
+    VTPModel(vtp_config('tiny', train_clip=False)).save_pretrained(d/'tok')
+    return d/'tok', extract_latents(d/'tok', 'shapes', n=48, dataset_kwargs={'size': 48}, runs_dir=d/'runs', shard_size=20,
+                                    stats_samples=48, progress=False)

@@ -10,7 +10,6 @@ from vtp_nbdev.data import ImageFolderDataset, ImageTextDataset, TarShardDataset
 from vtp_nbdev.tokenizer import VTPModel, vtp_config, StateDictMismatchError
 from vtp_nbdev.dit import LightningDiT, build_dit, load_lightningdit, save_lightningdit
 from vtp_nbdev.eval_understanding import train_linear_probe
-from vtp_nbdev.latents import extract_latents
 from vtp_nbdev.flow import DiTTrainConfig, train_dit, sample_latents
 
 PKG = Path(__file__).resolve().parents[1]/'vtp_nbdev'
@@ -44,14 +43,10 @@ def test_sample_latents_rejects_labels_outside_classes(bad):
         sample_latents(m, 2, labels=torch.tensor([0, bad]), num_steps=2)
 
 
-@pytest.fixture(scope='module')
-def latents(tmp_path_factory):
-    "A 48-image latents run of `shapes` (20 classes) encoded by a freshly initialised tiny tokenizer."
-    d = tmp_path_factory.mktemp('lat')
-    torch.manual_seed(0)
-    VTPModel(vtp_config('tiny', train_clip=False)).save_pretrained(d/'tok')
-    return extract_latents(d/'tok', 'shapes', n=48, dataset_kwargs={'size': 48}, runs_dir=d/'runs', shard_size=20,
-                           stats_samples=48, progress=False)
+@pytest.fixture
+def latents(tiny_latents):
+    "The shared tiny latents run (conftest)."
+    return tiny_latents[1]
 
 
 @pytest.mark.parametrize('bad', [20, 25, -1])

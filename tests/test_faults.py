@@ -69,20 +69,15 @@ import multiprocessing
 from vtp_nbdev import pretrain as pretrain_mod
 from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, pretrain, read_checkpoint, latest_checkpoint
 from vtp_nbdev.tokenizer import VTPModel, vtp_config
-from vtp_nbdev.latents import extract_latents
 from vtp_nbdev.flow import DiTTrainConfig, DiTTrainer, train_dit
 
 DIT_STRIP = ('time_s', 'samples_per_s')
 
 
-@pytest.fixture(scope='module')
-def dit_latents(tmp_path_factory):
-    "A 48-image latents run (with flips) of `shapes`, encoded by a freshly initialised tiny tokenizer."
-    d = tmp_path_factory.mktemp('lat')
-    torch.manual_seed(0)
-    VTPModel(vtp_config('tiny', train_clip=False)).save_pretrained(d/'tok')
-    return extract_latents(d/'tok', 'shapes', n=48, dataset_kwargs={'size': 48}, runs_dir=d/'runs', shard_size=20,
-                           stats_samples=48, progress=False)
+@pytest.fixture
+def dit_latents(tiny_latents):
+    "The shared tiny latents run (conftest)."
+    return tiny_latents[1]
 
 
 @pytest.fixture

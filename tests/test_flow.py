@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from vtp_nbdev.tokenizer import VTPModel, vtp_config
-from vtp_nbdev.latents import extract_latents, LatentDataset
+from vtp_nbdev.latents import LatentDataset
 from vtp_nbdev.pretrain import read_checkpoint
 from vtp_nbdev.flow import DiTTrainConfig, DiTTrainer, train_dit, sample_images, sample_latents, step_draws
 from vtp_nbdev.dit import load_lightningdit
@@ -14,15 +14,10 @@ from vtp_nbdev.dit import load_lightningdit
 STRIP = ('time_s', 'samples_per_s')
 
 
-@pytest.fixture(scope='module')
-def latents(tmp_path_factory):
-    "A tiny tokenizer folder and a 48-image latents run (with flips) of `shapes`."
-    d = tmp_path_factory.mktemp('lat')
-    torch.manual_seed(0)
-    VTPModel(vtp_config('tiny', train_clip=False)).save_pretrained(d/'tok')
-    run = extract_latents(d/'tok', 'shapes', n=48, dataset_kwargs={'size': 48}, runs_dir=d/'runs', shard_size=20,
-                          stats_samples=48, progress=False)
-    return d/'tok', run
+@pytest.fixture
+def latents(tiny_latents):
+    "The shared tiny tokenizer folder and latents run (conftest)."
+    return tiny_latents
 
 
 def small_cfg(**kw):

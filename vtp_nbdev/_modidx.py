@@ -435,7 +435,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'vtp_nbdev.scaling._encoder_params': ('scaling.html#_encoder_params', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling._flops_at': ('scaling.html#_flops_at', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling._pick': ('scaling.html#_pick', 'vtp_nbdev/scaling.py'),
-                                   'vtp_nbdev.scaling.cfg_hash_of': ('scaling.html#cfg_hash_of', 'vtp_nbdev/scaling.py'),
+                                   'vtp_nbdev.scaling._write_record': ('scaling.html#_write_record', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.export_checkpoint': ('scaling.html#export_checkpoint', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.flops_per_step': ('scaling.html#flops_per_step', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.guided_point': ('scaling.html#guided_point', 'vtp_nbdev/scaling.py'),

@@ -17,8 +17,7 @@ from .generate import GenerationEvalConfig, generation_metrics
 
 # %% auto #0
 __all__ = ['SCALE_SETTINGS', 'scale_settings', 'flops_per_step', 'scaling_config', 'export_checkpoint', 'results_dir',
-           'point_key', 'point_path', 'score_point', 'run_lock', 'run_series', 'load_results', 'guided_point',
-           'cfg_hash_of']
+           'point_key', 'point_path', 'score_point', 'run_lock', 'run_series', 'load_results', 'guided_point']
 
 # %% ../nbs/13_scaling.ipynb #09a45397
 _GEN_SMOKE = dict(n_latents=256, dit=dict(preset='tiny', steps=30, batch=32, lr=1e-3, log_every=10, ckpt_every=30),
@@ -110,6 +109,12 @@ def _flops_at(run: Path, step: int) -> float:
     rows = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines() if l.strip()]
     return float(rows[0]['flops_per_step']) * step
 
+def _write_record(path: Path, rec: dict) -> dict:
+    "Write a store record atomically (temp file + rename); returns it."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp'); tmp.write_text(json.dumps(rec, indent=1, default=str) + '\n'); os.replace(tmp, path)
+    return rec
+
 def _encoder_params(folder) -> int:
     "Parameters of the vision encoder (the trunk, bottleneck included) of a tokenizer folder."
     from vtp_nbdev.tokenizer import VTPModel
@@ -144,9 +149,7 @@ def score_point(run, step: int, scale: str, gen: dict | None = None, device=None
                recall=g.get(f'recall_{cfg.dataset}'), config_hash=run.name, point_hash=path.stem.rsplit('_', 1)[-1],
                dit_proxy=g['dit_proxy'], generation_config=g['generation_config'], gen_hash=config_hash(gen), eval_hash=config_hash(s['eval']),
                seconds=dict(evaluate=t1 - t0, generation=time.time() - t1), environment=environment_info())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp'); tmp.write_text(json.dumps(rec, indent=1, default=str) + '\n'); os.replace(tmp, path)
-    return rec
+    return _write_record(path, rec)
 
 # %% ../nbs/13_scaling.ipynb #e5902a2d
 from contextlib import contextmanager
@@ -202,11 +205,5 @@ def guided_point(scale: str, losses: str, seed: int = 0, cfg_scale: float = 1.5,
     d = cfg.dataset
     rec = dict(scale=scale, method=cfg.losses, preset=cfg.preset, seed=seed, step=cfg.steps, cfg_scale=cfg_scale, cfg_interval=list(cfg_interval),
                gFD=g[f'FD_{d}'], IS=g.get(f'IS_{d}_mean'), precision=g.get(f'precision_{d}'), recall=g.get(f'recall_{d}'),
-               config_hash=cfg_hash_of(cfg), generation_config=g['generation_config'])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp'); tmp.write_text(json.dumps(rec, indent=1, default=str) + '\n'); os.replace(tmp, path)
-    return rec
-
-def cfg_hash_of(cfg: PretrainConfig) -> str:
-    "The run-directory hash of a pre-training config."
-    return config_hash(cfg.to_dict())
+               config_hash=config_hash(cfg.to_dict()), generation_config=g['generation_config'])
+    return _write_record(path, rec)

@@ -11,7 +11,7 @@ import torch
 
 # %% auto #0
 __all__ = ['SETTINGS_KEYS', 'SCALES', 'project_root', 'get_settings', 'get_device', 'setup_threads', 'seed_everything',
-           'config_hash', 'PlainConfig', 'environment_info']
+           'config_hash', 'neutral_field', 'PlainConfig', 'environment_info']
 
 # %% ../nbs/00_config.ipynb #86240ed6
 SETTINGS_KEYS = ('data_root', 'runs_dir', 'figures_dir', 'device', 'threads', 'scale')
@@ -79,9 +79,17 @@ def _type_ok(v, t) -> bool:
     if t is dict or origin is dict: return isinstance(v, dict)
     return isinstance(v, t) if isinstance(t, type) else True
 
+def neutral_field(default, **kw):
+    "A dataclass field left out of `to_dict()` (so of config hashes and `config.json`) while it holds `default`."
+    return dataclasses.field(default=default, metadata={'hash_neutral': True}, **kw)
+
 class PlainConfig:
     "Mixin for dataclass configs: `to_dict()`, and `from_dict()` that rejects unknown keys and wrong types by name."
-    def to_dict(self) -> dict: return dataclasses.asdict(self)
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):                       # execution-only options at their default: not part of the hash
+            if f.metadata.get('hash_neutral') and d[f.name] == f.default: del d[f.name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict):

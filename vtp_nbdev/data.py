@@ -20,8 +20,8 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SHAPE_KINDS', 'COLOURS', 'SIZES', '
            'get_text_tokenizer', 'tokenize', 'shapes_attributes', 'shapes_label', 'render_shapes', 'shapes_caption',
            'shapes_sample', 'VTPDataset', 'ShapesDataset', 'read_idx', 'fashion_mnist_dir', 'FashionMNISTDataset',
            'BadSampleError', 'load_image', 'ImageFolderDataset', 'ImageTextDataset', 'TarShardDataset',
-           'check_resolution', 'get_dataset', 'zero_shot_prompts', 'local_crop_size', 'random_resized_crops',
-           'multicrop', 'block_masks']
+           'stream_indices', 'ShardedStream', 'check_resolution', 'get_dataset', 'zero_shot_prompts', 'local_crop_size',
+           'random_resized_crops', 'multicrop', 'block_masks']
 
 # %% ../nbs/01_data.ipynb #ef9dfebd
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -384,6 +384,11 @@ class TarShardDataset(_FileDataset):
                 self.items.append((sh, key, img, d.get('.txt')))
         if not self.items: raise ValueError(f"image_text: shards {shards} contain no samples")
         self.n, self.res, self.context_length, self.skip_bad = len(self.items), res, context_length, skip_bad
+    def shard_groups(self) -> list:
+        "Sample indices grouped by shard (in shard order): the unit of webdataset-style splitting."
+        groups = {}
+        for i, it in enumerate(self.items): groups.setdefault(it[0], []).append(i)
+        return list(groups.values())
     def load(self, i):
         sh, key, img, txt = self.items[i]
         if img is None or txt is None:
@@ -394,6 +399,32 @@ class TarShardDataset(_FileDataset):
         except UnicodeDecodeError: raise BadSampleError(f"{sh}: caption of {key!r} is not UTF-8") from None
         if not caption: raise BadSampleError(f"{sh}: empty caption for {key!r}")
         return load_image(ib, self.res, name=f"{sh}:{key}"), caption, -1
+
+# %% ../nbs/01_data.ipynb #ea48a703
+from torch.utils.data import IterableDataset, get_worker_info
+
+def stream_indices(groups: list, reader: int, readers: int, seed: int = 0, epoch: int = 0, shuffle: bool = True) -> list:
+    "Indices read by `reader` of `readers`: every `readers`-th group (of a per-epoch shuffled order), groups kept whole."
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist() if shuffle else range(len(groups))
+    return [i for g in list(order)[reader::readers] for i in groups[g]]
+
+class ShardedStream(IterableDataset):
+    "Iterate `ds` once per epoch, split across ranks and DataLoader workers: every sample exactly once, no duplicates."
+    def __init__(self, ds, rank: int | None = None, world: int | None = None, seed: int = 0, shuffle: bool = True, by: str = 'sample'):
+        if by not in ('sample', 'shard'): raise ValueError(f"ShardedStream: by={by!r}; expected 'sample' or 'shard'")
+        if by == 'shard' and not hasattr(ds, 'shard_groups'): raise ValueError(f"ShardedStream: by='shard' needs tar shards, got {type(ds).__name__}")
+        if rank is None or world is None:
+            d = torch.distributed
+            rank, world = (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+        self.ds, self.rank, self.world, self.seed, self.shuffle, self.by, self.epoch = ds, rank, world, seed, shuffle, by, 0
+    def set_epoch(self, epoch: int): self.epoch = epoch
+    def indices(self, worker: int = 0, workers: int = 1) -> list:
+        "The dataset indices this rank's `worker` (of `workers`) reads this epoch."
+        groups = self.ds.shard_groups() if self.by == 'shard' else [[i] for i in range(len(self.ds))]
+        return stream_indices(groups, self.rank * workers + worker, self.world * workers, self.seed, self.epoch, self.shuffle)
+    def __iter__(self):
+        info = get_worker_info()
+        for i in self.indices(*((info.id, info.num_workers) if info else (0, 1))): yield self.ds[i]
 
 # %% ../nbs/01_data.ipynb #22cf02f8
 DATASETS = ('shapes', 'fashion_mnist', 'image_folder', 'image_text')

@@ -5,7 +5,7 @@ classifier-free guidance, and decoding samples to images — the paper's generat
 
 # %% ../nbs/11_flow.ipynb #773a0e1c
 from __future__ import annotations
-import argparse, copy, json, math, os, shutil, sys, time, types
+import argparse, contextlib, copy, json, math, os, shutil, sys, time, types
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import torch
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
-from .config import PlainConfig, get_settings, get_device, config_hash, seed_everything
+from .config import PlainConfig, neutral_field, get_settings, get_device, config_hash, seed_everything
 from .data import to_uint8
 from .tokenizer import VTPModel, flop_counter_mode
 from .pretrain import (atomic_save, batch_indices, restore_checkpoint, latest_checkpoint, log_spaced_steps,
@@ -25,7 +25,7 @@ from .dit import LightningDiT, DIT_PRESETS, dit_config, load_lightningdit, save_
 # %% auto #0
 __all__ = ['SAMPLERS', 'linear_path', 'logit_normal_t', 'velocity_losses', 'shift_time', 'time_grid', 'guided_velocity',
            'ode_sample', 'balanced_labels', 'sample_noise', 'sample_latents', 'DiTTrainConfig', 'DiTTrainer',
-           'step_draws', 'count_dit_step_flops', 'dit_run_dir', 'train_dit', 'sample_images', 'main']
+           'step_draws', 'dit_accumulate', 'count_dit_step_flops', 'dit_run_dir', 'train_dit', 'sample_images', 'main']
 
 # %% ../nbs/11_flow.ipynb #ba2e7682
 def linear_path(t: Tensor, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
@@ -133,12 +133,14 @@ class DiTTrainConfig(PlainConfig):
     log_every: int = 50
     ckpt_every: int = 500
     ckpt_log_points: int = 0             # extra checkpoints at log-spaced steps
+    grad_accum: int = neutral_field(1)   # micro-batches per step (same global batch; not hashed while 1)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
-        for k in ('steps', 'batch', 'log_every', 'ckpt_every'):
+        for k in ('steps', 'batch', 'log_every', 'ckpt_every', 'grad_accum'):
             v = getattr(self, k)
             if not isinstance(v, int) or v <= 0: raise ValueError(f"DiTTrainConfig.{k}={v!r}; expected a positive integer")
+        if self.batch % self.grad_accum: raise ValueError(f"DiTTrainConfig.batch={self.batch} is not divisible by grad_accum={self.grad_accum}")
         if not 0 <= self.ema_decay <= 1: raise ValueError(f"DiTTrainConfig.ema_decay={self.ema_decay}; expected a value in [0, 1]")
         if self.lognorm_sigma <= 0: raise ValueError(f"DiTTrainConfig.lognorm_sigma={self.lognorm_sigma}; expected > 0")
         a = dit_config(self.preset, **self.model)                          # raises on unknown presets / arguments
@@ -184,6 +186,17 @@ def step_draws(cfg: DiTTrainConfig, step: int, batch: int, shape, p_drop: float,
     sl = slice(rank, None, world)
     return dict(flip=flip[sl], t=t[sl].to(device), drop=drop[sl].to(device), noise=noise[sl])
 
+def dit_accumulate(trainer: DiTTrainer, net: nn.Module, batch: dict, k: int, amp=None) -> tuple[Tensor, dict]:
+    "Forward + backward of `batch` as `k` micro-batches (rows j::k) into `.grad` (DDP syncs on the last); (loss, terms)."
+    amp, loss, terms = amp or contextlib.nullcontext(), 0., {}
+    for j in range(k):
+        sync = net.no_sync() if j < k - 1 and isinstance(net, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+        with sync:
+            with amp: l, t = trainer.loss(net, **{key: v[j::k] for key, v in batch.items()})
+            (l / k).backward()                                             # every term is a mean over the batch
+        loss = loss + l.detach() / k; terms = {n: terms.get(n, 0) + v / k for n, v in t.items()}
+    return loss, terms
+
 def count_dit_step_flops(trainer: DiTTrainer, batch: dict) -> int:
     "FLOPs of one training step (forward + backward) on `batch`, counted by running it."
     with flop_counter_mode() as fc:
@@ -192,7 +205,7 @@ def count_dit_step_flops(trainer: DiTTrainer, batch: dict) -> int:
     trainer.zero_grad(set_to_none=True)
     return int(fc.get_total_flops())
 
-# %% ../nbs/11_flow.ipynb #42879d88
+# %% ../nbs/11_flow.ipynb #091dab51
 def dit_run_dir(cfg: DiTTrainConfig, latents_dir, runs_dir=None) -> Path:
     "`<runs_dir>/dit/<hash of (config, latents run)>`."
     return Path(runs_dir or get_settings()['runs_dir'])/'dit'/config_hash(_run_key(cfg, latents_dir))
@@ -220,7 +233,8 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
     rank, world = _init_distributed(device)
     if device.type == 'cuda' and world > 1:
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))); torch.cuda.set_device(device)
-    if cfg.batch % world: raise ValueError(f"global batch {cfg.batch} is not divisible by the world size {world}")
+    if cfg.batch % (world * cfg.grad_accum):
+        raise ValueError(f"global batch {cfg.batch} is not divisible by the world size {world} x grad_accum {cfg.grad_accum}")
     latents_dir = Path(latents_dir)
     key = _run_key(cfg, latents_dir); h = config_hash(key); run = dit_run_dir(cfg, latents_dir, runs_dir)
     if (run/'done.json').exists() and (run/'final'/'model.safetensors').exists(): return run
@@ -252,11 +266,13 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
     t0, t_log, s_log = time.time(), time.time(), step
     while step < end:
         batch = load(step)
-        with amp: loss, terms = trainer.loss(net, **batch)
+        opt.zero_grad(set_to_none=True)
+        if cfg.grad_accum > 1: loss, terms = dit_accumulate(trainer, net, batch, cfg.grad_accum, amp)   # backward done
+        else:
+            with amp: loss, terms = trainer.loss(net, **batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"train_dit: non-finite loss {loss.item()} at step {step}; the last good checkpoint in {run/'checkpoints'} is kept")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if cfg.grad_accum == 1: loss.backward()
         gnorm = nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float('inf'))
         opt.step()
         trainer.update_ema(min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay)

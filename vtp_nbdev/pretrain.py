@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_pretrain.ipynb #614ef184
 from __future__ import annotations
-import argparse, json, math, os, re, shutil, sys, tempfile, time
+import argparse, contextlib, json, math, os, re, shutil, sys, tempfile, time
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import numpy as np
@@ -14,17 +14,18 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from safetensors.torch import save_file, load_file, safe_open
 from tqdm.auto import tqdm
-from .config import PlainConfig, get_settings, get_device, config_hash, seed_everything
+from .config import PlainConfig, neutral_field, get_settings, get_device, config_hash, seed_everything
 from .data import get_dataset, multicrop, block_masks
 from .tokenizer import VTPModel, VTPPretrainModel, vtp_config, flop_counter_mode
 from .losses import (ClipLoss, SigLipLoss, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT, DINOLoss, iBOTPatchLoss, KoLeoLoss, ReconstructionLoss, loss_weights, total_loss,
                               teacher_temp_schedule, exp_logit_scale, LOSS_PRESETS)
 
 # %% auto #0
-__all__ = ['PretrainConfig', 'cosine_schedule', 'step_schedules', 'batch_indices', 'VTPPretrainer', 'count_step_flops',
-           'atomic_save', 'checkpoint_state', 'CheckpointError', 'read_checkpoint', 'restore_checkpoint',
-           'latest_checkpoint', 'make_optimizer', 'run_dir_for', 'log_spaced_steps', 'pretrain', 'parse_overrides',
-           'main', 'GANFinetuneConfig', 'finetune_decoder_gan', 'demo_config']
+__all__ = ['PretrainConfig', 'cosine_schedule', 'step_schedules', 'batch_indices', 'VTPPretrainer', 'MicroBatch', 'micro_batches',
+           'accumulate_grads', 'count_step_flops', 'atomic_save', 'checkpoint_state', 'CheckpointError',
+           'read_checkpoint', 'restore_checkpoint', 'latest_checkpoint', 'make_optimizer', 'run_dir_for',
+           'log_spaced_steps', 'pretrain', 'parse_overrides', 'main', 'GANFinetuneConfig', 'finetune_decoder_gan',
+           'demo_config']
 
 # %% ../nbs/05_pretrain.ipynb #c582decb
 @dataclass
@@ -62,6 +63,7 @@ class PretrainConfig(PlainConfig):
     ckpt_every: int = 100                # rolling checkpoint for resume
     ckpt_log_points: int = 0             # extra checkpoints at this many log-spaced steps (scaling curves)
     num_workers: int = 0
+    grad_accum: int = neutral_field(1)   # micro-batches per step (same global batch; not hashed while 1)
 
     def __post_init__(self):
         for k in ('mask_ratio', 'teacher_temp', 'ema_momentum', 'betas'): setattr(self, k, tuple(getattr(self, k)))
@@ -70,7 +72,7 @@ class PretrainConfig(PlainConfig):
     def validate(self):
         "Clear errors for impossible settings."
         if self.losses not in LOSS_PRESETS: raise ValueError(f"losses={self.losses!r}; expected one of {list(LOSS_PRESETS)}")
-        for k in ('steps', 'batch_clip', 'batch_ssl', 'batch_rec', 'log_every', 'ckpt_every'):
+        for k in ('steps', 'batch_clip', 'batch_ssl', 'batch_rec', 'log_every', 'ckpt_every', 'grad_accum'):
             v = getattr(self, k)
             if not isinstance(v, int) or v <= 0: raise ValueError(f"PretrainConfig.{k}={v!r}; expected a positive integer")
         if (self.uses_ssl and self.batch_ssl > self.batch_clip) or self.batch_rec > self.batch_clip:
@@ -78,6 +80,17 @@ class PretrainConfig(PlainConfig):
         if self.clip_loss not in ('softmax', 'siglip'): raise ValueError(f"clip_loss={self.clip_loss!r}; expected 'softmax' or 'siglip'")
         if self.dino_mode not in ('centering', 'sinkhorn_knopp'): raise ValueError(f"dino_mode={self.dino_mode!r}; expected 'centering' or 'sinkhorn_knopp'")
         vtp_config(self.preset, **self.model_overrides())   # raises on unknown presets / bad model fields
+        if self.grad_accum > 1: self.check_accumulation()
+
+    def check_accumulation(self, world: int = 1):
+        "Clear errors for gradient accumulation settings that cannot reproduce the full-batch step."
+        k, n = self.grad_accum, self.grad_accum * world
+        subsets = ('batch_clip', *(('batch_ssl',) if self.uses_ssl else ()), *(('batch_rec',) if self.losses != 'AE' else ()))
+        if bad := [f'{b}={getattr(self, b)}' for b in subsets if getattr(self, b) % n]:
+            raise ValueError(f"grad_accum={k} x world size {world}: {', '.join(bad)} must be divisible by {n} (every micro-batch takes its share of each subset)")
+        if self.weights.get('koleo', 0) > 0: raise ValueError(f"grad_accum={k} does not support the KoLeo term (nearest neighbours within the whole batch)")
+        if self.uses_clip and self.drop_path_main > 0:
+            raise ValueError(f"grad_accum={k} with CLIP needs drop_path_main=0: the cached features of the other micro-batches must equal their recomputation")
 
     @property
     def weights(self) -> dict: return loss_weights(self.losses, **self.loss_weights)
@@ -135,7 +148,7 @@ class VTPPretrainer(nn.Module):
     @property
     def model(self) -> VTPModel: return self.net.model
 
-    def forward(self, batch: dict, step: int):
+    def forward(self, batch: dict, step: int, micro: MicroBatch | None = None):
         cfg, m, terms = self.cfg, self.net.model, {}
         images, tokens = batch['image'], batch['tokens']                          # (B, 3, H, W), (B, L)
         B = images.shape[0]
@@ -147,16 +160,22 @@ class VTPPretrainer(nn.Module):
         if cfg.uses_clip:
             img_f = m.clip_image_feature_from_tokens(cls, patch)                   # (B, E)
             txt_f = m.get_clip_text_feature(tokens)                                # (B, E)
-            terms['clip'] = self.clip_loss(img_f, txt_f, exp_logit_scale(m.logit_scale), m.logit_bias)
+            clip_in = (img_f, txt_f, exp_logit_scale(m.logit_scale), m.logit_bias)
+            terms['clip'] = self.clip_loss(*(clip_in if micro is None else micro.clip_inputs(*clip_in)))
         p = m.config.vision_patch_size
         z = m.tokens_to_latents(patch[:b_rec], (images.shape[-2] // p, images.shape[-1] // p))   # (b_rec, d, h, w)
         terms['rec'] = self.rec_loss(m.get_latents_decoded_images(z), images[:b_rec])
-        if cfg.uses_ssl: terms.update(self.ssl_terms(images[:b_ssl], step))
+        if cfg.uses_ssl: terms.update(self.ssl_terms(images[:b_ssl], step) if micro is None else self.ssl_student(micro.ssl_targets()))
+        if micro is not None: terms = {k: v if k == 'clip' else v / micro.k for k, v in terms.items()}   # means over the whole batch
         total = total_loss(terms, self.weights)
         return total, {k: v.detach() for k, v in terms.items()}
 
     def ssl_terms(self, images, step):
         "DINO (CLS), iBOT (masked patches) and optional KoLeo terms on multi-crops of `images`."
+        return self.ssl_student(self.ssl_targets(images, step))
+
+    def ssl_targets(self, images, step) -> dict:
+        "Multi-crops and iBOT masks of `images` with the EMA teacher's DINO and iBOT targets (no gradient)."
         cfg, net, m = self.cfg, self.net, self.net.model
         rank, world = _rank_world()                                                # draws for the global batch, our rows kept
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -174,6 +193,12 @@ class VTPPretrainer(nn.Module):
             t_patch_logits = net.teacher.dino_head(t_sem(t_patch[masks]))          # (M, K)
             pd = self._teacher(self.dino_loss, t_cls_logits.view(2, b, -1), temp)  # (2, b, K)
             pi = self._teacher(self.ibot_loss, t_patch_logits, temp)               # (M, K)
+        return dict(glob=glob, loc=loc, masks=masks, pd=pd, pi=pi)
+
+    def ssl_student(self, t: dict) -> dict:
+        "DINO, iBOT (and KoLeo) terms of the student on the crops of `ssl_targets`."
+        cfg, net, m = self.cfg, self.net, self.net.model
+        glob, loc, masks, pd, pi = t['glob'], t['loc'], t['masks'], t['pd'], t['pi']
         m.trunk.set_drop_path(cfg.drop_path_ssl)
         s_cls, s_patch = m.forward_features(glob, masks)                          # student on masked global crops
         s_logits = list(net.dino_head(m.semantic_features(s_cls)).chunk(2))       # 2 x (b, K)
@@ -191,6 +216,63 @@ def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 def _rank() -> int: return _rank_world()[0]
+
+# %% ../nbs/05_pretrain.ipynb #c536b478
+def _grad_scaled(x: torch.Tensor, w: float) -> torch.Tensor:
+    "`x` with its gradient multiplied by `w` (same value)."
+    return x * w + (x * (1 - w)).detach()
+
+@dataclass
+class MicroBatch:
+    "What micro-batch `j` of `k` needs from its whole (rank-local) batch: cached CLIP features, SSL teacher targets."
+    j: int
+    k: int
+    clip: tuple | None = None        # (image features (B, E), text features (B, E)), no gradient
+    ssl: dict | None = None          # `VTPPretrainer.ssl_targets` of the whole batch's SSL images
+
+    def clip_inputs(self, img_f, txt_f, scale, bias):
+        "The whole batch's features with this micro-batch's rows (rows j::k) carrying gradient."
+        idx = torch.arange(self.j, self.clip[0].shape[0], self.k, device=img_f.device)
+        img, txt = (c.index_copy(0, idx, f.to(c.dtype)) for c, f in zip(self.clip, (img_f, txt_f)))   # (B, E) x 2
+        return img, txt, _grad_scaled(scale, 1 / self.k), None if bias is None else _grad_scaled(bias, 1 / self.k)
+
+    def ssl_targets(self) -> dict:
+        "This micro-batch's rows (j::k of each crop) of the whole batch's SSL crops, masks and teacher targets."
+        t, j, k = self.ssl, self.j, self.k
+        b = t['pd'].shape[1]
+        keep = (torch.arange(b) % k == j).to(t['glob'].device)                      # (b,)
+        rows = keep.repeat(2)                                                       # (2b,): both global crops
+        tok_rows = t['masks'].nonzero()[:, 0]                                       # (M,): the row of each masked token
+        return dict(glob=t['glob'][rows], loc=[l[keep] for l in t['loc']], masks=t['masks'][rows], pd=t['pd'][:, keep],
+                    pi=t['pi'][rows[tok_rows]])
+
+@torch.no_grad()
+def micro_batches(trainer: VTPPretrainer, batch: dict, step: int, k: int) -> list:
+    "The `k` `MicroBatch`es of `batch`: the CLIP features and SSL targets of the whole batch, computed once."
+    cfg, m = trainer.cfg, trainer.net.model
+    images, tokens = batch['image'], batch['tokens']
+    B = images.shape[0]
+    clip = ssl = None
+    if cfg.uses_clip:
+        m.trunk.set_drop_path(cfg.drop_path_main)
+        cls, patch = m.forward_features(images)                                     # (B, D), (B, N, D)
+        clip = (m.clip_image_feature_from_tokens(cls, patch), m.get_clip_text_feature(tokens))
+    if cfg.uses_ssl: ssl = trainer.ssl_targets(images[:max(2, B * cfg.batch_ssl // cfg.batch_clip)], step)
+    return [MicroBatch(j, k, clip, ssl) for j in range(k)]
+
+def accumulate_grads(trainer: VTPPretrainer, batch: dict, step: int, k: int, ddp: nn.Module | None = None, amp=None) -> tuple:
+    "Forward + backward of `batch` as `k` micro-batches into `.grad` (DDP syncs on the last); (loss, terms) of the batch."
+    ddp, amp = ddp or trainer, amp or contextlib.nullcontext()
+    with amp: micro = micro_batches(trainer, batch, step, k)
+    terms = {}
+    for mb in micro:
+        part = {key: v[mb.j::k] for key, v in batch.items()}
+        sync = ddp.no_sync() if mb.j < k - 1 and isinstance(ddp, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+        with sync:
+            with amp: loss, t = ddp(part, step, mb)
+            loss.backward()
+        for name, v in t.items(): terms[name] = v if name == 'clip' else terms.get(name, 0) + v   # clip: the whole batch's value
+    return total_loss(terms, trainer.weights).detach(), terms
 
 # %% ../nbs/05_pretrain.ipynb #efe542c8
 def count_step_flops(trainer: VTPPretrainer, batch: dict, step: int = 0) -> int:
@@ -309,6 +391,7 @@ def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: 
     device = get_device(device)
     rank, world = _init_distributed(device)
     if device.type == 'cuda' and world > 1: device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    if cfg.grad_accum > 1: cfg.check_accumulation(world)
     h = config_hash(cfg.to_dict()); run = run_dir_for(cfg, runs_dir)
     if (run/'final'/'model.safetensors').exists() and (run/'done.json').exists(): return run
     _prepare_run_dir(run, cfg, rank)
@@ -333,12 +416,14 @@ def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: 
         sch = step_schedules(cfg, step)
         for g in opt.param_groups: g['lr'] = sch['lr']
         batch = load(step)
-        with amp: loss, terms = ddp(batch, step)
+        opt.zero_grad(set_to_none=True)
+        if cfg.grad_accum > 1: loss, terms = accumulate_grads(trainer, batch, step, cfg.grad_accum, ddp, amp)   # backward done
+        else:
+            with amp: loss, terms = ddp(batch, step)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretrain: non-finite loss {loss.item()} at step {step} (terms "
                                      f"{ {k: v.item() for k, v in terms.items()} }); the last good checkpoint in {run/'checkpoints'} is kept")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if cfg.grad_accum == 1: loss.backward()
         gnorm = nn.utils.clip_grad_norm_(trainer.parameters(), cfg.grad_clip)
         opt.step()
         trainer.net.update_teacher(sch['momentum'])

@@ -1,0 +1,319 @@
+"""Throughput, MFU and memory of every hot path of the reproduction, measured side by side in one run.
+
+    python benchmarks/bench.py                       # CPU: the CPU presets (about 2-3 minutes on 2 cores)
+    python benchmarks/bench.py --device cuda [--compile] [--batch 32]   # GPU: the paper presets, bf16 autocast
+    python benchmarks/bench.py --quick --out /tmp/b.md                  # a few seconds: checks that everything runs
+
+Rows (medians of `--iters` timed calls after 2 warm-up calls):
+- peak: a large square matmul (fp32 on CPU; fp32 and bf16 on CUDA): the denominator of MFU;
+- the VTP pre-training step (CLIP+SSL+AE: forward, EMA-teacher forward, backward, clip, AdamW, EMA) and the AE step,
+  at the tokenizer presets (`S`, `tiny` on CPU; `paper_S/B/L` on CUDA), batch ratios of the scale's settings;
+- timm ViT / open_clip text tower peers on identical shapes (forward + backward), next to our trunk / text tower;
+- the LightningDiT flow-matching training step (DiT-S, the `cpu` generation proxy; `B/1`, `XL/1` on CUDA);
+- DiT sampling: `--sample-n` class-balanced latents (default 1000) x `--sample-steps` Euler steps (default 50) in
+  batches of `--sample-batch`, decoded to images by the tokenizer's pixel decoder; time per NFE and in total.
+
+FLOPs are counted by torch.utils.flop_counter (`count_step_flops`, `count_dit_step_flops`, `dit_forward_flops`), so
+MFU = counted FLOPs / time / measured peak. Peak memory: the process's peak RSS per row on CPU (reset through
+/proc/self/clear_refs), `torch.cuda.max_memory_allocated` on CUDA. The markdown report (`--out`) holds the command,
+the machine (with its load average before and after: numbers taken on a busy machine are not comparable), the table
+and the comparison with the targets of issue #8.
+"""
+from __future__ import annotations
+import argparse, contextlib, os, platform, resource, statistics, sys, time
+from pathlib import Path
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGETS = dict(tokenizer_mfu=0.50, dit_mfu=0.50, sampling_s=60.0)
+DEFAULTS = dict(cpu=dict(tok_presets='S,tiny', dit_presets='S', batch=64, dit_batch=64, sample_tok='tiny', scale='cpu'),
+                cuda=dict(tok_presets='paper_S,paper_B,paper_L', dit_presets='B/1,XL/1', batch=32, dit_batch=64,
+                          sample_tok='paper_S', scale='paper'))
+
+
+def sync(device):
+    "Wait for queued kernels (CUDA); nothing on CPU."
+    if device.type == 'cuda': torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device):
+    "Start a new peak-memory window (CUDA allocator stats; on Linux CPU the RSS high-water mark)."
+    if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device); return
+    try: Path('/proc/self/clear_refs').write_text('5')
+    except OSError: pass
+
+
+def peak_memory_mib(device) -> float:
+    "Peak memory since `reset_peak_memory`: CUDA max allocated, else peak RSS (VmHWM; ru_maxrss as a fallback)."
+    if device.type == 'cuda': return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('VmHWM:'): return int(line.split()[1]) / 1024
+    except OSError: pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_fn(fn, iters: int, device, warmup: int = 2) -> float:
+    "Median wall time of `fn()` over `iters` calls after `warmup` calls (synchronised on CUDA)."
+    for _ in range(warmup): fn()
+    sync(device); ts = []
+    for _ in range(iters):
+        t = time.perf_counter(); fn(); sync(device); ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def matmul_peak(device, dtype=torch.float32, n: int | None = None, reps: int = 10) -> float:
+    "FLOP/s of a large square matmul (the MFU denominator), median of `reps`."
+    n = n or (8192 if device.type == 'cuda' else 2048)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / time_fn(lambda: a @ b, reps, device, warmup=3)
+
+
+def autocast(device):
+    "bf16 autocast on CUDA (as the training loops), a no-op context on CPU."
+    return torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else contextlib.nullcontext()
+
+
+def shapes_batch(n: int, res: int, context_length: int, device) -> dict:
+    "`n` samples of the `shapes` dataset at `res` px, collated, tensors on `device`."
+    from vtp_nbdev.data import ShapesDataset
+    ds = ShapesDataset(size=n, res=res, context_length=context_length)
+    b = torch.utils.data.default_collate([ds[i] for i in range(n)])
+    return {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
+
+
+def tokenizer_config(preset: str, losses: str, batch: int, scale: str):
+    "A `PretrainConfig` at `preset` with the SSL / reconstruction subsets and crops of `scale`'s tokenizer settings."
+    from vtp_nbdev.pretrain import PretrainConfig
+    from vtp_nbdev.scaling import SCALE_SETTINGS
+    t = SCALE_SETTINGS[scale]['tokenizer']
+    b_ssl = max(2, batch * t['batch_ssl'] // t['batch_clip']); b_rec = max(1, batch * t['batch_ssl_rec'] // t['batch_clip'])
+    return PretrainConfig(preset=preset, losses=losses, batch_clip=batch, batch_ssl=b_ssl, batch_rec=batch if losses == 'AE' else b_rec,
+                          n_local_crops=t['n_local_crops'])
+
+
+class Bench:
+    "Collects rows (name, samples/s, GFLOP/s, MFU, peak MiB, note) and prints each as it is measured."
+    def __init__(self, device, peak: float, iters: int, compile: bool):
+        self.device, self.peak, self.iters, self.compile, self.rows = device, peak, iters, compile, {}
+
+    def record(self, key, name, samples, flops, dt, mem, note=''):
+        r = dict(name=name, samples_per_s=samples / dt, gflops=flops / dt / 1e9, mfu=flops / dt / self.peak, mem_mib=mem, s=dt, note=note)
+        self.rows[key] = r
+        print(f"{name:52s} {r['samples_per_s']:9.1f} samples/s {r['gflops']:8.1f} GFLOP/s  MFU {r['mfu']:6.1%}  {mem:7.0f} MiB  {note}", flush=True)
+        return r
+
+    def tokenizer_step(self, preset, losses, batch, scale):
+        "The pre-training step as `pretrain()` runs it: forward (autocast), backward, grad clip, AdamW, EMA teacher."
+        from vtp_nbdev.pretrain import VTPPretrainer, make_optimizer, count_step_flops
+        cfg = tokenizer_config(preset, losses, batch, scale)
+        reset_peak_memory(self.device)
+        torch.manual_seed(0)
+        tr = VTPPretrainer(cfg).to(self.device); opt = make_optimizer(tr, cfg)
+        mc = tr.model.config
+        data = shapes_batch(batch, mc.image_size, mc.text_context_length, self.device)
+        flops = count_step_flops(tr, data)
+        fwd = torch.compile(tr) if self.compile else tr
+        def step():
+            with autocast(self.device): loss, _ = fwd(data, 1)
+            opt.zero_grad(set_to_none=True); loss.backward()
+            torch.nn.utils.clip_grad_norm_(tr.parameters(), cfg.grad_clip); opt.step(); tr.net.update_teacher(0.99)
+        dt = time_fn(step, self.iters, self.device)
+        note = f"b_ssl {cfg.batch_ssl}, b_rec {cfg.batch_rec}, {cfg.n_local_crops} local crops"
+        self.record(f'tok/{preset}/{losses}', f'VTP-{preset} {losses} step (batch {batch})', batch, flops, dt, peak_memory_mib(self.device), note)
+        return tr, data
+
+    def peers(self, tr, data, preset):
+        "timm ViT vs our trunk, open_clip text tower vs ours: forward + backward on identical shapes."
+        import timm, open_clip
+        from vtp_nbdev.tokenizer import flop_counter_mode
+        c, dev, ours = tr.model.config, self.device, tr.model
+        B = data['image'].shape[0]
+        vit = timm.models.vision_transformer.VisionTransformer(
+            img_size=c.image_size, patch_size=c.vision_patch_size, embed_dim=c.vision_embed_dim, depth=c.vision_depth,
+            num_heads=c.vision_num_heads, mlp_ratio=8 / 3, num_classes=0).to(dev)
+        L = data['tokens'].shape[1]
+        txt = open_clip.transformer.TextTransformer(context_length=L, vocab_size=49408, width=c.text_embed_dim, heads=c.text_num_heads,
+                                                    layers=c.text_depth, output_dim=c.text_embed_dim).to(dev)
+        cases = [(f'peer/{preset}/timm', f'timm ViT trunk fwd+bwd ({c.vision_embed_dim}/{c.vision_depth})', lambda: vit(data['image']).float().sum()),
+                 (f'peer/{preset}/trunk', f'our trunk fwd+bwd ({c.vision_embed_dim}/{c.vision_depth})', lambda: ours.forward_features(data['image'])[0].float().sum()),
+                 (f'peer/{preset}/open_clip', f'open_clip text fwd+bwd ({c.text_embed_dim}/{c.text_depth})', lambda: txt(data['tokens']).float().sum()),
+                 (f'peer/{preset}/text', f'our text tower fwd+bwd ({c.text_embed_dim}/{c.text_depth})',
+                  lambda: ours.get_clip_text_feature(data['tokens'], normalize=False).float().sum())]
+        for key, name, fwd in cases:
+            reset_peak_memory(dev)
+            with flop_counter_mode() as fc: fwd().backward()
+            def run():
+                with autocast(dev): out = fwd()
+                out.backward()
+            self.record(key, name, B, fc.get_total_flops(), time_fn(run, self.iters, dev), peak_memory_mib(dev))
+
+    def dit_step(self, preset, batch):
+        "The flow-matching step as `train_dit()` runs it: forward (autocast), backward, AdamW, EMA."
+        from vtp_nbdev.dit import dit_config
+        from vtp_nbdev.flow import DiTTrainConfig, DiTTrainer, count_dit_step_flops
+        args = dit_config(preset); cfg = DiTTrainConfig(preset=preset, batch=batch)
+        reset_peak_memory(self.device)
+        torch.manual_seed(0)
+        tr = DiTTrainer(args, cfg).to(self.device)
+        opt = torch.optim.AdamW(tr.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        C, H, dev = args['in_channels'], args['input_size'], self.device
+        data = dict(x1=torch.randn(batch, C, H, H, device=dev), y=torch.randint(0, args['num_classes'], (batch,), device=dev),
+                    t=torch.rand(batch, device=dev), x0=torch.randn(batch, C, H, H, device=dev), drop=torch.zeros(batch, dtype=torch.long, device=dev))
+        flops = count_dit_step_flops(tr, data)
+        net = torch.compile(tr.model) if self.compile else tr.model
+        def step():
+            with autocast(dev): loss, _ = tr.loss(net, **data)
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); tr.update_ema(0.999)
+        self.record(f'dit/{preset}', f'LightningDiT-{preset} train step (batch {batch}, {C}x{H}x{H})', batch, flops,
+                    time_fn(step, self.iters, dev), peak_memory_mib(dev))
+
+    def sampling(self, preset, tok_preset, n, steps, batch_size):
+        "`n` class-balanced latents x `steps` Euler steps (batched), then decoded by the tokenizer's pixel decoder."
+        from vtp_nbdev.dit import LightningDiT, dit_config, dit_forward_flops
+        from vtp_nbdev.flow import sample_latents
+        from vtp_nbdev.tokenizer import VTPModel, vtp_config, flop_counter_mode
+        from vtp_nbdev.data import to_uint8
+        dev = self.device
+        reset_peak_memory(dev)
+        torch.manual_seed(0)
+        tc = vtp_config(tok_preset, train_clip=False)
+        model = LightningDiT(**dit_config(preset, input_size=tc.image_size // tc.vision_patch_size, in_channels=tc.vision_feature_bottleneck)).to(dev).eval()
+        torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)               # non-zero velocities (cost is the same)
+        tok = VTPModel(tc).to(dev).eval()
+        nfe_flops = dit_forward_flops(model, 1)
+        z1 = torch.zeros(1, tc.vision_feature_bottleneck, model.grid * model.patch_size, model.grid * model.patch_size, device=dev)
+        with flop_counter_mode() as fc, torch.no_grad(): tok.get_latents_decoded_images(z1)
+        dec_flops = fc.get_total_flops()
+        if batch_size == 0:                                       # auto: the fastest batch per NFE (2-NFE probes)
+            probe = {}
+            for bs in sorted({min(n, x) for x in (64, 256, 1000)}):
+                with autocast(dev): sample_latents(model, bs, batch_size=bs, num_steps=2)      # warm-up
+                sync(dev); t = time.perf_counter()
+                with autocast(dev): sample_latents(model, bs, batch_size=bs, num_steps=3)
+                sync(dev); probe[bs] = 2 * bs / (time.perf_counter() - t)
+            batch_size = max(probe, key=probe.get)
+            self.probe = ', '.join(f'{k}: {v:.0f}' for k, v in probe.items())
+            print(f'  sampling batch probe (latent-NFEs/s by batch) {self.probe} -> {batch_size}', flush=True)
+        with autocast(dev): sample_latents(model, min(n, batch_size), batch_size=batch_size, num_steps=3, timestep_shift=0.3)   # warm-up
+        sync(dev); t0 = time.perf_counter()
+        with autocast(dev): z, _ = sample_latents(model, n, batch_size=batch_size, num_steps=steps + 1, sampler='euler', timestep_shift=0.3)
+        sync(dev); t1 = time.perf_counter()
+        with torch.inference_mode(), autocast(dev):
+            imgs = torch.cat([to_uint8(tok.get_latents_decoded_images(z[s:s + batch_size].to(dev)).float()).cpu() for s in range(0, n, batch_size)])
+        sync(dev); t2 = time.perf_counter()
+        assert imgs.shape == (n, 3, tc.image_size, tc.image_size) and imgs.dtype == torch.uint8
+        mem = peak_memory_mib(dev)
+        ode, dec = t1 - t0, t2 - t1
+        self.record(f'sample/{preset}/nfe', f'DiT-{preset} sampling, per NFE (batches of {batch_size})', n, n * nfe_flops, ode / steps, mem,
+                    f'{ode / steps * 1e3:.0f} ms per NFE for {n} latents' + (f'; batch probe (latent-NFEs/s) {self.probe}' if getattr(self, 'probe', None) else ''))
+        self.record(f'sample/{preset}/decode', f'tokenizer-{tok_preset} decoding ({n} latents)', n, n * dec_flops, dec, mem, f'{dec:.2f} s')
+        r = self.record(f'sample/{preset}/total', f'{n} images x {steps} Euler steps, incl. decoding', n, n * (steps * nfe_flops + dec_flops),
+                        t2 - t0, mem, f'**{t2 - t0:.1f} s**')
+        r['total_s'] = t2 - t0
+        return r
+
+
+def machine(device) -> str:
+    "One line describing the machine."
+    cpu = platform.processor() or platform.machine()
+    try: cpu = next(l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name'))
+    except (OSError, StopIteration): pass
+    s = f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} torch threads"
+    if device.type == 'cuda': s += f"; GPU {torch.cuda.get_device_name(device)}"
+    return s
+
+
+def targets_table(b: Bench, a) -> list:
+    "Markdown rows comparing the measurements with the targets of issue #8."
+    R, out = b.rows, []
+    def row(what, target, got, ok): out.append(f"| {what} | {target} | {got} | {'yes' if ok else '**no**'} |")
+    tok = a.tok_presets.split(',')[0]
+    if (r := R.get(f'tok/{tok}/CLIP+SSL+AE')): row(f'tokenizer step (CLIP+SSL+AE) MFU at `{tok}`', f"≥ {TARGETS['tokenizer_mfu']:.0%}", f"{r['mfu']:.1%}", r['mfu'] >= TARGETS['tokenizer_mfu'])
+    if (r := R.get(f'tok/{tok}/AE')): row(f'AE step MFU at `{tok}`', f"≥ {TARGETS['tokenizer_mfu']:.0%}", f"{r['mfu']:.1%}", r['mfu'] >= TARGETS['tokenizer_mfu'])
+    for p in a.tok_presets.split(','):
+        for ours, peer, what in (('trunk', 'timm', 'ViT trunk vs timm'), ('text', 'open_clip', 'text tower vs open_clip')):
+            if (o := R.get(f'peer/{p}/{ours}')) and (q := R.get(f'peer/{p}/{peer}')):
+                ratio = o['samples_per_s'] / q['samples_per_s']
+                row(f'{what} at `{p}` (samples/s ratio)', 'no slower (≥ 1.00)', f'{ratio:.2f}', ratio >= 1.0)
+    for p in a.dit_presets.split(','):
+        if (r := R.get(f'dit/{p}')): row(f'DiT-{p} training step MFU', f"≥ {TARGETS['dit_mfu']:.0%}", f"{r['mfu']:.1%}", r['mfu'] >= TARGETS['dit_mfu'])
+        if (r := R.get(f'sample/{p}/total')):
+            row(f'{a.sample_n} images x {a.sample_steps} Euler steps, DiT-{p}, incl. decoding', f"≤ {TARGETS['sampling_s']:.0f} s"
+                + ('' if (a.sample_n, a.sample_steps) == (1000, 50) else ' (for 1000 x 50)'), f"{r['total_s']:.1f} s",
+                r['total_s'] <= TARGETS['sampling_s'] * a.sample_n * a.sample_steps / 50_000)
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
+    p.add_argument('--compile', action='store_true', help='torch.compile the tokenizer trainer and the DiT (CUDA mainly)')
+    p.add_argument('--tok-presets', help='comma-separated tokenizer presets (default: S,tiny on CPU; paper_S,paper_B,paper_L on CUDA)')
+    p.add_argument('--dit-presets', help='comma-separated LightningDiT presets (default: S on CPU; B/1,XL/1 on CUDA)')
+    p.add_argument('--batch', type=int, help='tokenizer batch (default 64 on CPU, 32 per GPU)')
+    p.add_argument('--dit-batch', type=int, help='DiT training batch (default 64)')
+    p.add_argument('--sample-n', type=int, default=1000); p.add_argument('--sample-steps', type=int, default=50)
+    p.add_argument('--sample-batch', type=int, default=0, help='latents per batched ODE solve (0: the fastest of 64/256/1000, probed)')
+    p.add_argument('--sample-tok', help='tokenizer preset that decodes the samples (default tiny on CPU, paper_S on CUDA)')
+    p.add_argument('--iters', type=int, default=5); p.add_argument('--threads', type=int, default=0)
+    p.add_argument('--no-peers', action='store_true'); p.add_argument('--no-sampling', action='store_true')
+    p.add_argument('--quick', action='store_true', help='tiny sizes and 1 iteration: checks that every row runs (seconds)')
+    p.add_argument('--out', default='figures/benchmarks.md', help="markdown report ('' = none)")
+    a = p.parse_args(argv)
+    if a.device == 'cuda' and not torch.cuda.is_available():
+        p.error(f"--device cuda: torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False). "
+                "Run the GPU benchmark on a machine with a CUDA GPU; here use --device cpu.")
+    d = DEFAULTS[a.device]
+    if a.quick:
+        d = {**d, 'tok_presets': 'tiny', 'dit_presets': 'tiny', 'batch': 8, 'dit_batch': 8, 'sample_tok': 'tiny'}
+        a.iters, a.sample_n, a.sample_steps, a.sample_batch = 1, 16, 2, 8
+    for k in ('tok_presets', 'dit_presets', 'batch', 'dit_batch', 'sample_tok'):
+        if getattr(a, k) is None: setattr(a, k, d[k])
+    a.scale = d['scale']
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    cmd = 'python benchmarks/bench.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
+    if a.threads: torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    load0 = os.getloadavg(); t_start = time.time()
+    peak = matmul_peak(dev)
+    print(f'fp32 matmul peak {peak / 1e9:.1f} GFLOP/s', flush=True)
+    peaks = f"fp32 matmul peak **{peak / 1e9:.1f} GFLOP/s**"
+    if dev.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = False
+        peak = matmul_peak(dev, torch.bfloat16)
+        peaks += f", bf16 matmul peak **{peak / 1e12:.1f} TFLOP/s** (the MFU denominator: steps run under bf16 autocast)"
+    b = Bench(dev, peak, a.iters, a.compile)
+    for preset in a.tok_presets.split(','):
+        for losses in ('CLIP+SSL+AE', 'AE'):
+            tr, data = b.tokenizer_step(preset, losses, a.batch, a.scale)
+            if losses == 'CLIP+SSL+AE' and not a.no_peers: b.peers(tr, data, preset)
+            del tr
+    for preset in a.dit_presets.split(','):
+        b.dit_step(preset, a.dit_batch)
+        if not a.no_sampling: b.sampling(preset, a.sample_tok, a.sample_n, a.sample_steps, a.sample_batch)
+    load1, wall = os.getloadavg(), time.time() - t_start
+    print(f'done in {wall:.0f} s; load average {load0[0]:.2f} -> {load1[0]:.2f}', flush=True)
+    if not a.out: return b
+    lines = [f"# Benchmarks ({a.device})", '',
+             f"Command: `{cmd}` ({wall:.0f} s)  ",
+             f"Machine: {machine(dev)}; {peaks}.  ",
+             f"1-minute load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end (on {os.cpu_count()} logical CPUs).", '',
+             'MFU = FLOPs counted by `torch.utils.flop_counter` / time / the measured matmul peak. Memory: peak RSS of the process '
+             'during the row on CPU, peak allocated on CUDA. Sampling rows: samples/s counts latents (or images) per second of that stage.', '',
+             '| what | samples/s | GFLOP/s | MFU | peak MiB | note |', '|---|---:|---:|---:|---:|---|']
+    lines += [f"| {r['name']} | {r['samples_per_s']:.1f} | {r['gflops']:.1f} | {r['mfu']:.1%} | {r['mem_mib']:.0f} | {r['note']} |" for r in b.rows.values()]
+    lines += ['', '## vs targets (issue #8)', '', '| target | wanted | measured | met |', '|---|---|---|---|', *targets_table(b, a)]
+    out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True); out.write_text('\n'.join(lines) + '\n')
+    print('wrote', out)
+    return b
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,141 @@
+"Scale-out: gradient accumulation == the full batch (tokenizer, DiT; 2 gloo ranks too), hash-neutral new fields, sharded streaming, benchmark CLI."
+import io, json, os, socket, subprocess, sys, tarfile
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+from vtp_nbdev.config import config_hash
+from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, pretrain, batch_indices, accumulate_grads
+from vtp_nbdev.flow import DiTTrainConfig, train_dit
+from vtp_nbdev.data import ShapesDataset, TarShardDataset, ShardedStream
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(vision_depth=2, decoder_depth=1, text_depth=1, dino_out_dim=256, dino_hidden_dim=64, dino_bottleneck_dim=32)
+
+
+def small_cfg(**kw):
+    base = dict(model=SMALL, steps=3, batch_clip=8, batch_ssl=4, batch_rec=4, n_local_crops=2, log_every=1, ckpt_every=3,
+                dataset_kwargs={'size': 40})
+    return PretrainConfig(**{**base, **kw})
+
+
+def _rows(run):
+    return [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]
+
+
+def test_new_fields_leave_existing_hashes_alone():
+    # the committed results store is keyed by these hashes: a new execution option must not change them
+    assert config_hash(PretrainConfig().to_dict()) == '63b13edf54de'
+    assert config_hash(DiTTrainConfig().to_dict()) == '94fd705024f9'
+    assert 'grad_accum' not in PretrainConfig().to_dict() and PretrainConfig(grad_accum=2).to_dict()['grad_accum'] == 2
+    assert config_hash(DiTTrainConfig(grad_accum=2).to_dict()) != config_hash(DiTTrainConfig().to_dict())
+
+
+@pytest.mark.parametrize('losses', ['AE', 'CLIP+SSL+AE'])
+def test_pretrain_grad_accum_matches_full_batch(tmp_path, losses):
+    kw = dict(losses=losses, batch_rec=8) if losses == 'AE' else dict(losses=losses)
+    one = pretrain(small_cfg(**kw), runs_dir=tmp_path, device='cpu', progress=False)
+    two = pretrain(small_cfg(**kw, grad_accum=2), runs_dir=tmp_path, device='cpu', progress=False)
+    assert one != two and json.loads((two/'config.json').read_text())['grad_accum'] == 2
+    ref, got = _rows(one), _rows(two)
+    assert ref[0]['loss'] == pytest.approx(got[0]['loss'], rel=1e-6)               # same weights, same batch
+    for r, g in zip(ref, got):
+        for k in ('loss', 'rec', 'clip', 'dino', 'ibot', 'grad_norm'):
+            if k in r: assert g[k] == pytest.approx(r[k], rel=1e-3, abs=1e-5), (r['step'], k)
+
+
+def test_dit_grad_accum_matches_full_batch(tiny_latents, tmp_path):
+    _, lat = tiny_latents
+    cfg = dict(steps=3, batch=8, lr=1e-3, ema_decay=0.9, log_every=1, ckpt_every=3)
+    ref = _rows(train_dit(DiTTrainConfig(**cfg), lat, tmp_path, device='cpu', progress=False))
+    got = _rows(train_dit(DiTTrainConfig(**cfg, grad_accum=4), lat, tmp_path, device='cpu', progress=False))
+    for r, g in zip(ref, got):
+        for k in ('loss', 'mse', 'cos', 'grad_norm'): assert g[k] == pytest.approx(r[k], rel=1e-4), (r['step'], k)
+    with pytest.raises(ValueError, match='not divisible by grad_accum=3'): DiTTrainConfig(**cfg, grad_accum=3)
+
+
+# ---- 2 gloo ranks x 2 micro-batches == 1 process on the whole batch (CLIP features cached across micro-batches) -----
+def _free_port():
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def _grads(cfg, batch, k=1, world=1):
+    torch.manual_seed(0)
+    tr = VTPPretrainer(cfg)
+    ddp = torch.nn.parallel.DistributedDataParallel(tr, find_unused_parameters=True, broadcast_buffers=False) if world > 1 else tr
+    if k == 1: loss, _ = ddp(batch, 5); loss.backward()
+    else: loss, _ = accumulate_grads(tr, batch, 5, k, ddp)
+    return loss.detach(), {n: p.grad.clone() for n, p in tr.named_parameters() if p.grad is not None}
+
+
+def _worker(rank, world, port, cfg, batch, out):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
+    loss, grads = _grads(cfg, {k: v[rank::world] for k, v in batch.items()}, k=2, world=world)
+    losses = [torch.zeros(()) for _ in range(world)]
+    torch.distributed.all_gather(losses, loss)
+    if rank == 0: torch.save(dict(loss=torch.stack(losses).mean(), grads=grads), out)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_with_accumulation_match_one_process(tmp_path):
+    cfg = small_cfg(batch_clip=8, batch_ssl=4, batch_rec=4)
+    ds = ShapesDataset(size=16, context_length=32)
+    batch = torch.utils.data.default_collate([ds[i] for i in batch_indices(0, 8, 16)])
+    batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+    out = tmp_path/'rank0.pt'
+    mp.start_processes(_worker, args=(2, _free_port(), cfg, batch, out), nprocs=2, join=True, start_method='spawn')
+    got = torch.load(out, weights_only=True)
+    loss, grads = _grads(cfg, batch)
+    assert torch.allclose(got['loss'], loss, atol=1e-5), (got['loss'], loss)
+    assert grads.keys() == got['grads'].keys() and len(grads) > 20
+    for n in grads: assert torch.allclose(got['grads'][n], grads[n], atol=2e-5, rtol=1e-3), n
+
+
+# ---- sharded streaming: 2 ranks x 2 DataLoader workers read every sample exactly once per epoch ----------------------
+def _shards(d, sizes):
+    buf = io.BytesIO(); Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, 'PNG')
+    paths, n = [], 0
+    for s, size in enumerate(sizes):
+        p = d/f'shard-{s:03d}.tar'
+        with tarfile.open(p, 'w') as tf:
+            for _ in range(size):
+                for name, data in ((f'{n:05d}.png', buf.getvalue()), (f'{n:05d}.txt', f'sample {n}'.encode())):
+                    ti = tarfile.TarInfo(name); ti.size = len(data); tf.addfile(ti, io.BytesIO(data))
+                n += 1
+        paths.append(p)
+    return paths, n
+
+
+@pytest.mark.parametrize('by', ['sample', 'shard'])
+def test_sharded_stream_two_ranks_two_workers_cover_each_sample_once(tmp_path, by):
+    paths, n = _shards(tmp_path, [7, 5, 6, 4, 3])                              # 25 samples, uneven shards
+    ds = TarShardDataset(paths, res=8, context_length=8)
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(2):
+            st = ShardedStream(ds, rank, 2, seed=3, by=by); st.set_epoch(epoch)
+            dl = torch.utils.data.DataLoader(st, batch_size=4, num_workers=2)
+            seen += [c for b in dl for c in b['caption']]
+        assert sorted(seen) == sorted(f'sample {i}' for i in range(n)), epoch   # each exactly once, no duplicates
+
+
+# ---- the benchmark script ------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU-only refusal')
+def test_benchmark_refuses_cuda_without_a_gpu():
+    r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'bench.py'), '--device', 'cuda'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and 'sees no CUDA device' in r.stderr, r.stderr
+
+
+def test_benchmark_quick_run_writes_report(tmp_path):
+    out = tmp_path/'b.md'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'bench.py'), '--quick', '--no-peers', '--out', str(out)],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    for s in ('fp32 matmul peak', 'VTP-tiny CLIP+SSL+AE step', 'VTP-tiny AE step', 'LightningDiT-tiny train step', 'Euler steps', '## vs targets'):
+        assert s in text, s

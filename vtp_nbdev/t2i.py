@@ -435,7 +435,7 @@ def t2i_metrics(tokenizer, cfg: T2IConfig | None = None, runs_dir=None, device=N
         acc = attribute_accuracy(_ref_res(imgs), P['attrs'], device=device)
         fd = fidelity_metrics(_ref_res(imgs), real, extractor='shapes', metrics=('fd',), device=device)
         step = int(snap.stem.split('-')[1])
-        curve.append(dict(step=step, t2i_flops=step * flops_step, FD_shapes=fd['FD_shapes'],
+        curve.append(dict(t2i_step=step, t2i_flops=step * flops_step, FD_shapes=fd['FD_shapes'],
                           **{k: v for k, v in acc.items() if k.startswith('attr_')}))
     t2 = time.time()
     m = dict(curve[-1], curve=curve, **{f'real_{k}': v for k, v in ceiling.items() if k.startswith('attr_')},
@@ -449,8 +449,8 @@ def t2i_metrics(tokenizer, cfg: T2IConfig | None = None, runs_dir=None, device=N
 
 # %% ../nbs/15_t2i.ipynb #fbdc23f1
 T2I_SCALE_SETTINGS = {
-    'smoke': dict(n_latents=256, train=dict(preset='tiny', steps=40, batch=32, lr=1e-3, log_every=10, ckpt_every=40),
-                  text=dict(width=32, depth=1, heads=2, context_length=32, seed=0), eval_points=2, n_prompts=40, steps=8, cfg_scale=3.0),
+    'smoke': dict(n_latents=256, train=dict(preset='tiny', steps=20, batch=16, lr=1e-3, log_every=10, ckpt_every=20),
+                  text=dict(width=32, depth=1, heads=2, context_length=32, seed=0), eval_points=2, n_prompts=32, steps=6, cfg_scale=3.0),
     'cpu': dict(n_latents=10_000, train=dict(preset='S', steps=1500, batch=64, lr=1e-3, ema_decay=0.999, log_every=100, ckpt_every=500),
                 text=dict(width=64, depth=2, heads=4, context_length=32, seed=0), eval_points=3, n_prompts=500, steps=25, cfg_scale=3.0),
     'paper': dict(n_latents=1_281_167, train=dict(preset='B/1', steps=400_000, batch=256, lr=2e-4, ema_decay=0.9999, log_every=100, ckpt_every=5000),
@@ -471,14 +471,16 @@ def t2i_param_count(scale: str, latent_shape=(64, 16, 16)) -> dict:
     return dict(total=n(m), text=n(m.text), dit=n(m) - n(m.text))
 
 # %% ../nbs/15_t2i.ipynb #0df24241
-def t2i_point(scale: str, losses: str, seed: int = 0, step: int | None = None, root=None, progress: bool = False, **overrides) -> dict:
-    "T2I metrics of the checkpoint `step` (default: last) of a scaling run, stored in `results/<scale>/t2i/` (reused when present)."
+def t2i_point(scale: str, losses: str, seed: int = 0, step: int | None = None, root=None, progress: bool = False,
+              store_only: bool = False, **overrides) -> dict | None:
+    "T2I metrics of the checkpoint `step` (default: last) of a scaling run, stored in `results/<scale>/t2i/` (None if absent and `store_only`)."
     cfg = scaling_config(scale, losses, seed, **overrides)
     step = cfg.steps if step is None else step
     t = t2i_settings(scale, seed)
     key = dict(point=point_key(cfg, step, scale), t2i=t.to_dict())
     path = results_dir(scale, root)/'t2i'/f"{cfg.losses.replace('+', '-')}_{cfg.preset}_s{seed}_step{step:06d}_{config_hash(key)}.json"
     if path.exists(): return json.loads(path.read_text())
+    if store_only: return None
     with run_lock(cfg):
         run = pretrain(cfg, progress=False)
         folder = export_checkpoint(run, step)

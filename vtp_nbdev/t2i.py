@@ -31,7 +31,7 @@ from .pretrain import pretrain
 from .scaling import scaling_config, point_key, results_dir, run_lock, export_checkpoint, _write_record, _flops_at
 
 # %% auto #0
-__all__ = ['NULL_CAPTION', 'TEXT_ARGS', 'TEXT_DEFAULTS', 'T2I_SCALE_SETTINGS', 'flip_caption', 'flip_attributes',
+__all__ = ['NULL_CAPTION', 'TEXT_ARGS', 'TEXT_DEFAULTS', 'T2I_SCALE_SETTINGS', 'T2I_POINTS', 'flip_caption', 'flip_attributes',
            'latents_captions', 'MaskedAttention', 'TextBlock', 'TextEncoder', 'CrossAttention', 'T2IBlock', 'T2IDiT',
            'T2ITrainConfig', 't2i_model_args', 'T2ITrainer', 'save_t2i', 'load_t2i', 't2i_run_dir',
            'caption_token_table', 'train_t2i', 'sample_t2i', 'decode_latents', 'eval_prompts', 'T2IConfig',
@@ -451,12 +451,14 @@ def t2i_metrics(tokenizer, cfg: T2IConfig | None = None, runs_dir=None, device=N
 T2I_SCALE_SETTINGS = {
     'smoke': dict(n_latents=256, train=dict(preset='tiny', steps=20, batch=16, lr=1e-3, log_every=10, ckpt_every=20),
                   text=dict(width=32, depth=1, heads=2, context_length=32, seed=0), eval_points=2, n_prompts=32, steps=6, cfg_scale=3.0),
-    'cpu': dict(n_latents=10_000, train=dict(preset='S', steps=1500, batch=64, lr=1e-3, ema_decay=0.999, log_every=100, ckpt_every=500),
-                text=dict(width=64, depth=2, heads=4, context_length=32, seed=0), eval_points=3, n_prompts=500, steps=25, cfg_scale=3.0),
+    'cpu': dict(n_latents=10_000, train=dict(preset='S', steps=600, batch=64, lr=1e-3, ema_decay=0.999, log_every=100, ckpt_every=300),
+                text=dict(width=64, depth=2, heads=4, context_length=32, seed=0), eval_points=2, n_prompts=300, steps=25, cfg_scale=3.0),
     'paper': dict(n_latents=1_281_167, train=dict(preset='B/1', steps=400_000, batch=256, lr=2e-4, ema_decay=0.9999, log_every=100, ckpt_every=5000),
                   text=dict(width=768, depth=12, heads=12, context_length=77, seed=0), eval_points=5, n_prompts=10_000, steps=250,
                   cfg_scale=3.0, timestep_shift=0.075),
 }
+
+T2I_POINTS = {'smoke': None, 'cpu': (0, 5), 'paper': None}   # scaling checkpoints (indices) given a T2I point; None: the scale's own
 
 def t2i_settings(scale: str, seed: int = 0) -> T2IConfig:
     "The `T2IConfig` of `scale` (seed = the tokenizer run's seed)."

@@ -101,7 +101,7 @@ class Bench:
 
     def record(self, key, name, samples, flops, dt, mem, note=''):
         r = dict(name=name, samples_per_s=samples / dt, gflops=flops / dt / 1e9, mfu=flops / dt / self.peak, mem_mib=mem, s=dt, note=note)
-        self.rows[key] = r
+        self.rows[key] = r                                         # mfu is recomputed by `finish` with the final peak
         print(f"{name:52s} {r['samples_per_s']:9.1f} samples/s {r['gflops']:8.1f} GFLOP/s  MFU {r['mfu']:6.1%}  {mem:7.0f} MiB  {note}", flush=True)
         return r
 
@@ -134,10 +134,15 @@ class Bench:
         vit = timm.models.vision_transformer.VisionTransformer(
             img_size=c.image_size, patch_size=c.vision_patch_size, embed_dim=c.vision_embed_dim, depth=c.vision_depth,
             num_heads=c.vision_num_heads, mlp_ratio=8 / 3, num_classes=0).to(dev)
+        eva = timm.models.eva.Eva(                                # the same block as ours: RMSNorm, SwiGLU 8/3, 2-D RoPE
+            img_size=c.image_size, patch_size=c.vision_patch_size, embed_dim=c.vision_embed_dim, depth=c.vision_depth,
+            num_heads=c.vision_num_heads, mlp_ratio=c.vision_mlp_ratio * 2 / 3, swiglu_mlp=True, use_abs_pos_emb=False,
+            use_rot_pos_emb=True, norm_layer=timm.layers.RmsNorm, num_classes=0).to(dev)
         L = data['tokens'].shape[1]
         txt = open_clip.transformer.TextTransformer(context_length=L, vocab_size=49408, width=c.text_embed_dim, heads=c.text_num_heads,
                                                     layers=c.text_depth, output_dim=c.text_embed_dim).to(dev)
-        cases = [(f'peer/{preset}/timm', f'timm ViT trunk fwd+bwd ({c.vision_embed_dim}/{c.vision_depth})', lambda: vit(data['image']).float().sum()),
+        cases = [(f'peer/{preset}/timm', f'timm ViT (GELU MLP 8/3) trunk fwd+bwd ({c.vision_embed_dim}/{c.vision_depth})', lambda: vit(data['image']).float().sum()),
+                 (f'peer/{preset}/eva', f'timm EVA (SwiGLU, RoPE) trunk fwd+bwd ({c.vision_embed_dim}/{c.vision_depth})', lambda: eva(data['image']).float().sum()),
                  (f'peer/{preset}/trunk', f'our trunk fwd+bwd ({c.vision_embed_dim}/{c.vision_depth})', lambda: ours.forward_features(data['image'])[0].float().sum()),
                  (f'peer/{preset}/open_clip', f'open_clip text fwd+bwd ({c.text_embed_dim}/{c.text_depth})', lambda: txt(data['tokens']).float().sum()),
                  (f'peer/{preset}/text', f'our text tower fwd+bwd ({c.text_embed_dim}/{c.text_depth})',
@@ -158,7 +163,7 @@ class Bench:
         reset_peak_memory(self.device)
         torch.manual_seed(0)
         tr = DiTTrainer(args, cfg).to(self.device)
-        opt = torch.optim.AdamW(tr.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(tr.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)
         C, H, dev = args['in_channels'], args['input_size'], self.device
         data = dict(x1=torch.randn(batch, C, H, H, device=dev), y=torch.randint(0, args['num_classes'], (batch,), device=dev),
                     t=torch.rand(batch, device=dev), x0=torch.randn(batch, C, H, H, device=dev), drop=torch.zeros(batch, dtype=torch.long, device=dev))
@@ -216,6 +221,14 @@ class Bench:
         return r
 
 
+def finish_peak(b: Bench, dtype, label: str) -> str:
+    "Measure the peak again after the rows and use the larger of the two (a busy machine drifts); rows' MFU updated."
+    again = matmul_peak(b.device, dtype)
+    b.peak = max(b.peak, again)
+    for r in b.rows.values(): r['mfu'] = r['gflops'] * 1e9 / b.peak
+    return f"{label} matmul peak measured before and after the rows: {b.peak0 / 1e9:.1f} and {again / 1e9:.1f} GFLOP/s, MFU against the larger"
+
+
 def machine(device) -> str:
     "One line describing the machine."
     cpu = platform.processor() or platform.machine()
@@ -234,7 +247,8 @@ def targets_table(b: Bench, a) -> list:
     if (r := R.get(f'tok/{tok}/CLIP+SSL+AE')): row(f'tokenizer step (CLIP+SSL+AE) MFU at `{tok}`', f"≥ {TARGETS['tokenizer_mfu']:.0%}", f"{r['mfu']:.1%}", r['mfu'] >= TARGETS['tokenizer_mfu'])
     if (r := R.get(f'tok/{tok}/AE')): row(f'AE step MFU at `{tok}`', f"≥ {TARGETS['tokenizer_mfu']:.0%}", f"{r['mfu']:.1%}", r['mfu'] >= TARGETS['tokenizer_mfu'])
     for p in a.tok_presets.split(','):
-        for ours, peer, what in (('trunk', 'timm', 'ViT trunk vs timm'), ('text', 'open_clip', 'text tower vs open_clip')):
+        for ours, peer, what in (('trunk', 'eva', 'ViT trunk vs timm EVA (same block)'), ('trunk', 'timm', 'ViT trunk vs timm ViT (GELU MLP: 2/3 of our MLP FLOPs)'),
+                                 ('text', 'open_clip', 'text tower vs open_clip')):
             if (o := R.get(f'peer/{p}/{ours}')) and (q := R.get(f'peer/{p}/{peer}')):
                 ratio = o['samples_per_s'] / q['samples_per_s']
                 row(f'{what} at `{p}` (samples/s ratio)', 'no slower (≥ 1.00)', f'{ratio:.2f}', ratio >= 1.0)
@@ -262,6 +276,7 @@ def parse_args(argv=None):
     p.add_argument('--no-peers', action='store_true'); p.add_argument('--no-sampling', action='store_true')
     p.add_argument('--quick', action='store_true', help='tiny sizes and 1 iteration: checks that every row runs (seconds)')
     p.add_argument('--out', default='figures/benchmarks.md', help="markdown report ('' = none)")
+    p.add_argument('--note', default='', help='a sentence written under the title of the report (e.g. about the machine load)')
     a = p.parse_args(argv)
     if a.device == 'cuda' and not torch.cuda.is_available():
         p.error(f"--device cuda: torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False). "
@@ -289,7 +304,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False
         peak = matmul_peak(dev, torch.bfloat16)
         peaks += f", bf16 matmul peak **{peak / 1e12:.1f} TFLOP/s** (the MFU denominator: steps run under bf16 autocast)"
-    b = Bench(dev, peak, a.iters, a.compile)
+    b = Bench(dev, peak, a.iters, a.compile); b.peak0 = peak
     for preset in a.tok_presets.split(','):
         for losses in ('CLIP+SSL+AE', 'AE'):
             tr, data = b.tokenizer_step(preset, losses, a.batch, a.scale)
@@ -298,12 +313,13 @@ def main(argv=None):
     for preset in a.dit_presets.split(','):
         b.dit_step(preset, a.dit_batch)
         if not a.no_sampling: b.sampling(preset, a.sample_tok, a.sample_n, a.sample_steps, a.sample_batch)
+    drift = finish_peak(b, torch.bfloat16 if dev.type == 'cuda' else torch.float32, 'bf16' if dev.type == 'cuda' else 'fp32')
     load1, wall = os.getloadavg(), time.time() - t_start
     print(f'done in {wall:.0f} s; load average {load0[0]:.2f} -> {load1[0]:.2f}', flush=True)
     if not a.out: return b
-    lines = [f"# Benchmarks ({a.device})", '',
+    lines = [f"# Benchmarks ({a.device})", '', *([f'> {a.note}', ''] if a.note else []),
              f"Command: `{cmd}` ({wall:.0f} s)  ",
-             f"Machine: {machine(dev)}; {peaks}.  ",
+             f"Machine: {machine(dev)}; {peaks}; {drift}.  ",
              f"1-minute load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end (on {os.cpu_count()} logical CPUs).", '',
              'MFU = FLOPs counted by `torch.utils.flop_counter` / time / the measured matmul peak. Memory: peak RSS of the process '
              'during the row on CPU, peak allocated on CUDA. Sampling rows: samples/s counts latents (or images) per second of that stage.', '',

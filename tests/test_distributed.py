@@ -139,3 +139,27 @@ def test_benchmark_quick_run_writes_report(tmp_path):
     text = out.read_text()
     for s in ('fp32 matmul peak', 'VTP-tiny CLIP+SSL+AE step', 'VTP-tiny AE step', 'LightningDiT-tiny train step', 'Euler steps', '## vs targets'):
         assert s in text, s
+
+
+# ---- FSDP (FSDP2 over gloo): LightningDiT sharded over 2 ranks == 1 process; its checkpoints resume anywhere --------
+def _dit_worker(rank, world, port, cfg, lat, runs, max_steps, fsdp):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    train_dit(cfg, lat, runs, device='cpu', max_steps=max_steps, progress=False, fsdp=fsdp)
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp_dit_two_ranks_match_one_and_resume(tiny_latents, tmp_path):
+    _, lat = tiny_latents
+    cfg = DiTTrainConfig(steps=4, batch=8, lr=1e-3, ema_decay=0.9, log_every=1, ckpt_every=2)
+    one = train_dit(cfg, lat, tmp_path/'one', device='cpu', progress=False)
+    mp.start_processes(_dit_worker, args=(2, _free_port(), cfg, lat, tmp_path/'fsdp', 2, True), nprocs=2, join=True, start_method='spawn')
+    run = train_dit(cfg, lat, tmp_path/'fsdp', device='cpu', max_steps=3, progress=False)                # FSDP checkpoint -> 1 process
+    mp.start_processes(_dit_worker, args=(2, _free_port(), cfg, lat, tmp_path/'fsdp', None, True), nprocs=2, join=True, start_method='spawn')
+    assert json.loads((run/'done.json').read_text())['world_size'] == 2                                      # 1 process -> FSDP
+    ref, got = _rows(one), _rows(run)
+    assert [r['step'] for r in got] == [r['step'] for r in ref] == [1, 2, 3, 4]
+    for r, g in zip(ref, got):
+        for k in ('loss', 'mse', 'cos', 'grad_norm'): assert g[k] == pytest.approx(r[k], rel=1e-4), (r['step'], k)
+    from safetensors.torch import load_file
+    a, b = load_file(one/'final'/'model.safetensors'), load_file(run/'final'/'model.safetensors')
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

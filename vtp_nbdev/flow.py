@@ -25,7 +25,8 @@ from .dit import LightningDiT, DIT_PRESETS, dit_config, load_lightningdit, save_
 # %% auto #0
 __all__ = ['SAMPLERS', 'linear_path', 'logit_normal_t', 'velocity_losses', 'shift_time', 'time_grid', 'guided_velocity',
            'ode_sample', 'balanced_labels', 'sample_noise', 'sample_latents', 'DiTTrainConfig', 'DiTTrainer',
-           'step_draws', 'dit_accumulate', 'count_dit_step_flops', 'dit_run_dir', 'train_dit', 'sample_images', 'main']
+           'step_draws', 'dit_accumulate', 'count_dit_step_flops', 'dit_run_dir', 'train_dit', 'shard_dit',
+           'sample_images', 'main']
 
 # %% ../nbs/11_flow.ipynb #ba2e7682
 def linear_path(t: Tensor, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
@@ -226,7 +227,7 @@ def _model_args(cfg: DiTTrainConfig, ds: LatentDataset) -> dict:
     return dit_config(cfg.preset, **{**cfg.model, **data})
 
 def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=None, max_steps: int | None = None,
-              progress: bool = True) -> Path:
+              progress: bool = True, fsdp: bool = False) -> Path:
     "Train (or resume) the LightningDiT run of `cfg` on a latents run; returns `runs/dit/<hash>/` (final/ = EMA model)."
     cfg = DiTTrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     device = get_device(device)
@@ -244,12 +245,13 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
     if world > 1: dist.barrier()                                           # rank 0 has written config.json
     seed_everything(cfg.seed)
     trainer = DiTTrainer(model_args, cfg).to(device)
-    opt = torch.optim.AdamW(trainer.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(trainer.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)
     step, rows = 0, []
     if (last := latest_checkpoint(run/'checkpoints')) is not None:
         step = restore_checkpoint(trainer, opt, last, h)
         rows = _resume_rows(run, step, rank)
-    net = nn.parallel.DistributedDataParallel(trainer.model, broadcast_buffers=False) if world > 1 else trainer.model
+    fsdp = fsdp and world > 1
+    net = nn.parallel.DistributedDataParallel(trainer.model, broadcast_buffers=False) if world > 1 and not fsdp else trainer.model
     p_drop = trainer.model.y_embedder.dropout_prob
 
     def load(s):
@@ -258,10 +260,11 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
         return dict(x1=x1.to(device), y=y.to(device), t=d['t'], x0=d['noise'], drop=d['drop'])
 
     flops = rows[-1]['flops_per_step'] if rows else count_dit_step_flops(trainer, load(0)) * world
+    if fsdp: opt = shard_dit(trainer, opt)                                # after the FLOP count (on the whole model)
     keep = set(log_spaced_steps(cfg.steps, cfg.ckpt_log_points))
     end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     amp = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc=f'LightningDiT {cfg.preset}')
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc=f'LightningDiT {cfg.preset}' + (' FSDP' if fsdp else ''))
     trainer.model.train()
     t0, t_log, s_log = time.time(), time.time(), step
     while step < end:
@@ -281,26 +284,63 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
             vals = torch.stack([loss.detach().float(), terms['mse'], terms['cos']])
             if world > 1: dist.all_reduce(vals); vals /= world
             now = time.time()
-            row = dict(step=step, loss=vals[0].item(), mse=vals[1].item(), cos=vals[2].item(), grad_norm=gnorm.item(), lr=cfg.lr,
+            row = dict(step=step, loss=vals[0].item(), mse=vals[1].item(), cos=vals[2].item(), grad_norm=_full(gnorm).item(), lr=cfg.lr,
                        samples_seen=step * cfg.batch, flops=step * flops, flops_per_step=flops,
                        samples_per_s=(step - s_log) * cfg.batch / max(now - t_log, 1e-9), time_s=now - t0)
             t_log, s_log = now, step
             rows.append(row); bar.set_postfix(loss=f"{row['loss']:.4f}")
             if rank == 0:
                 with open(run/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
-        if rank == 0 and (step % cfg.ckpt_every == 0 or step in keep or step == end):
-            _save_rolling(run, trainer, opt, step, h, keep)
+        if step % cfg.ckpt_every == 0 or step in keep or step == end:
+            if fsdp: state = _gathered(trainer, opt)                         # every rank takes part in the gather
+            if rank == 0: _save_rolling(run, *(state if fsdp else (trainer, opt)), step, h, keep)
     bar.close()
+    if fsdp and step >= cfg.steps: final = {n: _gathered(getattr(trainer, n))[0].state_dict() for n in ('ema', 'model')}
     if rank == 0:
         _rewrite_jsonl(run/'metrics.jsonl', rows)
         if step >= cfg.steps:
-            fin = save_lightningdit(trainer.ema, run/'final', cfg.transport())
-            atomic_save(trainer.model.state_dict(), fin/'online.safetensors')
+            ema = trainer.ema
+            if fsdp: ema = LightningDiT(**model_args); ema.load_state_dict(final['ema'])
+            fin = save_lightningdit(ema, run/'final', cfg.transport())
+            atomic_save(final['model'] if fsdp else trainer.model.state_dict(), fin/'online.safetensors')
             shutil.copyfile(latents_dir/'latents_stats.safetensors', fin/'latents_stats.safetensors')
             (run/'done.json').write_text(json.dumps(dict(steps=step, flops=step * flops, config_hash=h, world_size=world,
                                                          latents_dir=str(latents_dir.resolve()), classes=ds.meta.get('classes'))))
     if world > 1: dist.barrier()
     return run
+
+# %% ../nbs/11_flow.ipynb #73c85bc1
+def _full(x):
+    "A DTensor (FSDP shard) gathered to the whole tensor; anything else unchanged (collective: call on every rank)."
+    from torch.distributed.tensor import DTensor
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+def _gathered(module: nn.Module, opt=None) -> tuple:
+    "Stand-ins with `state_dict()` of whole tensors for a (possibly sharded) module and optimiser (collective)."
+    sd = {k: _full(v) for k, v in module.state_dict().items()}
+    out = [types.SimpleNamespace(state_dict=lambda: sd)]
+    if opt is not None:
+        osd = opt.state_dict()
+        osd = dict(state={i: {k: _full(v) for k, v in st.items()} for i, st in osd['state'].items()}, param_groups=osd['param_groups'])
+        out.append(types.SimpleNamespace(state_dict=lambda: osd))
+    return tuple(out)
+
+def shard_dit(trainer: DiTTrainer, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    "Shard the online and EMA models with FSDP2 (per block, then the rest) in place; returns `opt` rebuilt on the shards."
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+    old = list(trainer.model.parameters())
+    for m in (trainer.model, trainer.ema):
+        for b in m.blocks: fully_shard(b)
+        fully_shard(m)
+    new = list(trainer.model.parameters())
+    g = opt.param_groups[0]
+    keys = ('lr', 'betas', 'eps', 'weight_decay', 'amsgrad', 'maximize', 'foreach', 'capturable', 'differentiable', 'fused')
+    sharded = torch.optim.AdamW(new, **{k: g[k] for k in keys if k in g})
+    for p_old, p in zip(old, new):                                        # restored moments -> this rank's shards
+        if st := opt.state.get(p_old):
+            sharded.state[p] = {k: distribute_tensor(v, p.device_mesh, p.placements) if k != 'step' else v for k, v in st.items()}
+    return sharded
 
 # %% ../nbs/11_flow.ipynb #615c1382
 @torch.no_grad()
@@ -329,11 +369,12 @@ def main(argv=None):
     p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='DiTTrainConfig field overrides')
     p.add_argument('--runs-dir'); p.add_argument('--device'); p.add_argument('--max-steps', type=int)
     p.add_argument('--no-progress', action='store_true')
+    p.add_argument('--fsdp', action='store_true', help='under torchrun: shard the model and its EMA (FSDP2) instead of DDP')
     a = p.parse_args(argv)
     d = json.loads(Path(a.config).read_text()) if a.config else {}
     try: cfg = DiTTrainConfig.from_dict({**d, **parse_overrides(a.set)})
     except (ValueError, TypeError) as e: p.error(str(e))
-    run = train_dit(cfg, a.latents_dir, a.runs_dir, a.device, a.max_steps, progress=not a.no_progress)
+    run = train_dit(cfg, a.latents_dir, a.runs_dir, a.device, a.max_steps, progress=not a.no_progress, fsdp=a.fsdp)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0: print(run)
     return run
 

@@ -359,7 +359,7 @@ def make_optimizer(trainer: nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW
     for n, p in trainer.named_parameters():
         if p.requires_grad: (decay if p.ndim >= 2 and 'token' not in n else no_decay).append(p)
     return torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.)],
-                             lr=cfg.lr, betas=cfg.betas)
+                             lr=cfg.lr, betas=cfg.betas, foreach=True)   # multi-tensor: same bits, ~1.5x faster on CPU
 
 # %% ../nbs/05_pretrain.ipynb #e493b519
 def run_dir_for(cfg: PretrainConfig, runs_dir=None) -> Path:

@@ -247,11 +247,13 @@ def targets_table(b: Bench, a) -> list:
     if (r := R.get(f'tok/{tok}/CLIP+SSL+AE')): row(f'tokenizer step (CLIP+SSL+AE) MFU at `{tok}`', f"≥ {TARGETS['tokenizer_mfu']:.0%}", f"{r['mfu']:.1%}", r['mfu'] >= TARGETS['tokenizer_mfu'])
     if (r := R.get(f'tok/{tok}/AE')): row(f'AE step MFU at `{tok}`', f"≥ {TARGETS['tokenizer_mfu']:.0%}", f"{r['mfu']:.1%}", r['mfu'] >= TARGETS['tokenizer_mfu'])
     for p in a.tok_presets.split(','):
-        for ours, peer, what in (('trunk', 'eva', 'ViT trunk vs timm EVA (same block)'), ('trunk', 'timm', 'ViT trunk vs timm ViT (GELU MLP: 2/3 of our MLP FLOPs)'),
-                                 ('text', 'open_clip', 'text tower vs open_clip')):
+        for ours, peer, what in (('trunk', 'eva', 'ViT trunk vs timm EVA (same block: RMSNorm, SwiGLU, RoPE)'),
+                                 ('text', 'open_clip', 'text tower vs open_clip'),
+                                 ('trunk', 'timm', 'ViT trunk vs timm ViT with a GELU MLP (2/3 of our MLP FLOPs: for information)')):
             if (o := R.get(f'peer/{p}/{ours}')) and (q := R.get(f'peer/{p}/{peer}')):
                 ratio = o['samples_per_s'] / q['samples_per_s']
-                row(f'{what} at `{p}` (samples/s ratio)', 'no slower (≥ 1.00)', f'{ratio:.2f}', ratio >= 1.0)
+                if peer == 'timm': out.append(f"| {what} at `{p}` (samples/s ratio) | — | {ratio:.2f} | — |")
+                else: row(f'{what} at `{p}` (samples/s ratio)', 'no slower (≥ 1.00)', f'{ratio:.2f}', ratio >= 1.0)
     for p in a.dit_presets.split(','):
         if (r := R.get(f'dit/{p}')): row(f'DiT-{p} training step MFU', f"≥ {TARGETS['dit_mfu']:.0%}", f"{r['mfu']:.1%}", r['mfu'] >= TARGETS['dit_mfu'])
         if (r := R.get(f'sample/{p}/total')):
@@ -293,7 +295,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
-    cmd = 'python benchmarks/bench.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if '--note' in args: i = args.index('--note'); args[i:i + 2] = ['--note', '"..."']      # the note is printed above
+    cmd = ' '.join(['python benchmarks/bench.py', *args])
     if a.threads: torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     load0 = os.getloadavg(); t_start = time.time()

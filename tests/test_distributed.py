@@ -163,3 +163,21 @@ def test_fsdp_dit_two_ranks_match_one_and_resume(tiny_latents, tmp_path):
     from safetensors.torch import load_file
     a, b = load_file(one/'final'/'model.safetensors'), load_file(run/'final'/'model.safetensors')
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+# ---- the deferred NaN check (CUDA's path: no host sync per step), exercised on CPU ---------------------------------
+def test_deferred_nan_check_stops_before_the_next_checkpoint(tmp_path, monkeypatch):
+    import vtp_nbdev.pretrain as P
+    cfg = small_cfg(steps=6, ckpt_every=2, log_every=2, losses='AE', batch_rec=8)
+    run = pretrain(cfg, runs_dir=tmp_path, device='cpu', max_steps=2, progress=False)
+    orig = VTPPretrainer.forward
+    def poisoned(self, batch, step, micro=None):
+        loss, terms = orig(self, batch, step, micro)
+        return loss * float('nan') if step == 2 else loss, terms
+    monkeypatch.setattr(VTPPretrainer, 'forward', poisoned)
+    monkeypatch.setattr(P, '_defer_finite_check', lambda device: True)
+    with pytest.raises(FloatingPointError, match='non-finite loss at step 2 \\(checked at step 4'):
+        pretrain(cfg, runs_dir=tmp_path, device='cpu', progress=False)
+    from vtp_nbdev.pretrain import read_checkpoint
+    tensors, meta = read_checkpoint(next((run/'checkpoints').glob('last-*')))
+    assert meta['step'] == '2' and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())

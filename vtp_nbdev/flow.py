@@ -18,7 +18,8 @@ from .config import PlainConfig, neutral_field, get_settings, get_device, config
 from .data import to_uint8
 from .tokenizer import VTPModel, flop_counter_mode
 from .pretrain import (atomic_save, batch_indices, restore_checkpoint, latest_checkpoint, log_spaced_steps,
-                                parse_overrides, _init_distributed, _prepare_run_dir, _resume_rows, _rewrite_jsonl, _save_rolling)
+                                parse_overrides, _init_distributed, _prepare_run_dir, _resume_rows, _rewrite_jsonl, _save_rolling,
+                                _to_device, _defer_finite_check)
 from .latents import LatentDataset, load_latents_stats, destandardize, tokenizer_folder
 from .dit import LightningDiT, DIT_PRESETS, dit_config, load_lightningdit, save_lightningdit, _check_dit_args
 
@@ -185,7 +186,7 @@ def step_draws(cfg: DiTTrainConfig, step: int, batch: int, shape, p_drop: float,
     gd = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step + 3_333_333)
     noise = torch.randn(batch, *shape, generator=gd, device=device)
     sl = slice(rank, None, world)
-    return dict(flip=flip[sl], t=t[sl].to(device), drop=drop[sl].to(device), noise=noise[sl])
+    return dict(flip=flip[sl], t=_to_device(t[sl], device), drop=_to_device(drop[sl], device), noise=noise[sl])
 
 def dit_accumulate(trainer: DiTTrainer, net: nn.Module, batch: dict, k: int, amp=None) -> tuple[Tensor, dict]:
     "Forward + backward of `batch` as `k` micro-batches (rows j::k) into `.grad` (DDP syncs on the last); (loss, terms)."
@@ -257,7 +258,7 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
     def load(s):
         d = step_draws(cfg, s, cfg.batch, ds.shape, p_drop, rank, world, device)
         x1, y = ds.get_batch(batch_indices(s, cfg.batch, len(ds), cfg.seed, rank, world), d['flip'])
-        return dict(x1=x1.to(device), y=y.to(device), t=d['t'], x0=d['noise'], drop=d['drop'])
+        return dict(x1=_to_device(x1, device), y=_to_device(y, device), t=d['t'], x0=d['noise'], drop=d['drop'])
 
     flops = rows[-1]['flops_per_step'] if rows else count_dit_step_flops(trainer, load(0)) * world
     if fsdp: opt = shard_dit(trainer, opt)                                # after the FLOP count (on the whole model)
@@ -266,6 +267,7 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
     amp = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc=f'LightningDiT {cfg.preset}' + (' FSDP' if fsdp else ''))
     trainer.model.train()
+    defer, bad = _defer_finite_check(device), torch.full((), -1, dtype=torch.long, device=device)   # first non-finite step
     t0, t_log, s_log = time.time(), time.time(), step
     while step < end:
         batch = load(step)
@@ -273,13 +275,17 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
         if cfg.grad_accum > 1: loss, terms = dit_accumulate(trainer, net, batch, cfg.grad_accum, amp)   # backward done
         else:
             with amp: loss, terms = trainer.loss(net, **batch)
-        if not torch.isfinite(loss):
+        if defer: bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step, bad)    # no host sync
+        elif not torch.isfinite(loss):
             raise FloatingPointError(f"train_dit: non-finite loss {loss.item()} at step {step}; the last good checkpoint in {run/'checkpoints'} is kept")
         if cfg.grad_accum == 1: loss.backward()
         gnorm = nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float('inf'))
         opt.step()
         trainer.update_ema(min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay)
         step += 1; bar.update(1)
+        if defer and (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step in keep or step == end) and (b := int(bad)) >= 0:
+            raise FloatingPointError(f"train_dit: non-finite loss at step {b} (checked at step {step}: on CUDA the loss is checked at log "
+                                     f"and checkpoint steps); the last good checkpoint in {run/'checkpoints'} is kept")
         if step % cfg.log_every == 0 or step == end:
             vals = torch.stack([loss.detach().float(), terms['mse'], terms['cos']])
             if world > 1: dist.all_reduce(vals); vals /= world

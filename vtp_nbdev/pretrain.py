@@ -411,6 +411,7 @@ def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: 
     end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     amp = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc=f'pretrain {cfg.losses} {cfg.preset}')
+    defer, bad = _defer_finite_check(device), torch.full((), -1, dtype=torch.long, device=device)   # first non-finite step
     t0 = time.time()
     while step < end:
         sch = step_schedules(cfg, step)
@@ -420,7 +421,8 @@ def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: 
         if cfg.grad_accum > 1: loss, terms = accumulate_grads(trainer, batch, step, cfg.grad_accum, ddp, amp)   # backward done
         else:
             with amp: loss, terms = ddp(batch, step)
-        if not torch.isfinite(loss):
+        if defer: bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step, bad)    # no host sync
+        elif not torch.isfinite(loss):
             raise FloatingPointError(f"pretrain: non-finite loss {loss.item()} at step {step} (terms "
                                      f"{ {k: v.item() for k, v in terms.items()} }); the last good checkpoint in {run/'checkpoints'} is kept")
         if cfg.grad_accum == 1: loss.backward()
@@ -428,6 +430,9 @@ def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: 
         opt.step()
         trainer.net.update_teacher(sch['momentum'])
         step += 1; bar.update(1)
+        if defer and (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step in keep or step == end) and (b := int(bad)) >= 0:
+            raise FloatingPointError(f"pretrain: non-finite loss at step {b} (checked at step {step}: on CUDA the loss is checked at log "
+                                     f"and checkpoint steps); the last good checkpoint in {run/'checkpoints'} is kept")
         if step % cfg.log_every == 0 or step == end:
             vals = torch.stack([loss.detach().float(), *terms.values()])                 # logged values: mean over ranks
             if world > 1: dist.all_reduce(vals); vals /= world
@@ -483,9 +488,18 @@ def _rewrite_jsonl(path: Path, rows: list):
     tmp = path.with_suffix('.tmp'); tmp.write_text(''.join(json.dumps(r) + '\n' for r in rows)); os.replace(tmp, path)
 
 def _load_batch(ds, idx: list, num_workers: int, device) -> dict:
-    "Collate the samples `idx` of `ds` and move the tensors to `device`."
+    "Collate the samples `idx` of `ds` and move the tensors to `device` (CUDA: from pinned memory, without a host sync)."
     b = torch.utils.data.default_collate([ds[i] for i in idx])
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+    return {k: _to_device(v, device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+def _to_device(x: torch.Tensor, device) -> torch.Tensor:
+    "`x` on `device`; a CPU -> CUDA copy goes through pinned memory asynchronously (a pageable copy waits for the GPU)."
+    if torch.device(device).type == 'cuda' and x.device.type == 'cpu': return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+def _defer_finite_check(device) -> bool:
+    "Whether the loop checks the loss for NaN/inf only at log and checkpoint steps (CUDA: no host sync per step)."
+    return torch.device(device).type == 'cuda'
 
 def _save_rolling(run, trainer, opt, step, h, keep):
     "Write `last-<step>` (rolling: older ones removed once it exists) and keep the log-spaced `step-<step>` ones."

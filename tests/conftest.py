@@ -26,3 +26,13 @@ def tiny_latents(tmp_path_factory):
     VTPModel(vtp_config('tiny', train_clip=False)).save_pretrained(d/'tok')
     return d/'tok', extract_latents(d/'tok', 'shapes', n=48, dataset_kwargs={'size': 48}, runs_dir=d/'runs', shard_size=20,
                                     stats_samples=48, progress=False)
+
+
+@pytest.fixture
+def spawn_ranks():
+    "Run `fn(rank, world, port, *args)` in `world` spawned processes (gloo rendezvous on a free local port)."
+    import socket, torch.multiprocessing as mp
+    def run(fn, *args, world=2):
+        with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+        mp.start_processes(fn, args=(world, port, *args), nprocs=world, join=True, start_method='spawn')
+    return run

@@ -1,10 +1,9 @@
 "Scale-out: gradient accumulation == the full batch (tokenizer, DiT; 2 gloo ranks too), hash-neutral new fields, sharded streaming, benchmark CLI."
-import io, json, os, socket, subprocess, sys, tarfile
+import io, json, os, subprocess, sys, tarfile
 from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from PIL import Image
 from vtp_nbdev.config import config_hash
 from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, pretrain, batch_indices, accumulate_grads
@@ -57,10 +56,6 @@ def test_dit_grad_accum_matches_full_batch(tiny_latents, tmp_path):
 
 
 # ---- 2 gloo ranks x 2 micro-batches == 1 process on the whole batch (CLIP features cached across micro-batches) -----
-def _free_port():
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
-
 def _grads(cfg, batch, k=1, world=1):
     torch.manual_seed(0)
     tr = VTPPretrainer(cfg)
@@ -81,13 +76,13 @@ def _worker(rank, world, port, cfg, batch, out):
     torch.distributed.destroy_process_group()
 
 
-def test_two_ranks_with_accumulation_match_one_process(tmp_path):
+def test_two_ranks_with_accumulation_match_one_process(tmp_path, spawn_ranks):
     cfg = small_cfg(batch_clip=8, batch_ssl=4, batch_rec=4)
     ds = ShapesDataset(size=16, context_length=32)
     batch = torch.utils.data.default_collate([ds[i] for i in batch_indices(0, 8, 16)])
     batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
     out = tmp_path/'rank0.pt'
-    mp.start_processes(_worker, args=(2, _free_port(), cfg, batch, out), nprocs=2, join=True, start_method='spawn')
+    spawn_ranks(_worker, cfg, batch, out)
     got = torch.load(out, weights_only=True)
     loss, grads = _grads(cfg, batch)
     assert torch.allclose(got['loss'], loss, atol=1e-5), (got['loss'], loss)
@@ -148,13 +143,13 @@ def _dit_worker(rank, world, port, cfg, lat, runs, max_steps, fsdp):
     torch.distributed.destroy_process_group()
 
 
-def test_fsdp_dit_two_ranks_match_one_and_resume(tiny_latents, tmp_path):
+def test_fsdp_dit_two_ranks_match_one_and_resume(tiny_latents, tmp_path, spawn_ranks):
     _, lat = tiny_latents
     cfg = DiTTrainConfig(steps=4, batch=8, lr=1e-3, ema_decay=0.9, log_every=1, ckpt_every=2)
     one = train_dit(cfg, lat, tmp_path/'one', device='cpu', progress=False)
-    mp.start_processes(_dit_worker, args=(2, _free_port(), cfg, lat, tmp_path/'fsdp', 2, True), nprocs=2, join=True, start_method='spawn')
+    spawn_ranks(_dit_worker, cfg, lat, tmp_path/'fsdp', 2, True)
     run = train_dit(cfg, lat, tmp_path/'fsdp', device='cpu', max_steps=3, progress=False)                # FSDP checkpoint -> 1 process
-    mp.start_processes(_dit_worker, args=(2, _free_port(), cfg, lat, tmp_path/'fsdp', None, True), nprocs=2, join=True, start_method='spawn')
+    spawn_ranks(_dit_worker, cfg, lat, tmp_path/'fsdp', None, True)
     assert json.loads((run/'done.json').read_text())['world_size'] == 2                                      # 1 process -> FSDP
     ref, got = _rows(one), _rows(run)
     assert [r['step'] for r in got] == [r['step'] for r in ref] == [1, 2, 3, 4]

@@ -1,9 +1,8 @@
 "DiT training: exact resume, DDP (2 gloo processes) == 1 process, CLI, NaN stop, config errors, sampling."
-import json, os, socket, subprocess, sys
+import json, os, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from vtp_nbdev.tokenizer import VTPModel, vtp_config
 from vtp_nbdev.latents import LatentDataset
@@ -123,10 +122,6 @@ def test_cli(latents, tmp_path):
 
 
 # ---- DDP: 2 gloo processes (global batch split) == 1 process ------------------------------------------------------
-def _free_port():
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
-
 def _worker(rank, world, port, cfg, lat, runs):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -134,10 +129,10 @@ def _worker(rank, world, port, cfg, lat, runs):
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one(latents, tmp_path):
+def test_ddp_two_processes_match_one(latents, tmp_path, spawn_ranks):
     _, lat = latents
     cfg = small_cfg(steps=3, lr=1e-4, ckpt_every=3)
-    mp.start_processes(_worker, args=(2, _free_port(), cfg, lat, tmp_path/'ddp'), nprocs=2, join=True, start_method='spawn')
+    spawn_ranks(_worker, cfg, lat, tmp_path/'ddp')
     one = train_dit(cfg, lat, tmp_path/'one', 'cpu', progress=False)
     ddp = tmp_path/'ddp'/'dit'/one.name
     assert json.loads((ddp/'done.json').read_text())['world_size'] == 2

@@ -1,9 +1,8 @@
 "Pre-training loop: exact resume, DDP equivalence (2 gloo processes), CLI, NaN stop, run-directory safety."
-import json, os, socket, subprocess, sys
+import json, os, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, pretrain, batch_indices, CheckpointError, read_checkpoint
 from vtp_nbdev.data import ShapesDataset
@@ -97,10 +96,6 @@ def test_cli(tmp_path):
 
 
 # ---- DDP: 2 gloo processes == 1 process on the concatenated batch --------------------------------------------------
-def _free_port():
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
-
 def _step_grads(cfg, batch, world=1, rank=0):
     torch.manual_seed(0)
     tr = VTPPretrainer(cfg)
@@ -123,13 +118,13 @@ def _worker(rank, world, port, cfg, batch, out):
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one(tmp_path):
+def test_ddp_two_processes_match_one(tmp_path, spawn_ranks):
     cfg = small_cfg(batch_clip=8, batch_ssl=4, batch_rec=4)
     ds = ShapesDataset(size=16, context_length=32)
     batch = torch.utils.data.default_collate([ds[i] for i in batch_indices(0, 8, 16)])
     batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
     out = tmp_path/'rank0.pt'
-    mp.start_processes(_worker, args=(2, _free_port(), cfg, batch, out), nprocs=2, join=True, start_method='spawn')
+    spawn_ranks(_worker, cfg, batch, out)
     ddp = torch.load(out, weights_only=True)
     loss, grads, centres = _step_grads(cfg, batch)
     assert torch.allclose(ddp['loss'], loss, atol=1e-5), (ddp['loss'], loss)
@@ -145,14 +140,14 @@ def _pretrain_worker(rank, world, port, cfg, runs, max_steps):
     torch.distributed.destroy_process_group()
 
 
-def test_checkpoint_from_two_ranks_resumes_on_one_and_back(tmp_path):
+def test_checkpoint_from_two_ranks_resumes_on_one_and_back(tmp_path, spawn_ranks):
     cfg = small_cfg(steps=6, ckpt_every=2)
     one = pretrain(cfg, runs_dir=tmp_path/'one', device='cpu', progress=False)
-    mp.start_processes(_pretrain_worker, args=(2, _free_port(), cfg, tmp_path/'mixed', 2), nprocs=2, join=True, start_method='spawn')
+    spawn_ranks(_pretrain_worker, cfg, tmp_path/'mixed', 2)
     run = pretrain(cfg, runs_dir=tmp_path/'mixed', device='cpu', max_steps=4, progress=False)   # 2 ranks -> 1
     rows = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]
     assert [r['step'] for r in rows] == [1, 2, 3, 4]
-    mp.start_processes(_pretrain_worker, args=(2, _free_port(), cfg, tmp_path/'mixed', None), nprocs=2, join=True, start_method='spawn')
+    spawn_ranks(_pretrain_worker, cfg, tmp_path/'mixed', None)
     assert (run/'done.json').exists() and json.loads((run/'done.json').read_text())['world_size'] == 2   # 1 -> 2 ranks
     # same math, different reduction order: the loss curves agree (Adam amplifies the last bits of near-zero gradients,
     # e.g. the attention key bias, so individual weights are not compared)

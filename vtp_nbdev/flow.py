@@ -26,7 +26,7 @@ from .dit import LightningDiT, DIT_PRESETS, dit_config, load_lightningdit, save_
 # %% auto #0
 __all__ = ['SAMPLERS', 'linear_path', 'logit_normal_t', 'velocity_losses', 'shift_time', 'time_grid', 'guided_velocity',
            'ode_sample', 'balanced_labels', 'sample_noise', 'sample_latents', 'DiTTrainConfig', 'DiTTrainer',
-           'step_draws', 'dit_accumulate', 'count_dit_step_flops', 'dit_run_dir', 'train_dit', 'shard_dit',
+           'step_draws', 'dit_accumulate', 'count_dit_step_flops', 'DiTRecipe', 'dit_run_dir', 'train_dit', 'shard_dit',
            'sample_images', 'main']
 
 # %% ../nbs/11_flow.ipynb #ba2e7682
@@ -136,6 +136,7 @@ class DiTTrainConfig(PlainConfig):
     ckpt_every: int = 500
     ckpt_log_points: int = 0             # extra checkpoints at log-spaced steps
     grad_accum: int = neutral_field(1)   # micro-batches per step (same global batch; not hashed while 1)
+    compile: bool = neutral_field(False) # torch.compile the training forward (execution only: not hashed while off)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -208,10 +209,6 @@ def count_dit_step_flops(trainer: DiTTrainer, batch: dict) -> int:
     return int(fc.get_total_flops())
 
 # %% ../nbs/11_flow.ipynb #091dab51
-def dit_run_dir(cfg: DiTTrainConfig, latents_dir, runs_dir=None) -> Path:
-    "`<runs_dir>/dit/<hash of (config, latents run)>`."
-    return Path(runs_dir or get_settings()['runs_dir'])/'dit'/config_hash(_run_key(cfg, latents_dir))
-
 def _run_key(cfg: DiTTrainConfig, latents_dir) -> dict:
     p = Path(latents_dir)
     lat = json.loads((p/'config.json').read_text()) if (p/'config.json').exists() else str(p.resolve())
@@ -227,9 +224,29 @@ def _model_args(cfg: DiTTrainConfig, ds: LatentDataset) -> dict:
             raise ValueError(f"DiTTrainConfig.model[{k!r}]={cfg.model[k]} but the latents in {ds.run} have {k}={v}")
     return dit_config(cfg.preset, **{**cfg.model, **data})
 
+class DiTRecipe:
+    "What `train_dit` trains: a class-conditional LightningDiT. Subclass it for another conditioning (`vtp_nbdev.t2i`)."
+    kind, name, label = 'dit', 'train_dit', 'LightningDiT'        # runs/<kind>/<hash>, error prefix, progress label
+
+    def model_args(self, cfg: DiTTrainConfig, ds: LatentDataset) -> dict:
+        ds.check_labels(); return _model_args(cfg, ds)             # bad latents fail before the run is claimed
+    def trainer(self, model_args: dict, cfg: DiTTrainConfig) -> DiTTrainer: return DiTTrainer(model_args, cfg)
+    def build(self, model_args: dict) -> nn.Module: return LightningDiT(**model_args)
+    def p_drop(self, trainer: DiTTrainer, cfg: DiTTrainConfig) -> float: return trainer.model.y_embedder.dropout_prob
+    def batch(self, ds: LatentDataset, idx, flip: Tensor) -> tuple[Tensor, Tensor]: return ds.get_batch(idx, flip)   # (x1, y)
+    def snapshots(self, cfg: DiTTrainConfig) -> set: return set()  # steps whose EMA weights are saved on their own
+    def save(self, model: nn.Module, folder, cfg: DiTTrainConfig) -> Path: return save_lightningdit(model, folder, cfg.transport())
+    def done_info(self, ds: LatentDataset) -> dict: return dict(classes=ds.meta.get('classes'))
+
+def dit_run_dir(cfg: DiTTrainConfig, latents_dir, runs_dir=None, kind: str = 'dit') -> Path:
+    "`<runs_dir>/<kind>/<hash of (config, latents run)>`."
+    return Path(runs_dir or get_settings()['runs_dir'])/kind/config_hash(_run_key(cfg, latents_dir))
+
+# %% ../nbs/11_flow.ipynb #1cca22e6
 def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=None, max_steps: int | None = None,
-              progress: bool = True, fsdp: bool = False) -> Path:
-    "Train (or resume) the LightningDiT run of `cfg` on a latents run; returns `runs/dit/<hash>/` (final/ = EMA model)."
+              progress: bool = True, fsdp: bool = False, recipe: DiTRecipe | None = None) -> Path:
+    "Train (or resume) the LightningDiT run of `cfg` on a latents run; returns `runs/<recipe.kind>/<hash>/` (final/ = EMA model)."
+    recipe = recipe or DiTRecipe()
     cfg = DiTTrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     device = get_device(device)
     rank, world = _init_distributed(device)
@@ -238,14 +255,14 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
     if cfg.batch % (world * cfg.grad_accum):
         raise ValueError(f"global batch {cfg.batch} is not divisible by the world size {world} x grad_accum {cfg.grad_accum}")
     latents_dir = Path(latents_dir)
-    key = _run_key(cfg, latents_dir); h = config_hash(key); run = dit_run_dir(cfg, latents_dir, runs_dir)
+    key = _run_key(cfg, latents_dir); h = config_hash(key); run = dit_run_dir(cfg, latents_dir, runs_dir, recipe.kind)
     if (run/'done.json').exists() and (run/'final'/'model.safetensors').exists(): return run
     ds = LatentDataset(latents_dir, multiplier=cfg.latent_multiplier)
-    ds.check_labels(); model_args = _model_args(cfg, ds)                  # bad latents fail before the run is claimed
+    model_args = recipe.model_args(cfg, ds)                               # bad latents fail before the run is claimed
     if rank == 0: _prepare_run_dir(run, types.SimpleNamespace(to_dict=lambda: key), rank)
     if world > 1: dist.barrier()                                           # rank 0 has written config.json
     seed_everything(cfg.seed)
-    trainer = DiTTrainer(model_args, cfg).to(device)
+    trainer = recipe.trainer(model_args, cfg).to(device)
     opt = torch.optim.AdamW(trainer.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)
     step, rows = 0, []
     if (last := latest_checkpoint(run/'checkpoints')) is not None:
@@ -253,19 +270,20 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
         rows = _resume_rows(run, step, rank)
     fsdp = fsdp and world > 1
     net = nn.parallel.DistributedDataParallel(trainer.model, broadcast_buffers=False) if world > 1 and not fsdp else trainer.model
-    p_drop = trainer.model.y_embedder.dropout_prob
+    p_drop = recipe.p_drop(trainer, cfg)
 
     def load(s):
         d = step_draws(cfg, s, cfg.batch, ds.shape, p_drop, rank, world, device)
-        x1, y = ds.get_batch(batch_indices(s, cfg.batch, len(ds), cfg.seed, rank, world), d['flip'])
+        x1, y = recipe.batch(ds, batch_indices(s, cfg.batch, len(ds), cfg.seed, rank, world), d['flip'])
         return dict(x1=_to_device(x1, device), y=_to_device(y, device), t=d['t'], x0=d['noise'], drop=d['drop'])
 
     flops = rows[-1]['flops_per_step'] if rows else count_dit_step_flops(trainer, load(0)) * world
     if fsdp: opt = shard_dit(trainer, opt)                                # after the FLOP count (on the whole model)
-    keep = set(log_spaced_steps(cfg.steps, cfg.ckpt_log_points))
+    if cfg.compile: net = torch.compile(net)                              # after the FLOP count (eager), like FSDP
+    keep, snaps = set(log_spaced_steps(cfg.steps, cfg.ckpt_log_points)), recipe.snapshots(cfg)
     end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     amp = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc=f'LightningDiT {cfg.preset}' + (' FSDP' if fsdp else ''))
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc=f'{recipe.label} {cfg.preset}' + (' FSDP' if fsdp else ''))
     trainer.model.train()
     defer, bad = _defer_finite_check(device), torch.full((), -1, dtype=torch.long, device=device)   # first non-finite step
     t0, t_log, s_log = time.time(), time.time(), step
@@ -277,14 +295,14 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
             with amp: loss, terms = trainer.loss(net, **batch)
         if defer: bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step, bad)    # no host sync
         elif not torch.isfinite(loss):
-            raise FloatingPointError(f"train_dit: non-finite loss {loss.item()} at step {step}; the last good checkpoint in {run/'checkpoints'} is kept")
+            raise FloatingPointError(f"{recipe.name}: non-finite loss {loss.item()} at step {step}; the last good checkpoint in {run/'checkpoints'} is kept")
         if cfg.grad_accum == 1: loss.backward()
         gnorm = nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float('inf'))
         opt.step()
         trainer.update_ema(min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay)
         step += 1; bar.update(1)
         if defer and (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step in keep or step == end) and (b := int(bad)) >= 0:
-            raise FloatingPointError(f"train_dit: non-finite loss at step {b} (checked at step {step}: on CUDA the loss is checked at log "
+            raise FloatingPointError(f"{recipe.name}: non-finite loss at step {b} (checked at step {step}: on CUDA the loss is checked at log "
                                      f"and checkpoint steps); the last good checkpoint in {run/'checkpoints'} is kept")
         if step % cfg.log_every == 0 or step == end:
             vals = torch.stack([loss.detach().float(), terms['mse'], terms['cos']])
@@ -297,6 +315,9 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
             rows.append(row); bar.set_postfix(loss=f"{row['loss']:.4f}")
             if rank == 0:
                 with open(run/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
+        if step in snaps:
+            sd = _gathered(trainer.ema)[0].state_dict() if fsdp else trainer.ema.state_dict()
+            if rank == 0: atomic_save(sd, run/'snapshots'/f'ema-{step:08d}.safetensors')
         if step % cfg.ckpt_every == 0 or step in keep or step == end:
             if fsdp: state = _gathered(trainer, opt)                         # every rank takes part in the gather
             if rank == 0: _save_rolling(run, *(state if fsdp else (trainer, opt)), step, h, keep)
@@ -306,12 +327,12 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
         _rewrite_jsonl(run/'metrics.jsonl', rows)
         if step >= cfg.steps:
             ema = trainer.ema
-            if fsdp: ema = LightningDiT(**model_args); ema.load_state_dict(final['ema'])
-            fin = save_lightningdit(ema, run/'final', cfg.transport())
+            if fsdp: ema = recipe.build(model_args); ema.load_state_dict(final['ema'])
+            fin = recipe.save(ema, run/'final', cfg)
             atomic_save(final['model'] if fsdp else trainer.model.state_dict(), fin/'online.safetensors')
             shutil.copyfile(latents_dir/'latents_stats.safetensors', fin/'latents_stats.safetensors')
             (run/'done.json').write_text(json.dumps(dict(steps=step, flops=step * flops, config_hash=h, world_size=world,
-                                                         latents_dir=str(latents_dir.resolve()), classes=ds.meta.get('classes'))))
+                                                         latents_dir=str(latents_dir.resolve()), **recipe.done_info(ds))))
     if world > 1: dist.barrier()
     return run
 

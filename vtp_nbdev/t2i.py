@@ -5,7 +5,7 @@ the caption, and prompt-following metrics read by the project's reference networ
 
 # %% ../nbs/15_t2i.ipynb #acfb5b8c
 from __future__ import annotations
-import copy, json, math, re, shutil, time, types
+import copy, json, math, re, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -14,18 +14,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
-from .config import PlainConfig, get_settings, get_device, config_hash, seed_everything
+from .config import PlainConfig, get_device, config_hash
 from .data import (tokenize, get_text_tokenizer, shapes_sample, shapes_attributes, shapes_label, to_uint8,
                             SPLIT_OFFSETS, SHAPE_KINDS, COLOURS, SIZES, COUNTS, POSITIONS)
 from .layers import RMSNorm
 from .tokenizer import VTPModel, check_state_dict
-from .pretrain import (atomic_save, batch_indices, restore_checkpoint, latest_checkpoint, log_spaced_steps,
-                                _prepare_run_dir, _resume_rows, _rewrite_jsonl, _save_rolling)
+from .pretrain import atomic_save, log_spaced_steps
 from .latents import LatentDataset, extract_latents, load_latents_stats, destandardize, tokenizer_folder, tokenizer_hash
 from .dit import LightningDiT, LightningDiTBlock, Attention, SwiGLUFFN, dit_config, DIT_ARGS
-from .flow import (DiTTrainConfig, DiTTrainer, step_draws, count_dit_step_flops, ode_sample, sample_noise,
-                            guided_velocity, _run_key)
+from .flow import (DiTTrainConfig, DiTTrainer, DiTRecipe, dit_run_dir, train_dit, ode_sample, sample_noise,
+                            guided_velocity)
 from .fid import attribute_accuracy, fidelity_metrics, REF_RES, ATTRIBUTE_VALUES
 from .pretrain import pretrain
 from .scaling import scaling_config, point_key, results_dir, run_lock, export_checkpoint, _write_record, _flops_at
@@ -34,7 +32,7 @@ from .scaling import scaling_config, point_key, results_dir, run_lock, export_ch
 __all__ = ['NULL_CAPTION', 'TEXT_ARGS', 'TEXT_DEFAULTS', 'T2I_SCALE_SETTINGS', 'T2I_POINTS', 'flip_caption', 'flip_attributes',
            'latents_captions', 'MaskedAttention', 'TextBlock', 'TextEncoder', 'CrossAttention', 'T2IBlock', 'T2IDiT',
            'T2ITrainConfig', 't2i_model_args', 'T2ITrainer', 'save_t2i', 'load_t2i', 't2i_run_dir',
-           'caption_token_table', 'train_t2i', 'sample_t2i', 'decode_latents', 'eval_prompts', 'T2IConfig',
+           'caption_token_table', 'T2IRecipe', 'train_t2i', 'sample_t2i', 'decode_latents', 'eval_prompts', 'T2IConfig',
            't2i_metrics', 't2i_settings', 't2i_param_count', 't2i_point']
 
 # %% ../nbs/15_t2i.ipynb #0bf73e05
@@ -272,69 +270,36 @@ def load_t2i(folder, weights='model.safetensors', device='cpu') -> tuple[T2IDiT,
 # %% ../nbs/15_t2i.ipynb #28e76375
 def t2i_run_dir(cfg: T2ITrainConfig, latents_dir, runs_dir=None) -> Path:
     "`<runs_dir>/t2i/<hash of (config, latents run)>`."
-    return Path(runs_dir or get_settings()['runs_dir'])/'t2i'/config_hash(_run_key(cfg, latents_dir))
+    return dit_run_dir(cfg, latents_dir, runs_dir, T2IRecipe.kind)
 
 def caption_token_table(latents_dir, context_length: int) -> Tensor:
     "Token ids (2, n, L) of a `shapes` latents run: [0] the captions, [1] those of the flipped latents."
     c = latents_captions(latents_dir)
     return tokenize(c['captions'] + c['flipped'], context_length).view(2, len(c['captions']), context_length)
 
+class T2IRecipe(DiTRecipe):
+    "`train_dit` on captions: a `T2IDiT`, `y` = caption ids of the drawn latents (flip-aware), EMA snapshots for convergence."
+    kind, name, label = 't2i', 'train_t2i', 'T2I DiT'
+
+    def model_args(self, cfg: T2ITrainConfig, ds: LatentDataset) -> dict:
+        args = t2i_model_args(cfg, ds.shape)
+        self.tokens = caption_token_table(ds.run, args['context_length'])   # (2, n, L); raises for non-shapes latents
+        return args
+    def trainer(self, model_args: dict, cfg: T2ITrainConfig) -> T2ITrainer: return T2ITrainer(model_args, cfg)
+    def build(self, model_args: dict) -> T2IDiT: return T2IDiT(**model_args)
+    def p_drop(self, trainer, cfg: T2ITrainConfig) -> float: return cfg.caption_dropout
+    def batch(self, ds: LatentDataset, idx, flip: Tensor) -> tuple[Tensor, Tensor]:
+        x1, _ = ds.get_batch(idx, flip)
+        return x1, self.tokens[(flip & ds.has_flips).long(), torch.as_tensor(idx)]   # (B, L): the flipped latent's caption when flipped
+    def snapshots(self, cfg: T2ITrainConfig) -> set: return set(log_spaced_steps(cfg.steps, cfg.eval_points))
+    def save(self, model: T2IDiT, folder, cfg: T2ITrainConfig) -> Path: return save_t2i(model, folder, cfg.transport())
+    def done_info(self, ds: LatentDataset) -> dict: return {}
+
 def train_t2i(cfg: T2ITrainConfig | dict, latents_dir, runs_dir=None, device=None, max_steps: int | None = None,
-              progress: bool = True) -> Path:
+              progress: bool = True, fsdp: bool = False) -> Path:
     "Train (or resume) the T2I DiT of `cfg` on a `shapes` latents run; returns `runs/t2i/<hash>/` (final/ = EMA)."
     cfg = T2ITrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    device, latents_dir = get_device(device), Path(latents_dir)
-    key = _run_key(cfg, latents_dir); h = config_hash(key); run = t2i_run_dir(cfg, latents_dir, runs_dir)
-    if (run/'done.json').exists() and (run/'final'/'model.safetensors').exists(): return run
-    ds = LatentDataset(latents_dir, multiplier=cfg.latent_multiplier)
-    model_args = t2i_model_args(cfg, ds.shape)
-    tokens = caption_token_table(latents_dir, model_args['context_length'])   # (2, n, L); raises for non-shapes latents
-    _prepare_run_dir(run, types.SimpleNamespace(to_dict=lambda: key), 0)
-    seed_everything(cfg.seed)
-    trainer = T2ITrainer(model_args, cfg).to(device)
-    opt = torch.optim.AdamW(trainer.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    step, rows = 0, []
-    if (last := latest_checkpoint(run/'checkpoints')) is not None:
-        step = restore_checkpoint(trainer, opt, last, h); rows = _resume_rows(run, step)
-
-    def load(s):
-        d = step_draws(cfg, s, cfg.batch, ds.shape, cfg.caption_dropout, 0, 1, device)
-        idx = torch.as_tensor(batch_indices(s, cfg.batch, len(ds), cfg.seed, 0, 1))
-        x1, _ = ds.get_batch(idx, d['flip'])
-        y = tokens[(d['flip'] & ds.has_flips).long(), idx]                   # (B, L): the flipped latent's caption when flipped
-        return dict(x1=x1.to(device), y=y.to(device), t=d['t'], x0=d['noise'], drop=d['drop'])
-
-    flops = rows[-1]['flops_per_step'] if rows else count_dit_step_flops(trainer, load(0))
-    snaps = set(log_spaced_steps(cfg.steps, cfg.eval_points))
-    end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-    amp = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=f'T2I DiT {cfg.preset}')
-    trainer.model.train(); t0 = time.time()
-    while step < end:
-        batch = load(step)
-        with amp: loss, terms = trainer.loss(trainer.model, **batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"train_t2i: non-finite loss {loss.item()} at step {step}; the last good checkpoint in {run/'checkpoints'} is kept")
-        opt.zero_grad(set_to_none=True); loss.backward()
-        gnorm = nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float('inf'))
-        opt.step()
-        trainer.update_ema(min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay)
-        step += 1; bar.update(1)
-        if step % cfg.log_every == 0 or step == end:
-            rows.append(dict(step=step, loss=loss.item(), mse=terms['mse'].item(), cos=terms['cos'].item(), grad_norm=gnorm.item(),
-                             samples_seen=step * cfg.batch, flops=step * flops, flops_per_step=flops, time_s=time.time() - t0))
-            with open(run/'metrics.jsonl', 'a') as f: f.write(json.dumps(rows[-1]) + '\n')
-            bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
-        if step in snaps: atomic_save(trainer.ema.state_dict(), run/'snapshots'/f'ema-{step:08d}.safetensors')
-        if step % cfg.ckpt_every == 0 or step == end: _save_rolling(run, trainer, opt, step, h, set())
-    bar.close()
-    _rewrite_jsonl(run/'metrics.jsonl', rows)
-    if step >= cfg.steps:
-        fin = save_t2i(trainer.ema, run/'final', cfg.transport())
-        atomic_save(trainer.model.state_dict(), fin/'online.safetensors')
-        shutil.copyfile(latents_dir/'latents_stats.safetensors', fin/'latents_stats.safetensors')
-        (run/'done.json').write_text(json.dumps(dict(steps=step, flops=step * flops, config_hash=h, latents_dir=str(latents_dir.resolve()))))
-    return run
+    return train_dit(cfg, latents_dir, runs_dir, device, max_steps, progress, fsdp, recipe=T2IRecipe())
 
 # %% ../nbs/15_t2i.ipynb #136dcaed
 @torch.no_grad()

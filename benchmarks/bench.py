@@ -115,7 +115,7 @@ class Bench:
         mc = tr.model.config
         data = shapes_batch(batch, mc.image_size, mc.text_context_length, self.device)
         flops = count_step_flops(tr, data)
-        fwd = torch.compile(tr) if self.compile else tr
+        fwd = torch.compile(tr) if self.compile and self.device.type == 'cuda' else tr   # CPU: eager (pretrain has no compile option)
         def step():
             with autocast(self.device): loss, _ = fwd(data, 1)
             opt.zero_grad(set_to_none=True); loss.backward()
@@ -155,8 +155,8 @@ class Bench:
                 out.backward()
             self.record(key, name, B, fc.get_total_flops(), time_fn(run, self.iters, dev), peak_memory_mib(dev))
 
-    def dit_step(self, preset, batch):
-        "The flow-matching step as `train_dit()` runs it: forward (autocast), backward, AdamW, EMA."
+    def dit_step(self, preset, batch, compiled=False):
+        "The flow-matching step as `train_dit()` runs it: forward (autocast), backward, AdamW, EMA (`compiled`: `cfg.compile`)."
         from vtp_nbdev.dit import dit_config
         from vtp_nbdev.flow import DiTTrainConfig, DiTTrainer, count_dit_step_flops
         args = dit_config(preset); cfg = DiTTrainConfig(preset=preset, batch=batch)
@@ -168,14 +168,16 @@ class Bench:
         data = dict(x1=torch.randn(batch, C, H, H, device=dev), y=torch.randint(0, args['num_classes'], (batch,), device=dev),
                     t=torch.rand(batch, device=dev), x0=torch.randn(batch, C, H, H, device=dev), drop=torch.zeros(batch, dtype=torch.long, device=dev))
         flops = count_dit_step_flops(tr, data)
-        net = torch.compile(tr.model) if self.compile else tr.model
+        net = torch.compile(tr.model) if compiled else tr.model
         def step():
             with autocast(dev): loss, _ = tr.loss(net, **data)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); tr.update_ema(0.999)
-        self.record(f'dit/{preset}', f'LightningDiT-{preset} train step (batch {batch}, {C}x{H}x{H})', batch, flops,
-                    time_fn(step, self.iters, dev), peak_memory_mib(dev))
+        t0 = time.perf_counter(); step(); warm = time.perf_counter() - t0        # compilation happens here
+        self.record(f'dit/{preset}' + ('/compiled' if compiled else ''), f'LightningDiT-{preset} train step (batch {batch}, {C}x{H}x{H})' +
+                    (', torch.compile' if compiled else ''), batch, flops, time_fn(step, self.iters, dev), peak_memory_mib(dev),
+                    f'first step (compilation) {warm:.0f} s' if compiled else '')
 
-    def sampling(self, preset, tok_preset, n, steps, batch_size):
+    def sampling(self, preset, tok_preset, n, steps, batch_size, compiled=False):
         "`n` class-balanced latents x `steps` Euler steps (batched), then decoded by the tokenizer's pixel decoder."
         from vtp_nbdev.dit import LightningDiT, dit_config, dit_forward_flops
         from vtp_nbdev.flow import sample_latents
@@ -187,6 +189,7 @@ class Bench:
         tc = vtp_config(tok_preset, train_clip=False)
         model = LightningDiT(**dit_config(preset, input_size=tc.image_size // tc.vision_patch_size, in_channels=tc.vision_feature_bottleneck)).to(dev).eval()
         torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)               # non-zero velocities (cost is the same)
+        if compiled: model.compile()                                                    # in place: the module keeps its attributes
         tok = VTPModel(tc).to(dev).eval()
         nfe_flops = dit_forward_flops(model, 1)
         z1 = torch.zeros(1, tc.vision_feature_bottleneck, model.grid * model.patch_size, model.grid * model.patch_size, device=dev)
@@ -202,7 +205,7 @@ class Bench:
             batch_size = max(probe, key=probe.get)
             self.probe = ', '.join(f'{k}: {v:.0f}' for k, v in probe.items())
             print(f'  sampling batch probe (latent-NFEs/s by batch) {self.probe} -> {batch_size}', flush=True)
-        with autocast(dev): sample_latents(model, min(n, batch_size), batch_size=batch_size, num_steps=3, timestep_shift=0.3)   # warm-up
+        with autocast(dev): sample_latents(model, n if compiled else min(n, batch_size), batch_size=batch_size, num_steps=3, timestep_shift=0.3)   # warm-up (every batch shape compiled)
         sync(dev); t0 = time.perf_counter()
         with autocast(dev): z, _ = sample_latents(model, n, batch_size=batch_size, num_steps=steps + 1, sampler='euler', timestep_shift=0.3)
         sync(dev); t1 = time.perf_counter()
@@ -212,10 +215,11 @@ class Bench:
         assert imgs.shape == (n, 3, tc.image_size, tc.image_size) and imgs.dtype == torch.uint8
         mem = peak_memory_mib(dev)
         ode, dec = t1 - t0, t2 - t1
-        self.record(f'sample/{preset}/nfe', f'DiT-{preset} sampling, per NFE (batches of {batch_size})', n, n * nfe_flops, ode / steps, mem,
+        sfx, lab = ('/compiled', ', torch.compile') if compiled else ('', '')
+        self.record(f'sample/{preset}/nfe{sfx}', f'DiT-{preset} sampling, per NFE (batches of {batch_size}){lab}', n, n * nfe_flops, ode / steps, mem,
                     f'{ode / steps * 1e3:.0f} ms per NFE for {n} latents' + (f'; batch probe (latent-NFEs/s) {self.probe}' if getattr(self, 'probe', None) else ''))
-        self.record(f'sample/{preset}/decode', f'tokenizer-{tok_preset} decoding ({n} latents)', n, n * dec_flops, dec, mem, f'{dec:.2f} s')
-        r = self.record(f'sample/{preset}/total', f'{n} images x {steps} Euler steps, incl. decoding', n, n * (steps * nfe_flops + dec_flops),
+        self.record(f'sample/{preset}/decode{sfx}', f'tokenizer-{tok_preset} decoding ({n} latents)', n, n * dec_flops, dec, mem, f'{dec:.2f} s')
+        r = self.record(f'sample/{preset}/total{sfx}', f'{n} images x {steps} Euler steps, incl. decoding{lab}', n, n * (steps * nfe_flops + dec_flops),
                         t2 - t0, mem, f'**{t2 - t0:.1f} s**')
         r['total_s'], r['est_1k50_s'] = t2 - t0, ode / (n * steps) * 50_000 + dec / n * 1000   # extrapolated to 1000 x 50
         return r
@@ -255,19 +259,20 @@ def targets_table(b: Bench, a) -> list:
                 if peer == 'timm': out.append(f"| {what} at `{p}` (samples/s ratio) | — | {ratio:.2f} | — |")
                 else: row(f'{what} at `{p}` (samples/s ratio)', 'no slower (≥ 1.00)', f'{ratio:.2f}', ratio >= 1.0)
     for p in a.dit_presets.split(','):
-        if (r := R.get(f'dit/{p}')): row(f'DiT-{p} training step MFU', f"≥ {TARGETS['dit_mfu']:.0%}", f"{r['mfu']:.1%}", r['mfu'] >= TARGETS['dit_mfu'])
-        if (r := R.get(f'sample/{p}/total')):
-            full = (a.sample_n, a.sample_steps) == (1000, 50)
-            row(f'1000 images x 50 Euler steps, DiT-{p}, incl. decoding', f"≤ {TARGETS['sampling_s']:.0f} s",
-                f"{r['total_s']:.1f} s" if full else f"{r['est_1k50_s']:.1f} s (extrapolated from {a.sample_n} x {a.sample_steps})",
-                (r['total_s'] if full else r['est_1k50_s']) <= TARGETS['sampling_s'])
+        for sfx, lab in (('', ''), ('/compiled', ', torch.compile')):
+            if (r := R.get(f'dit/{p}{sfx}')): row(f'DiT-{p} training step MFU{lab}', f"≥ {TARGETS['dit_mfu']:.0%}", f"{r['mfu']:.1%}", r['mfu'] >= TARGETS['dit_mfu'])
+            if (r := R.get(f'sample/{p}/total{sfx}')):
+                full = (a.sample_n, a.sample_steps) == (1000, 50)
+                row(f'1000 images x 50 Euler steps, DiT-{p}, incl. decoding{lab}', f"≤ {TARGETS['sampling_s']:.0f} s",
+                    f"{r['total_s']:.1f} s" if full else f"{r['est_1k50_s']:.1f} s (extrapolated from {a.sample_n} x {a.sample_steps})",
+                    (r['total_s'] if full else r['est_1k50_s']) <= TARGETS['sampling_s'])
     return out
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
-    p.add_argument('--compile', action='store_true', help='torch.compile the tokenizer trainer and the DiT (CUDA mainly)')
+    p.add_argument('--compile', action='store_true', help='CUDA: torch.compile every step; CPU: add torch.compile rows for the DiT (training, as `train_dit` with `compile=True`, and sampling)')
     p.add_argument('--tok-presets', help='comma-separated tokenizer presets (default: S,tiny on CPU; paper_S,paper_B,paper_L on CUDA)')
     p.add_argument('--dit-presets', help='comma-separated LightningDiT presets (default: S on CPU; B/1,XL/1 on CUDA)')
     p.add_argument('--batch', type=int, help='tokenizer batch (default 64 on CPU, 32 per GPU)')
@@ -317,8 +322,9 @@ def main(argv=None):
             if losses == 'CLIP+SSL+AE' and not a.no_peers: b.peers(tr, data, preset)
             del tr
     for preset in a.dit_presets.split(','):
-        b.dit_step(preset, a.dit_batch)
-        if not a.no_sampling: b.sampling(preset, a.sample_tok, a.sample_n, a.sample_steps, a.sample_batch)
+        for compiled in ((False, True) if a.compile and dev.type == 'cpu' else (a.compile,)):   # CPU: eager and compiled side by side
+            b.dit_step(preset, a.dit_batch, compiled)
+            if not a.no_sampling: b.sampling(preset, a.sample_tok, a.sample_n, a.sample_steps, a.sample_batch, compiled)
     drift = finish_peak(b, torch.bfloat16 if dev.type == 'cuda' else torch.float32, 'bf16' if dev.type == 'cuda' else 'fp32')
     load1, wall = os.getloadavg(), time.time() - t_start
     print(f'done in {wall:.0f} s; load average {load0[0]:.2f} -> {load1[0]:.2f}', flush=True)

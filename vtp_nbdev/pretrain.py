@@ -16,7 +16,7 @@ from safetensors.torch import save_file, load_file, safe_open
 from tqdm.auto import tqdm
 from .config import PlainConfig, neutral_field, get_settings, get_device, config_hash, seed_everything
 from .data import get_dataset, multicrop, block_masks
-from .tokenizer import VTPModel, VTPPretrainModel, vtp_config, flop_counter_mode
+from .tokenizer import VTPModel, VTPPretrainModel, vtp_config, flop_counter_mode, VTP_PRESETS
 from .losses import (ClipLoss, SigLipLoss, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT, DINOLoss, iBOTPatchLoss, KoLeoLoss, ReconstructionLoss, loss_weights, total_loss,
                               teacher_temp_schedule, exp_logit_scale, LOSS_PRESETS)
 
@@ -79,6 +79,9 @@ class PretrainConfig(PlainConfig):
             raise ValueError(f"batch_ssl={self.batch_ssl} and batch_rec={self.batch_rec} must be <= batch_clip={self.batch_clip} (subsets of the batch)")
         if self.clip_loss not in ('softmax', 'siglip'): raise ValueError(f"clip_loss={self.clip_loss!r}; expected 'softmax' or 'siglip'")
         if self.dino_mode not in ('centering', 'sinkhorn_knopp'): raise ValueError(f"dino_mode={self.dino_mode!r}; expected 'centering' or 'sinkhorn_knopp'")
+        if {**VTP_PRESETS.get(self.preset, {}), **self.model}.get('vision_arch') == 'cnn' and self.losses != 'AE':
+            raise ValueError(f"losses={self.losses!r} needs a ViT tokenizer (CLIP and DINO/iBOT read its CLS, mask and patch tokens); "
+                             f"preset={self.preset!r} is the CNN auto-encoder (vision_arch='cnn'), which trains only with losses='AE'")
         vtp_config(self.preset, **self.model_overrides())   # raises on unknown presets / bad model fields
         if self.grad_accum > 1: self.check_accumulation()
 

@@ -16,17 +16,20 @@ from safetensors.torch import load_file, save_file
 from torch.nn.utils.parametrizations import weight_norm
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count, sdpa_backward_flop_count
 from open_clip.transformer import Transformer as OpenClipTransformer, LayerNorm as OpenClipLayerNorm, QuickGELU, text_global_pool
+from .config import neutral_field
 from .layers import (PatchEmbed, RopePositionEmbedding, SelfAttentionBlock, init_weights_vit, get_layer,
                               NORM_LAYERS, FFN_LAYERS, ROPE_DTYPES)
 
 # %% auto #0
-__all__ = ['HF_CONFIG_KEYS', 'VTP_PRESETS', 'VTPConfig', 'vtp_config', 'VisionTrunk', 'PixelDecoder', 'StateDictMismatchError',
-           'check_state_dict', 'count_params', 'VTPModel', 'flop_counter_mode', 'vtp_forward_flops', 'DINOHead',
-           'make_teacher', 'ema_update', 'VTPPretrainModel']
+__all__ = ['HF_CONFIG_KEYS', 'VISION_ARCHS', 'VTP_PRESETS', 'VTPConfig', 'vtp_config', 'VisionTrunk', 'PixelDecoder',
+           'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'CNNLevel', 'CNNEncoder', 'CNNDecoder',
+           'StateDictMismatchError', 'check_state_dict', 'count_params', 'VTPModel', 'flop_counter_mode',
+           'vtp_forward_flops', 'DINOHead', 'make_teacher', 'ema_update', 'VTPPretrainModel']
 
 # %% ../nbs/03_tokenizer.ipynb #1cfc478a
 HF_CONFIG_KEYS = ('architectures', 'transformers_version', 'model_type', 'dtype', 'torch_dtype', '_name_or_path')
 # the smallest allowed value of each size field (bottleneck 0 or None: no bottleneck)
+VISION_ARCHS = ('vit', 'cnn')
 _SIZE_FIELDS = {**dict.fromkeys(('image_size', 'vision_patch_size', 'vision_embed_dim', 'vision_num_heads', 'text_context_length',
                                   'text_vocab_size', 'text_embed_dim', 'text_num_heads', 'decoder_embed_dim', 'decoder_num_heads',
                                   'dino_out_dim', 'dino_hidden_dim', 'dino_bottleneck_dim'), 1),
@@ -82,8 +85,12 @@ class VTPConfig:
     dino_hidden_dim: int = 2048
     dino_bottleneck_dim: int = 256
     dino_nlayers: int = 3
+    vision_arch: str = neutral_field('vit')       # 'cnn': the LDM-style CNN auto-encoder (reconstruction only)
+    cnn_channel_mult: tuple = neutral_field(())   # CNN: width multiplier of each resolution level (log2(patch) + 1 levels)
 
-    def __post_init__(self): self.validate()
+    def __post_init__(self):
+        self.cnn_channel_mult = tuple(self.cnn_channel_mult)   # a JSON list from config.json -> tuple
+        self.validate()
 
     @property
     def latent_dim(self) -> int:
@@ -95,9 +102,14 @@ class VTPConfig:
         for k, lo in _SIZE_FIELDS.items():
             v = getattr(self, k)
             if v is not None and v < lo: raise ValueError(f"{k}={v} must be a {'positive' if lo else 'non-negative'} integer")
+        if self.vision_arch not in VISION_ARCHS: raise ValueError(f"vision_arch={self.vision_arch!r}; expected one of {list(VISION_ARCHS)}")
+        cnn = self.vision_arch == 'cnn'
+        if cnn: self._validate_cnn()
+        elif self.cnn_channel_mult: raise ValueError(f"cnn_channel_mult={self.cnn_channel_mult} is only used with vision_arch='cnn'")
         for pre, D, h in (('vision', self.vision_embed_dim, self.vision_num_heads),
                           ('decoder', self.decoder_embed_dim, self.decoder_num_heads),
                           ('text', self.text_embed_dim, self.text_num_heads)):
+            if cnn and pre != 'text': continue                  # no attention heads to split in the CNN's widths
             if D % h: raise ValueError(f"{pre}_embed_dim={D} is not divisible by {pre}_num_heads={h}")
             if pre != 'text' and (D // h) % 4:
                 raise ValueError(f"{pre}: head dim {D}//{h}={D // h} must be divisible by 4 for 2D RoPE")
@@ -111,7 +123,27 @@ class VTPConfig:
         if self.text_embed_cls: raise ValueError("text_embed_cls=True (CoCa-style text CLS) is not supported")
         if self.num_registers < 0: raise ValueError(f"num_registers={self.num_registers} must be >= 0")
 
-    def to_dict(self) -> dict: return asdict(self)
+    def _validate_cnn(self):
+        "The CNN auto-encoder's constraints: reconstruction only, a power-of-2 downsampling factor matched by the levels."
+        if self.train_clip:
+            raise ValueError("vision_arch='cnn' is a reconstruction-only auto-encoder: train_clip=True needs the ViT tokenizer "
+                             "(CLS token, CLIP head, text tower); set train_clip=False (losses='AE') or use a ViT preset")
+        if not self.train_reconstruction: raise ValueError("vision_arch='cnn' needs train_reconstruction=True (it is an auto-encoder)")
+        f, L = self.vision_patch_size, len(self.cnn_channel_mult)
+        if f & (f - 1): raise ValueError(f"vision_arch='cnn': vision_patch_size={f} (the downsampling factor) must be a power of 2")
+        if 2 ** (L - 1) != f or any(not isinstance(m, int) or m < 1 for m in self.cnn_channel_mult):
+            raise ValueError(f"vision_arch='cnn': cnn_channel_mult={self.cnn_channel_mult} must hold log2(vision_patch_size={f}) + 1 = "
+                             f"{f.bit_length()} positive integers (one per resolution level)")
+        for k in ('vision_depth', 'decoder_depth', 'vision_feature_bottleneck'):
+            if not getattr(self, k): raise ValueError(f"vision_arch='cnn': {k}={getattr(self, k)} must be a positive integer")
+        if self.num_registers: raise ValueError(f"vision_arch='cnn': num_registers={self.num_registers} must be 0 (no tokens)")
+
+    def to_dict(self) -> dict:
+        "All fields, except the hash-neutral extras while they hold their defaults (see `neutral_field`)."
+        d = asdict(self)
+        for f in fields(self):
+            if f.metadata.get('hash_neutral') and d[f.name] == f.default: del d[f.name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> 'VTPConfig':
@@ -127,6 +159,11 @@ def _sizes(enc, dec, txt) -> dict:
     return dict(vision_embed_dim=enc[0], vision_depth=enc[1], vision_num_heads=enc[2], decoder_embed_dim=dec[0],
                 decoder_depth=dec[1], decoder_num_heads=dec[2], text_embed_dim=txt[0], text_depth=txt[1], text_num_heads=txt[2])
 
+def _cnn(ch, mult, enc_blocks, dec_blocks) -> dict:
+    "Config fields of a CNN auto-encoder: base width, level multipliers, ResNet blocks per level (encoder, decoder)."
+    return dict(vision_arch='cnn', train_clip=False, vision_embed_dim=ch, decoder_embed_dim=ch, cnn_channel_mult=mult,
+                vision_depth=enc_blocks, decoder_depth=dec_blocks)
+
 _CPU = dict(image_size=32, vision_patch_size=4, vision_feature_bottleneck=16, text_context_length=32,
             dino_out_dim=1024, dino_hidden_dim=256, dino_bottleneck_dim=64)
 _PAPER = dict(image_size=256, vision_patch_size=16, vision_feature_bottleneck=64, text_context_length=77)
@@ -139,6 +176,8 @@ VTP_PRESETS = {
     'paper_S': {**_PAPER, **_sizes((384, 12, 6), (384, 12, 6), (768, 12, 12))},
     'paper_B': {**_PAPER, **_sizes((768, 12, 12), (768, 12, 12), (768, 12, 12))},
     'paper_L': {**_PAPER, **_sizes((1024, 24, 16), (1024, 24, 16), (768, 12, 12))},
+    'cnn_tiny':  {**_CPU, **_cnn(24, (1, 1, 1), 2, 3)},
+    'paper_cnn': {**_PAPER, **_cnn(128, (1, 1, 2, 2, 4), 2, 3)},
 }
 
 def vtp_config(name: str, **overrides) -> VTPConfig:
@@ -253,6 +292,153 @@ class PixelDecoder(nn.Module):
         x = self.norm(x).transpose(1, 2).reshape(B, self.embed_dim, H, W)  # (B, Dd, H, W)
         return self.pixel_shuffle(self.proj_out(x))                     # (B, 3, H*p, W*p)
 
+# %% ../nbs/03_tokenizer.ipynb #82f5a873
+def _group_norm(ch: int) -> nn.GroupNorm:
+    "LDM's GroupNorm (32 groups, eps 1e-6); narrow CPU-scale widths use the largest divisor of 32 that divides `ch`."
+    return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6)
+
+class ResnetBlock(nn.Module):
+    "LDM ResNet block: (GroupNorm, SiLU, 3x3 conv) twice plus the input (through a 1x1 conv when the width changes)."
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.norm1, self.conv1 = _group_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2, self.conv2 = _group_norm(out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))                              # (B, out, H, W)
+        h = self.conv2(F.silu(self.norm2(h)))                              # (B, out, H, W)
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+class AttnBlock(nn.Module):
+    "LDM spatial self-attention: GroupNorm, 1x1 q/k/v, one head over all positions, 1x1 out projection, residual."
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = _group_norm(ch)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)            # (B, HW, C)
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))   # (B, C, H, W)
+
+class Downsample(nn.Module):
+    "Stride-2 3x3 conv after LDM's right/bottom zero padding: (B, C, H, W) -> (B, C, H/2, W/2)."
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+    def forward(self, x: Tensor) -> Tensor: return self.conv(F.pad(x, (0, 1, 0, 1)))   # (B, C, H/2, W/2)
+
+class Upsample(nn.Module):
+    "Nearest-neighbour x2 upsampling then a 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W)."
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+    def forward(self, x: Tensor) -> Tensor: return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))  # (B, C, 2H, 2W)
+
+class CNNLevel(nn.Module):
+    "One resolution level: ResNet `blocks`, then `resample` (a `Downsample`/`Upsample`, or None at the last level)."
+    def __init__(self, blocks: list, resample: nn.Module | None):
+        super().__init__()
+        self.blocks, self.resample = nn.ModuleList(blocks), resample
+    def forward(self, x: Tensor) -> Tensor:
+        for b in self.blocks: x = b(x)
+        return x if self.resample is None else self.resample(x)
+
+# %% ../nbs/03_tokenizer.ipynb #d9f13155
+class CNNEncoder(nn.Module):
+    "LDM-style CNN encoder with `VisionTrunk`'s interface: stem, ResNet levels, stride-2 downsampling, mid block, 1x1 conv to d."
+    def __init__(self, img_size=256, patch_size=16, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, bottleneck_dim=64, in_chans=3):
+        super().__init__()
+        if 2 ** (len(ch_mult) - 1) != patch_size:
+            raise ValueError(f"cnn_channel_mult={tuple(ch_mult)}: {len(ch_mult)} levels downsample by {2 ** (len(ch_mult) - 1)}, not by patch_size={patch_size}")
+        widths = [ch * m for m in ch_mult]
+        self.img_size, self.patch_size, self.num_prefix = img_size, patch_size, 0
+        self.embed_dim, self.bottleneck_dim = widths[-1], bottleneck_dim
+        self.conv_in = nn.Conv2d(in_chans, ch, 3, padding=1)
+        levels, c = [], ch
+        for i, w in enumerate(widths):
+            levels.append(CNNLevel([ResnetBlock(c if j == 0 else w, w) for j in range(num_res_blocks)],
+                                   Downsample(w) if i < len(widths) - 1 else None)); c = w
+        self.down = nn.ModuleList(levels)
+        self.mid = nn.ModuleList([ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)])
+        self.norm = _group_norm(c)
+        self.feature_bottleneck = nn.Conv2d(c, bottleneck_dim, 1)
+
+    def latent_blocks(self) -> list:
+        "The blocks at the latent resolution, in order: the last level's ResNet blocks, then the mid block's three."
+        return [*self.down[-1].blocks, *self.mid]
+
+    def _run(self, x: Tensor, take=()) -> tuple[Tensor, list]:
+        "The last feature map (B, C, h, w) (before the final norm) and those after the latent blocks with indices `take`."
+        p = self.patch_size
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by patch size {p} (the CNN's downsampling factor)")
+        h = self.conv_in(x)                                                  # (B, ch, H, W)
+        for lvl in self.down[:-1]: h = lvl(h)                                # (B, C_i, H/2^i, W/2^i)
+        outs = []
+        for i, b in enumerate(self.latent_blocks()):
+            h = b(h)                                                         # (B, C, H/p, W/p)
+            if i in take: outs.append(h)
+        return h, outs
+
+    def final_norm(self, h: Tensor) -> Tensor:
+        "The final GroupNorm + SiLU of a feature map (B, C, h, w)."
+        return F.silu(self.norm(h))
+
+    def forward_features(self, x: Tensor, masks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        "Mean-pooled (B, C) and per-position (B, N, C) final-normed features (the CLS / patch-token interface)."
+        if masks is not None: raise ValueError("masks: iBOT masking needs the ViT tokenizer; the CNN auto-encoder (vision_arch='cnn') has no mask token")
+        h, _ = self._run(x)
+        t = self.final_norm(h).flatten(2).transpose(1, 2)                   # (B, N, C)
+        return t.mean(1), t
+
+    def bottleneck(self, t: Tensor) -> Tensor:
+        "The 1x1 conv C -> d applied to per-position features (..., C) -> (..., d)."
+        return F.linear(t, self.feature_bottleneck.weight.flatten(1), self.feature_bottleneck.bias)
+
+    def set_drop_path(self, rate: float):
+        "No stochastic depth in the CNN: only 0 is accepted."
+        if rate: raise ValueError(f"drop_path={rate}: stochastic depth needs the ViT tokenizer; the CNN auto-encoder has none (use 0)")
+        return self
+
+    def get_intermediate_layers(self, x: Tensor, n: Union[int, Sequence[int]] = 1, reshape: bool = False,
+                                return_class_token: bool = False, norm: bool = True) -> tuple:
+        "Outputs of the last `n` (or indexed) latent-resolution blocks as tokens (B, N, C) (or maps), with their mean as class token."
+        L = len(self.latent_blocks())
+        if isinstance(n, int) and not 0 < n <= L: raise ValueError(f"requested the last {n} blocks; the CNN has {L} at the latent resolution")
+        take = sorted(range(L - n, L) if isinstance(n, int) else {i % L for i in n})
+        _, outs = self._run(x, take)
+        if norm: outs = [self.final_norm(o) for o in outs]
+        patch = [o.flatten(2).transpose(1, 2) for o in outs]                # (B, N, C) each
+        cls = [p.mean(1) for p in patch]                                      # (B, C) each
+        if reshape: patch = [o.contiguous() for o in outs]                    # (B, C, h, w)
+        return tuple(zip(patch, cls)) if return_class_token else tuple(patch)
+
+class CNNDecoder(nn.Module):
+    "Mirror of `CNNEncoder`: 1x1 conv d -> C, mid block, ResNet levels with nearest upsampling + conv, GroupNorm + SiLU, 3x3 conv to pixels."
+    def __init__(self, in_chans=64, out_chans=3, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=3):
+        super().__init__()
+        widths = [ch * m for m in ch_mult]
+        self.upscale_factor, c = 2 ** (len(ch_mult) - 1), widths[-1]
+        self.proj_in = nn.Conv2d(in_chans, c, 1)
+        self.mid = nn.ModuleList([ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)])
+        levels = []
+        for i in reversed(range(len(widths))):
+            levels.append(CNNLevel([ResnetBlock(c if j == 0 else widths[i], widths[i]) for j in range(num_res_blocks)],
+                                   Upsample(widths[i]) if i > 0 else None)); c = widths[i]
+        self.up = nn.ModuleList(levels)
+        self.norm = _group_norm(c)
+        self.proj_out = nn.Conv2d(c, out_chans, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.proj_in(z)                                                  # (B, C, h, w)
+        for b in self.mid: h = b(h)                                          # (B, C, h, w)
+        for lvl in self.up: h = lvl(h)                                       # (B, C_i, 2h, 2w) ... (B, ch, h*f, w*f)
+        return self.proj_out(F.silu(self.norm(h)))                           # (B, 3, h*f, w*f)
+
 # %% ../nbs/03_tokenizer.ipynb #c1250b8a
 class StateDictMismatchError(ValueError):
     "A checkpoint's keys or shapes do not match the model."
@@ -290,6 +476,7 @@ class VTPModel(nn.Module):
     def __init__(self, config: VTPConfig):
         super().__init__()
         self.config = c = config
+        if c.vision_arch == 'cnn': return self._init_cnn()
         self.trunk = VisionTrunk(c.image_size, c.vision_patch_size, c.vision_embed_dim, c.vision_depth, c.vision_num_heads,
                                  c.vision_mlp_ratio, c.vision_ffn_layer, c.vision_norm_layer, c.vision_init_values,
                                  c.vision_use_qk_norm, c.vision_feature_bottleneck, c.num_registers, c.rope_dtype)
@@ -301,6 +488,14 @@ class VTPModel(nn.Module):
                                           c.decoder_use_qk_norm, c.rope_dtype) if c.train_reconstruction else None
         if c.train_clip: self._init_text()
         self.init_weights()
+
+    def _init_cnn(self):
+        "The CNN auto-encoder (reconstruction only: no CLIP head, no text tower)."
+        c = self.config
+        self.trunk = CNNEncoder(c.image_size, c.vision_patch_size, c.vision_embed_dim, c.cnn_channel_mult, c.vision_depth,
+                                c.vision_feature_bottleneck)
+        self.pixel_decoder = CNNDecoder(c.vision_feature_bottleneck, 3, c.decoder_embed_dim, c.cnn_channel_mult, c.decoder_depth)
+        self.visual_proj = None
 
     def _init_text(self):
         "OpenCLIP text tower, flattened onto the model as in the official checkpoint."
@@ -348,7 +543,7 @@ class VTPModel(nn.Module):
         "Switch RoPE numerics of trunk and decoder: 'bf16' (official) or 'fp32'."
         self.config = replace(self.config, rope_dtype=dtype)
         for m in (self.trunk, self.pixel_decoder):
-            if m is not None: m.rope_embed.set_dtype(dtype)
+            if m is not None and hasattr(m, 'rope_embed'): m.rope_embed.set_dtype(dtype)   # the CNN has no RoPE
         return self
 
     # ---- training entry points: one trunk pass shared by CLIP, SSL and reconstruction ----
@@ -452,7 +647,7 @@ class VTPModel(nn.Module):
     def load_checkpoint(self, sd: dict, source: str = 'checkpoint'):
         "Strictly load a state dict, casting to the model's dtypes; a meta-device model takes the tensors over."
         check_state_dict(self, sd, source)
-        ref, meta = self.state_dict(), self.trunk.cls_token.is_meta
+        ref, meta = self.state_dict(), next(self.trunk.parameters()).is_meta
         self.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()}, strict=True, assign=meta)
         if meta and getattr(self, 'attn_mask', None) is not None:  # non-persistent buffer: rebuild beside the weights
             self.attn_mask = self.build_causal_mask().to(self.positional_embedding.device)
@@ -479,7 +674,7 @@ def flop_counter_mode(**kwargs) -> FlopCounterMode:
 
 def vtp_forward_flops(model: VTPModel) -> dict:
     "FLOPs of one forward per image (encoder, decoder) and per caption (text tower) at the config's image size."
-    c, dev = model.config, model.trunk.cls_token.device   # works on the meta device too (no compute)
+    c, dev = model.config, next(model.trunk.parameters()).device   # works on the meta device too (no compute)
     img = torch.zeros(1, 3, c.image_size, c.image_size, device=dev)
     out = {}
     with torch.no_grad():
@@ -534,6 +729,8 @@ class VTPPretrainModel(nn.Module):
     def __init__(self, config: VTPConfig, ssl: bool = True):
         super().__init__()
         c = config
+        if ssl and c.vision_arch == 'cnn':
+            raise ValueError("ssl=True: DINO/iBOT need the ViT tokenizer (CLS and mask tokens); vision_arch='cnn' trains only with losses='AE'")
         self.model = VTPModel(c)
         self.dino_head = DINOHead(c.vision_embed_dim if c.vision_bottleneck_ae_only else self.model.trunk.bottleneck_dim,
                                   c.dino_out_dim, c.dino_hidden_dim, c.dino_bottleneck_dim, c.dino_nlayers) if ssl else None

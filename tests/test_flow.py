@@ -143,3 +143,18 @@ def test_ddp_two_processes_match_one(latents, tmp_path, spawn_ranks):
     for n in w1:
         for k in w1[n]:
             assert torch.allclose(w1[n][k], w2[n][k], atol=2e-5, rtol=1e-4), (n, k, (w1[n][k] - w2[n][k]).abs().max())
+
+
+@pytest.mark.skipif(not (__import__('shutil').which('c++') or __import__('shutil').which('g++')), reason='torch.compile on CPU needs a C++ compiler')
+def test_compile_is_an_execution_option(latents, tmp_path):
+    "`compile=True` (torch.compile of the training forward, ~1 min here): the eager run's losses, eager checkpoint keys."
+    _, lat = latents
+    eager = train_dit(small_cfg(steps=3), lat, tmp_path/'e', 'cpu', progress=False)
+    comp = train_dit(small_cfg(steps=3, compile=True), lat, tmp_path/'c', 'cpu', progress=False)
+    assert 'compile' not in json.loads((eager/'config.json').read_text())            # hash-neutral while off
+    assert json.loads((comp/'config.json').read_text())['compile'] is True           # on: its own run (rounding differs)
+    for a, b in zip(_rows(eager), _rows(comp)):
+        assert abs(a['loss'] - b['loss']) <= 1e-4 * abs(a['loss']), (a, b)
+    m, _ = load_lightningdit(comp/'final')                                     # plain (un-prefixed) keys
+    w = _weights(comp)['model.safetensors']
+    assert not any(k.startswith('_orig_mod') for k in w) and len(w) == len(m.state_dict())

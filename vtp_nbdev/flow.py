@@ -136,7 +136,7 @@ class DiTTrainConfig(PlainConfig):
     ckpt_every: int = 500
     ckpt_log_points: int = 0             # extra checkpoints at log-spaced steps
     grad_accum: int = neutral_field(1)   # micro-batches per step (same global batch; not hashed while 1)
-    compile: bool = neutral_field(False) # torch.compile the training forward (execution only: not hashed while off)
+    compile: bool = neutral_field(False) # torch.compile the training forward (not hashed while off)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)

@@ -105,9 +105,9 @@ class Bench:
         print(f"{name:52s} {r['samples_per_s']:9.1f} samples/s {r['gflops']:8.1f} GFLOP/s  MFU {r['mfu']:6.1%}  {mem:7.0f} MiB  {note}", flush=True)
         return r
 
-    def tokenizer_step(self, preset, losses, batch, scale):
-        "The pre-training step as `pretrain()` runs it: forward (autocast), backward, grad clip, AdamW, EMA teacher."
-        from vtp_nbdev.pretrain import VTPPretrainer, make_optimizer, count_step_flops
+    def tokenizer_step(self, preset, losses, batch, scale, compiled=False):
+        "The pre-training step as `pretrain()` runs it: forward (autocast), backward, grad clip, AdamW, EMA teacher (`compiled`: `cfg.compile`)."
+        from vtp_nbdev.pretrain import VTPPretrainer, make_optimizer, count_step_flops, compile_blocks
         cfg = tokenizer_config(preset, losses, batch, scale)
         reset_peak_memory(self.device)
         torch.manual_seed(0)
@@ -115,14 +115,16 @@ class Bench:
         mc = tr.model.config
         data = shapes_batch(batch, mc.image_size, mc.text_context_length, self.device)
         flops = count_step_flops(tr, data)
-        fwd = torch.compile(tr) if self.compile and self.device.type == 'cuda' else tr   # CPU: eager (pretrain has no compile option)
+        if compiled: compile_blocks(tr)                            # as `pretrain(compile=True)`: each block, in place
         def step():
-            with autocast(self.device): loss, _ = fwd(data, 1)
+            with autocast(self.device): loss, _ = tr(data, 1)
             opt.zero_grad(set_to_none=True); loss.backward()
             torch.nn.utils.clip_grad_norm_(tr.parameters(), cfg.grad_clip); opt.step(); tr.net.update_teacher(0.99)
+        t0 = time.perf_counter(); step(); warm = time.perf_counter() - t0        # compilation happens here
         dt = time_fn(step, self.iters, self.device)
-        note = f"b_ssl {cfg.batch_ssl}, b_rec {cfg.batch_rec}, {cfg.n_local_crops} local crops"
-        self.record(f'tok/{preset}/{losses}', f'VTP-{preset} {losses} step (batch {batch})', batch, flops, dt, peak_memory_mib(self.device), note)
+        note = f"b_ssl {cfg.batch_ssl}, b_rec {cfg.batch_rec}, {cfg.n_local_crops} local crops" + (f'; first step (compilation) {warm:.0f} s' if compiled else '')
+        self.record(f'tok/{preset}/{losses}' + ('/compiled' if compiled else ''), f'VTP-{preset} {losses} step (batch {batch})' +
+                    (', compiled blocks' if compiled else ''), batch, flops, dt, peak_memory_mib(self.device), note)
         return tr, data
 
     def peers(self, tr, data, preset):
@@ -248,8 +250,9 @@ def targets_table(b: Bench, a) -> list:
     R, out = b.rows, []
     def row(what, target, got, ok): out.append(f"| {what} | {target} | {got} | {'yes' if ok else '**no**'} |")
     tok = a.tok_presets.split(',')[0]
-    if (r := R.get(f'tok/{tok}/CLIP+SSL+AE')): row(f'tokenizer step (CLIP+SSL+AE) MFU at `{tok}`', f"≥ {TARGETS['tokenizer_mfu']:.0%}", f"{r['mfu']:.1%}", r['mfu'] >= TARGETS['tokenizer_mfu'])
-    if (r := R.get(f'tok/{tok}/AE')): row(f'AE step MFU at `{tok}`', f"≥ {TARGETS['tokenizer_mfu']:.0%}", f"{r['mfu']:.1%}", r['mfu'] >= TARGETS['tokenizer_mfu'])
+    for sfx, lab in (('', ''), ('/compiled', ', compiled blocks')):
+        if (r := R.get(f'tok/{tok}/CLIP+SSL+AE{sfx}')): row(f'tokenizer step (CLIP+SSL+AE) MFU at `{tok}`{lab}', f"≥ {TARGETS['tokenizer_mfu']:.0%}", f"{r['mfu']:.1%}", r['mfu'] >= TARGETS['tokenizer_mfu'])
+        if (r := R.get(f'tok/{tok}/AE{sfx}')): row(f'AE step MFU at `{tok}`{lab}', f"≥ {TARGETS['tokenizer_mfu']:.0%}", f"{r['mfu']:.1%}", r['mfu'] >= TARGETS['tokenizer_mfu'])
     for p in a.tok_presets.split(','):
         for ours, peer, what in (('trunk', 'eva', 'ViT trunk vs timm EVA (same block: RMSNorm, SwiGLU, RoPE)'),
                                  ('text', 'open_clip', 'text tower vs open_clip'),
@@ -272,7 +275,7 @@ def targets_table(b: Bench, a) -> list:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
-    p.add_argument('--compile', action='store_true', help='CUDA: torch.compile every step; CPU: add torch.compile rows for the DiT (training, as `train_dit` with `compile=True`, and sampling)')
+    p.add_argument('--compile', action='store_true', help='CUDA: compile every step; CPU: add compiled rows beside the eager ones (tokenizer blocks as `pretrain(compile=True)`, the DiT as `train_dit(compile=True)`, sampling)')
     p.add_argument('--tok-presets', help='comma-separated tokenizer presets (default: S,tiny on CPU; paper_S,paper_B,paper_L on CUDA)')
     p.add_argument('--dit-presets', help='comma-separated LightningDiT presets (default: S on CPU; B/1,XL/1 on CUDA)')
     p.add_argument('--batch', type=int, help='tokenizer batch (default 64 on CPU, 32 per GPU)')
@@ -316,11 +319,12 @@ def main(argv=None):
         peak = matmul_peak(dev, torch.bfloat16)
         peaks += f", bf16 matmul peak **{peak / 1e12:.1f} TFLOP/s** (the MFU denominator: steps run under bf16 autocast)"
     b = Bench(dev, peak, a.iters, a.compile); b.peak0 = peak
-    for preset in a.tok_presets.split(','):
+    for k, preset in enumerate(a.tok_presets.split(',')):
         for losses in ('CLIP+SSL+AE', 'AE'):
-            tr, data = b.tokenizer_step(preset, losses, a.batch, a.scale)
-            if losses == 'CLIP+SSL+AE' and not a.no_peers: b.peers(tr, data, preset)
-            del tr
+            for compiled in ((False, True) if a.compile and dev.type == 'cpu' and k == 0 else (a.compile,)):  # CPU: first preset both ways
+                tr, data = b.tokenizer_step(preset, losses, a.batch, a.scale, compiled)
+                if losses == 'CLIP+SSL+AE' and not compiled and not a.no_peers: b.peers(tr, data, preset)
+                del tr
     for preset in a.dit_presets.split(','):
         for compiled in ((False, True) if a.compile and dev.type == 'cpu' else (a.compile,)):   # CPU: eager and compiled side by side
             b.dit_step(preset, a.dit_batch, compiled)

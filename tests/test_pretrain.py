@@ -156,3 +156,13 @@ def test_checkpoint_from_two_ranks_resumes_on_one_and_back(tmp_path, spawn_ranks
     assert [r['step'] for r in got] == [r['step'] for r in ref] == list(range(1, 7))
     for r, g in zip(ref, got):
         for k in ('loss', 'clip', 'dino', 'ibot', 'rec'): assert g[k] == pytest.approx(r[k], rel=2e-3, abs=1e-4), (r['step'], k)
+
+
+@pytest.mark.skipif(not (__import__('shutil').which('c++') or __import__('shutil').which('g++')), reason='torch.compile on CPU needs a C++ compiler')
+def test_compile_keeps_losses_and_checkpoint_keys(tmp_path):
+    "`compile=True` compiles each block (~1 min here): losses as eager within float rounding, same checkpoint keys."
+    eager = pretrain(small_cfg(steps=2, losses='AE'), runs_dir=tmp_path/'e', device='cpu', progress=False)
+    comp = pretrain(small_cfg(steps=2, losses='AE', compile=True), runs_dir=tmp_path/'c', device='cpu', progress=False)
+    rows = lambda r: [json.loads(l)['loss'] for l in (r/'metrics.jsonl').read_text().splitlines()]
+    assert rows(eager) == pytest.approx(rows(comp), rel=1e-4) and len(rows(comp)) == 2
+    assert load_file(eager/'final'/'model.safetensors').keys() == load_file(comp/'final'/'model.safetensors').keys()

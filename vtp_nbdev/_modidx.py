@@ -446,6 +446,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'vtp_nbdev.pretrain.atomic_save': ('pretrain.html#atomic_save', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.batch_indices': ('pretrain.html#batch_indices', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.checkpoint_state': ('pretrain.html#checkpoint_state', 'vtp_nbdev/pretrain.py'),
+                                    'vtp_nbdev.pretrain.compile_blocks': ('pretrain.html#compile_blocks', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.cosine_schedule': ('pretrain.html#cosine_schedule', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.count_step_flops': ('pretrain.html#count_step_flops', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.demo_config': ('pretrain.html#demo_config', 'vtp_nbdev/pretrain.py'),

@@ -24,8 +24,8 @@ from .losses import (ClipLoss, SigLipLoss, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT
 __all__ = ['PretrainConfig', 'cosine_schedule', 'step_schedules', 'batch_indices', 'VTPPretrainer', 'MicroBatch', 'micro_batches',
            'accumulate_grads', 'count_step_flops', 'atomic_save', 'checkpoint_state', 'CheckpointError',
            'read_checkpoint', 'restore_checkpoint', 'latest_checkpoint', 'make_optimizer', 'run_dir_for',
-           'log_spaced_steps', 'pretrain', 'parse_overrides', 'main', 'GANFinetuneConfig', 'finetune_decoder_gan',
-           'demo_config']
+           'log_spaced_steps', 'compile_blocks', 'pretrain', 'parse_overrides', 'main', 'GANFinetuneConfig',
+           'finetune_decoder_gan', 'demo_config']
 
 # %% ../nbs/05_pretrain.ipynb #c582decb
 @dataclass
@@ -64,6 +64,7 @@ class PretrainConfig(PlainConfig):
     ckpt_log_points: int = 0             # extra checkpoints at this many log-spaced steps (scaling curves)
     num_workers: int = 0
     grad_accum: int = neutral_field(1)   # micro-batches per step (same global batch; not hashed while 1)
+    compile: bool = neutral_field(False) # torch.compile each transformer block (not hashed while off)
 
     def __post_init__(self):
         for k in ('mask_ratio', 'teacher_temp', 'ema_momentum', 'betas'): setattr(self, k, tuple(getattr(self, k)))
@@ -388,6 +389,13 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 # %% ../nbs/05_pretrain.ipynb #011e3574
+def compile_blocks(module: nn.Module) -> int:
+    "`torch.compile` every member of every `nn.ModuleList` of `module` in place (its transformer blocks); returns how many."
+    blocks = [b for m in module.modules() if isinstance(m, nn.ModuleList) for b in m]
+    for b in blocks: b.compile()
+    return len(blocks)
+
+# %% ../nbs/05_pretrain.ipynb #b367e887
 def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: int | None = None, progress: bool = True) -> Path:
     "Train (or resume) the tokenizer run of `cfg`; returns its run directory. `max_steps` stops early (for tests)."
     cfg = PretrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
@@ -410,6 +418,7 @@ def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: 
     ddp = nn.parallel.DistributedDataParallel(trainer, find_unused_parameters=True, broadcast_buffers=False) if world > 1 else trainer
     load = lambda s: _load_batch(ds, batch_indices(s, cfg.batch_clip, len(ds), cfg.seed, rank, world), cfg.num_workers, device)
     flops = rows[-1]['flops_per_step'] if rows else count_step_flops(trainer, load(0)) * world
+    if cfg.compile: compile_blocks(trainer)                                # after the FLOP count (eager)
     keep = set(log_spaced_steps(cfg.steps, cfg.ckpt_log_points))
     end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     amp = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)

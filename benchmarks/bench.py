@@ -321,7 +321,8 @@ def main(argv=None):
     b = Bench(dev, peak, a.iters, a.compile); b.peak0 = peak
     for k, preset in enumerate(a.tok_presets.split(',')):
         for losses in ('CLIP+SSL+AE', 'AE'):
-            for compiled in ((False, True) if a.compile and dev.type == 'cpu' and k == 0 else (a.compile,)):  # CPU: first preset both ways
+            both = a.compile and dev.type == 'cpu' and k == 0                  # CPU: the first preset eager and compiled
+            for compiled in ((False, True) if both else (a.compile and dev.type == 'cuda',)):
                 tr, data = b.tokenizer_step(preset, losses, a.batch, a.scale, compiled)
                 if losses == 'CLIP+SSL+AE' and not compiled and not a.no_peers: b.peers(tr, data, preset)
                 del tr

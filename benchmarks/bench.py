@@ -128,7 +128,7 @@ class Bench:
         return tr, data
 
     def peers(self, tr, data, preset):
-        "timm ViT vs our trunk, open_clip text tower vs ours: forward + backward on identical shapes."
+        "timm ViT vs our trunk, open_clip text tower vs ours: forward + backward on identical shapes, timed interleaved."
         import timm, open_clip
         from vtp_nbdev.tokenizer import flop_counter_mode
         c, dev, ours = tr.model.config, self.device, tr.model
@@ -149,13 +149,22 @@ class Bench:
                  (f'peer/{preset}/open_clip', f'open_clip text fwd+bwd ({c.text_embed_dim}/{c.text_depth})', lambda: txt(data['tokens']).float().sum()),
                  (f'peer/{preset}/text', f'our text tower fwd+bwd ({c.text_embed_dim}/{c.text_depth})',
                   lambda: ours.get_clip_text_feature(data['tokens'], normalize=False).float().sum())]
+        flops, runs = {}, {}
         for key, name, fwd in cases:
-            reset_peak_memory(dev)
             with flop_counter_mode() as fc: fwd().backward()
-            def run():
+            flops[key] = fc.get_total_flops()
+            def run(fwd=fwd):
                 with autocast(dev): out = fwd()
                 out.backward()
-            self.record(key, name, B, fc.get_total_flops(), time_fn(run, self.iters, dev), peak_memory_mib(dev))
+            runs[key] = run
+        reset_peak_memory(dev)
+        ts = {k: [] for k in runs}                                  # interleaved, alternating order: no order/drift bias
+        for r in range(2 + self.iters):
+            for k in (list(runs) if r % 2 else list(runs)[::-1]):
+                sync(dev); t = time.perf_counter(); runs[k](); sync(dev)
+                if r >= 2: ts[k].append(time.perf_counter() - t)    # the first two rounds warm up
+        for key, name, _ in cases:
+            self.record(key, name, B, flops[key], statistics.median(ts[key]), peak_memory_mib(dev), 'timed interleaved with its peer')
 
     def dit_step(self, preset, batch, compiled=False):
         "The flow-matching step as `train_dit()` runs it: forward (autocast), backward, AdamW, EMA (`compiled`: `cfg.compile`)."

@@ -160,6 +160,37 @@ def test_fsdp_dit_two_ranks_match_one_and_resume(tiny_latents, tmp_path, spawn_r
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+# ---- FSDP for the tokenizer: student, heads and EMA teacher sharded over 2 ranks == 1 process; checkpoints move ------
+def _tok_worker(rank, world, port, cfg, runs, max_steps):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    pretrain(cfg, runs, device='cpu', max_steps=max_steps, progress=False, fsdp=True)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize('accum', [1, 2])
+def test_fsdp_tokenizer_two_ranks_match_one_and_resume(tmp_path, spawn_ranks, accum):
+    cfg = small_cfg(steps=4, ckpt_every=2, grad_accum=accum)               # CLIP+SSL+AE: scalar logit_scale, teacher, heads
+    one = pretrain(cfg, runs_dir=tmp_path/'one', device='cpu', progress=False)
+    spawn_ranks(_tok_worker, cfg, tmp_path/'fsdp', 2)                        # FSDP -> checkpoint at step 2
+    run = pretrain(cfg, runs_dir=tmp_path/'fsdp', device='cpu', max_steps=3, progress=False)   # -> 1 process
+    spawn_ranks(_tok_worker, cfg, tmp_path/'fsdp', None)                     # 1 process -> FSDP, to the end
+    assert json.loads((run/'done.json').read_text())['world_size'] == 2
+    ref, got = _rows(one), _rows(run)
+    assert [r['step'] for r in got] == [r['step'] for r in ref] == [1, 2, 3, 4]
+    for r, g in zip(ref, got):
+        for k in ('loss', 'rec', 'clip', 'dino', 'ibot', 'grad_norm', 'logit_scale'):
+            assert g[k] == pytest.approx(r[k], rel=1e-4, abs=1e-6), (r['step'], k)
+    from safetensors.torch import load_file
+    a, b = load_file(one/'final'/'model.safetensors'), load_file(run/'final'/'model.safetensors')
+    assert a.keys() == b.keys() and b['logit_scale'].shape == a['logit_scale'].shape == ()
+    for k in a:                     # the key bias has a zero gradient (softmax ignores it): Adam steps on rounding noise
+        if k.endswith('in_proj_bias'): E = a[k].numel() // 3; a[k][E:2 * E] = b[k][E:2 * E]
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    last = sorted((run/'checkpoints').glob('last-*'))[-1]                    # FSDP checkpoints: DDP's format and shapes
+    ta, tb = load_file(sorted((one/'checkpoints').glob('last-*'))[-1]), load_file(last)
+    assert ta.keys() == tb.keys() and all(ta[k].shape == tb[k].shape for k in ta)
+
+
 # ---- the deferred NaN check (CUDA's path: no host sync per step), exercised on CPU ---------------------------------
 def test_deferred_nan_check_stops_before_the_next_checkpoint(tmp_path, monkeypatch):
     import vtp_nbdev.pretrain as P

@@ -19,7 +19,7 @@ from .data import to_uint8
 from .tokenizer import VTPModel, flop_counter_mode
 from .pretrain import (atomic_save, batch_indices, restore_checkpoint, latest_checkpoint, log_spaced_steps,
                                 parse_overrides, _init_distributed, _prepare_run_dir, _resume_rows, _rewrite_jsonl, _save_rolling,
-                                _to_device, _defer_finite_check)
+                                _to_device, _defer_finite_check, _full, _gathered, shard_optimizer)
 from .latents import LatentDataset, load_latents_stats, destandardize, tokenizer_folder
 from .dit import LightningDiT, DIT_PRESETS, dit_config, load_lightningdit, save_lightningdit, _check_dit_args
 
@@ -337,37 +337,14 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
     return run
 
 # %% ../nbs/11_flow.ipynb #73c85bc1
-def _full(x):
-    "A DTensor (FSDP shard) gathered to the whole tensor; anything else unchanged (collective: call on every rank)."
-    from torch.distributed.tensor import DTensor
-    return x.full_tensor() if isinstance(x, DTensor) else x
-
-def _gathered(module: nn.Module, opt=None) -> tuple:
-    "Stand-ins with `state_dict()` of whole tensors for a (possibly sharded) module and optimiser (collective)."
-    sd = {k: _full(v) for k, v in module.state_dict().items()}
-    out = [types.SimpleNamespace(state_dict=lambda: sd)]
-    if opt is not None:
-        osd = opt.state_dict()
-        osd = dict(state={i: {k: _full(v) for k, v in st.items()} for i, st in osd['state'].items()}, param_groups=osd['param_groups'])
-        out.append(types.SimpleNamespace(state_dict=lambda: osd))
-    return tuple(out)
-
 def shard_dit(trainer: DiTTrainer, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     "Shard the online and EMA models with FSDP2 (per block, then the rest) in place; returns `opt` rebuilt on the shards."
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import distribute_tensor
     old = list(trainer.model.parameters())
     for m in (trainer.model, trainer.ema):
         for b in m.blocks: fully_shard(b)
         fully_shard(m)
-    new = list(trainer.model.parameters())
-    g = opt.param_groups[0]
-    keys = ('lr', 'betas', 'eps', 'weight_decay', 'amsgrad', 'maximize', 'foreach', 'capturable', 'differentiable', 'fused')
-    sharded = torch.optim.AdamW(new, **{k: g[k] for k in keys if k in g})
-    for p_old, p in zip(old, new):                                        # restored moments -> this rank's shards
-        if st := opt.state.get(p_old):
-            sharded.state[p] = {k: distribute_tensor(v, p.device_mesh, p.placements) if k != 'step' else v for k, v in st.items()}
-    return sharded
+    return shard_optimizer(opt, old, list(trainer.model.parameters()))
 
 # %% ../nbs/11_flow.ipynb #615c1382
 @torch.no_grad()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_pretrain.ipynb #614ef184
 from __future__ import annotations
-import argparse, contextlib, json, math, os, re, shutil, sys, tempfile, time
+import argparse, contextlib, json, math, os, re, shutil, sys, tempfile, time, types
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import numpy as np
@@ -24,8 +24,8 @@ from .losses import (ClipLoss, SigLipLoss, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT
 __all__ = ['PretrainConfig', 'cosine_schedule', 'step_schedules', 'batch_indices', 'VTPPretrainer', 'MicroBatch', 'micro_batches',
            'accumulate_grads', 'count_step_flops', 'atomic_save', 'checkpoint_state', 'CheckpointError',
            'read_checkpoint', 'restore_checkpoint', 'latest_checkpoint', 'make_optimizer', 'run_dir_for',
-           'log_spaced_steps', 'compile_blocks', 'pretrain', 'parse_overrides', 'main', 'GANFinetuneConfig',
-           'finetune_decoder_gan', 'demo_config']
+           'log_spaced_steps', 'compile_blocks', 'shard_optimizer', 'shard_tokenizer', 'pretrain', 'parse_overrides',
+           'main', 'GANFinetuneConfig', 'finetune_decoder_gan', 'demo_config']
 
 # %% ../nbs/05_pretrain.ipynb #c582decb
 @dataclass
@@ -174,6 +174,10 @@ class VTPPretrainer(nn.Module):
         total = total_loss(terms, self.weights)
         return total, {k: v.detach() for k, v in terms.items()}
 
+    def micro_batches(self, batch: dict, step: int, k: int) -> list:
+        "`micro_batches(self, ...)` as a method: FSDP registers it as a forward (it gathers the root's parameters)."
+        return micro_batches(self, batch, step, k)
+
     def ssl_terms(self, images, step):
         "DINO (CLS), iBOT (masked patches) and optional KoLeo terms on multi-crops of `images`."
         return self.ssl_student(self.ssl_targets(images, step))
@@ -267,7 +271,7 @@ def micro_batches(trainer: VTPPretrainer, batch: dict, step: int, k: int) -> lis
 def accumulate_grads(trainer: VTPPretrainer, batch: dict, step: int, k: int, ddp: nn.Module | None = None, amp=None) -> tuple:
     "Forward + backward of `batch` as `k` micro-batches into `.grad` (DDP syncs on the last); (loss, terms) of the batch."
     ddp, amp = ddp or trainer, amp or contextlib.nullcontext()
-    with amp: micro = micro_batches(trainer, batch, step, k)
+    with amp: micro = trainer.micro_batches(batch, step, k)
     terms = {}
     for mb in micro:
         part = {key: v[mb.j::k] for key, v in batch.items()}
@@ -396,8 +400,59 @@ def compile_blocks(module: nn.Module) -> int:
     return len(blocks)
 
 # %% ../nbs/05_pretrain.ipynb #b367e887
-def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: int | None = None, progress: bool = True) -> Path:
-    "Train (or resume) the tokenizer run of `cfg`; returns its run directory. `max_steps` stops early (for tests)."
+def _full(x):
+    "A DTensor (FSDP shard) gathered to the whole tensor; anything else unchanged (collective: call on every rank)."
+    from torch.distributed.tensor import DTensor
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+def _gathered(module: nn.Module, opt=None) -> tuple:
+    "Stand-ins with `state_dict()` of whole tensors (in their unsharded shapes) for a sharded module and optimiser (collective)."
+    shapes = getattr(module, '_fsdp_shapes', {})                         # parameters reshaped for FSDP -> their own shape
+    sd = {k: _full(v).reshape(shapes[k]) if k in shapes else _full(v) for k, v in module.state_dict().items()}
+    out = [types.SimpleNamespace(state_dict=lambda: sd)]
+    if opt is not None:
+        name = {id(p): n for n, p in module.named_parameters()}
+        idx = [name.get(id(p)) for g in opt.param_groups for p in g['params']]      # optimiser state index -> parameter
+        osd = opt.state_dict()
+        reshape = lambda i, k, v: v.reshape(shapes[idx[i]]) if idx[i] in shapes and k != 'step' else v
+        osd = dict(state={i: {k: reshape(i, k, _full(v)) for k, v in st.items()} for i, st in osd['state'].items()},
+                   param_groups=osd['param_groups'])
+        out.append(types.SimpleNamespace(state_dict=lambda: osd))
+    return tuple(out)
+
+def shard_optimizer(opt: torch.optim.Optimizer, old: list, new: list) -> torch.optim.Optimizer:
+    "`opt` (AdamW) rebuilt on the sharded parameters `new` (same order as `old`), its state moved to this rank's shards."
+    from torch.distributed.tensor import distribute_tensor
+    swap = {id(o): n for o, n in zip(old, new)}
+    groups = [{**{k: v for k, v in g.items() if k != 'params'}, 'params': [swap[id(p)] for p in g['params']]} for g in opt.param_groups]
+    sharded = torch.optim.AdamW(groups)
+    for p_old, p in zip(old, new):
+        if st := opt.state.get(p_old):
+            sharded.state[p] = {k: v if k == 'step' else distribute_tensor(v.reshape(p.shape), p.device_mesh, p.placements)
+                                for k, v in st.items()}
+    return sharded
+
+def shard_tokenizer(trainer: VTPPretrainer, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    "Shard `trainer` with FSDP2 in place (blocks, then the rest; 0-d parameters as `(1,)`); returns `opt` on the shards."
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    old = list(trainer.parameters())
+    trainer._fsdp_shapes = {}
+    for n, p in list(trainer.named_parameters()):
+        if p.ndim == 0:                                                   # FSDP2 shards dim 0: carry scalars as (1,)
+            mod, leaf = trainer.get_submodule(n.rpartition('.')[0]), n.rpartition('.')[2]
+            setattr(mod, leaf, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
+            trainer._fsdp_shapes[n] = p.shape
+    lists = [m for m in trainer.modules() if isinstance(m, nn.ModuleList) and not isinstance(m, nn.utils.parametrize.ParametrizationList)]
+    units = [b for m in lists for b in m if any(True for _ in b.parameters())]
+    for b in reversed(units): fully_shard(b)                              # reversed pre-order: children before parents
+    fully_shard(trainer)
+    register_fsdp_forward_method(trainer, 'micro_batches')              # gradient accumulation runs it outside `forward`
+    return shard_optimizer(opt, old, list(trainer.parameters()))
+
+# %% ../nbs/05_pretrain.ipynb #3e9bd125
+def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: int | None = None, progress: bool = True,
+             fsdp: bool = False) -> Path:
+    "Train (or resume) the tokenizer run of `cfg`; returns its run directory. `max_steps` stops early; `fsdp` shards (torchrun)."
     cfg = PretrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     device = get_device(device)
     rank, world = _init_distributed(device)
@@ -415,9 +470,11 @@ def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: 
     if (last := latest_checkpoint(run/'checkpoints')) is not None:
         step = restore_checkpoint(trainer, opt, last, h)
         rows = _resume_rows(run, step, rank)
-    ddp = nn.parallel.DistributedDataParallel(trainer, find_unused_parameters=True, broadcast_buffers=False) if world > 1 else trainer
+    fsdp = fsdp and world > 1
+    ddp = nn.parallel.DistributedDataParallel(trainer, find_unused_parameters=True, broadcast_buffers=False) if world > 1 and not fsdp else trainer
     load = lambda s: _load_batch(ds, batch_indices(s, cfg.batch_clip, len(ds), cfg.seed, rank, world), cfg.num_workers, device)
     flops = rows[-1]['flops_per_step'] if rows else count_step_flops(trainer, load(0)) * world
+    if fsdp: opt = shard_tokenizer(trainer, opt)                           # after the FLOP count (on the whole model)
     if cfg.compile: compile_blocks(trainer)                                # after the FLOP count (eager)
     keep = set(log_spaced_steps(cfg.steps, cfg.ckpt_log_points))
     end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
@@ -448,18 +505,21 @@ def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: 
         if step % cfg.log_every == 0 or step == end:
             vals = torch.stack([loss.detach().float(), *terms.values()])                 # logged values: mean over ranks
             if world > 1: dist.all_reduce(vals); vals /= world
-            row = dict(step=step, loss=vals[0].item(), **dict(zip(terms, vals[1:].tolist())), grad_norm=gnorm.item(),
+            row = dict(step=step, loss=vals[0].item(), **dict(zip(terms, vals[1:].tolist())), grad_norm=_full(gnorm).item(),
                        lr=sch['lr'], samples_seen=step * cfg.batch_clip, flops=step * flops, flops_per_step=flops,
-                       logit_scale=trainer.model.logit_scale.exp().item() if cfg.uses_clip else None, time_s=time.time() - t0)
+                       logit_scale=_full(trainer.model.logit_scale).exp().item() if cfg.uses_clip else None, time_s=time.time() - t0)
             rows.append(row); bar.set_postfix({k: f'{row[k]:.3g}' for k in ('loss', *terms)})
             if rank == 0:
                 with open(run/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
-        if rank == 0 and (step % cfg.ckpt_every == 0 or step in keep or step == end):
-            _save_rolling(run, trainer, opt, step, h, keep)
+        if step % cfg.ckpt_every == 0 or step in keep or step == end:
+            state = _gathered(trainer, opt) if fsdp else (trainer, opt)        # FSDP: every rank takes part in the gather
+            if rank == 0: _save_rolling(run, *state, step, h, keep)
     bar.close()
+    final = _gathered(trainer)[0].state_dict() if fsdp and step >= cfg.steps else None
     if rank == 0:
         _rewrite_jsonl(run/'metrics.jsonl', rows); _write_metrics(run, rows)
         if step >= cfg.steps:
+            if fsdp: trainer = VTPPretrainer(cfg); trainer.load_state_dict(final)     # whole tensors, on rank 0
             trainer.model.save_pretrained(run/'final')
             (run/'done.json').write_text(json.dumps(dict(steps=step, flops=step * flops, config_hash=h,
                                                          perceptual_loss=trainer.rec_loss.perceptual_enabled, world_size=world)))
@@ -540,11 +600,12 @@ def main(argv=None):
     p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='PretrainConfig field overrides')
     p.add_argument('--runs-dir'); p.add_argument('--device'); p.add_argument('--max-steps', type=int)
     p.add_argument('--no-progress', action='store_true')
+    p.add_argument('--fsdp', action='store_true', help='under torchrun: shard tokenizer, heads and teacher (FSDP2) instead of DDP')
     a = p.parse_args(argv)
     d = json.loads(Path(a.config).read_text()) if a.config else {}
     try: cfg = PretrainConfig.from_dict({**d, **parse_overrides(a.set)})
     except (ValueError, TypeError) as e: p.error(str(e))
-    run = pretrain(cfg, a.runs_dir, a.device, a.max_steps, progress=not a.no_progress)
+    run = pretrain(cfg, a.runs_dir, a.device, a.max_steps, progress=not a.no_progress, fsdp=a.fsdp)
     if _rank() == 0: print(run)
     return run
 

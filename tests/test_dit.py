@@ -107,3 +107,17 @@ def test_presets():
     assert dit_config('XL/1')['input_size'] == 16 and dit_config('XL/1')['in_channels'] == 64
     with pytest.raises(ValueError, match='unknown LightningDiT preset'): dit_config('H/1')
     with pytest.raises(ValueError, match='divisible'): LightningDiT(hidden_size=100, num_heads=16)
+
+
+def test_bf16_autocast_forward_and_backward():
+    # the CUDA training path runs under bf16 autocast: every layer (RoPE's complex product too) must accept bf16
+    m = build_dit('tiny')
+    x, t, y = torch.randn(2, 16, 8, 8), torch.rand(2), torch.tensor([1, 20])
+    with torch.autocast('cpu', torch.bfloat16): out = m(x, t, y)
+    out.float().square().mean().backward()
+    assert out.shape == x.shape and torch.isfinite(out.float()).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters() if p.requires_grad and p.grad is not None)
+    with torch.no_grad(): ref = m(x, t, y)
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05                   # bf16 vs fp32: close, not equal
+    q = torch.randn(2, 4, 64, 16, dtype=torch.bfloat16)                                       # CUDA autocast hands RoPE bf16 q, k
+    assert m.feat_rope(q).dtype == torch.float32                                               # rotated in fp32, as t·cos promotes

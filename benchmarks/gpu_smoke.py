@@ -3,7 +3,7 @@
     python benchmarks/gpu_smoke.py [--out gpu_smoke.json] [--compile]
 
 Pre-trains a `tiny` tokenizer (CLIP+SSL+AE, and with gradient accumulation) for a few steps on CUDA and on CPU from
-the same weights and batches, compares the first losses (bf16 vs fp32: a loose tolerance), then trains the DiT proxy
+the same weights and batches, compares the first 3 losses (bf16 vs fp32: within 2%), then trains the DiT proxy
 on its latents, samples and scores FD, all on CUDA. Prints and writes one JSON record; exits 1 on any failed check.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(argv=None):
         rec[name] = dict(cuda_first=[r['loss'] for r in g], cpu_first=[r['loss'] for r in c],
                          cuda_last=first_rows(gpu, 10 ** 6)[-1]['loss'], done=(gpu/'done.json').exists())
         ok = rec[name]['done'] and all(math.isfinite(r['loss']) for r in first_rows(gpu, 10 ** 6)) \
-            and abs(g[0]['loss'] - c[0]['loss']) <= 0.05 * abs(c[0]['loss']) and rec[name]['cuda_last'] < g[0]['loss']
+            and all(abs(x['loss'] - y['loss']) <= 0.02 * abs(y['loss']) for x, y in zip(g, c))     # bf16 vs fp32, 3 steps
         if not ok: failed.append(name)
         print(name, json.dumps(rec[name]), flush=True)
     t = time.time()

@@ -481,6 +481,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'vtp_nbdev.scaling._pick': ('scaling.html#_pick', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling._write_record': ('scaling.html#_write_record', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.export_checkpoint': ('scaling.html#export_checkpoint', 'vtp_nbdev/scaling.py'),
+                                   'vtp_nbdev.scaling.final_seed_spread': ('scaling.html#final_seed_spread', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.flops_per_step': ('scaling.html#flops_per_step', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.guided_point': ('scaling.html#guided_point', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.load_results': ('scaling.html#load_results', 'vtp_nbdev/scaling.py'),

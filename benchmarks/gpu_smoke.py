@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def first_rows(run: Path, n: int = 3) -> list:
-    return [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()][:n]
+def logged(run: Path) -> list:
+    "The logged rows of a run (`metrics.jsonl`)."
+    return [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]
 
 
 def main(argv=None):
@@ -35,10 +36,10 @@ def main(argv=None):
         gpu = pretrain(PretrainConfig(**base, **kw), runs_dir=runs/'cuda', device='cuda', progress=False)
         rec[f'{name}_s'] = time.time() - t
         cpu = pretrain(PretrainConfig(**base, **kw), runs_dir=runs/'cpu', device='cpu', max_steps=3, progress=False)
-        g, c = first_rows(gpu), first_rows(cpu)
-        rec[name] = dict(cuda_first=[r['loss'] for r in g], cpu_first=[r['loss'] for r in c],
-                         cuda_last=first_rows(gpu, 10 ** 6)[-1]['loss'], done=(gpu/'done.json').exists())
-        ok = rec[name]['done'] and all(math.isfinite(r['loss']) for r in first_rows(gpu, 10 ** 6)) \
+        g, c = logged(gpu), logged(cpu)                                   # the CPU run stops after 3 steps
+        rec[name] = dict(cuda_first=[r['loss'] for r in g[:3]], cpu_first=[r['loss'] for r in c], cuda_last=g[-1]['loss'],
+                         done=(gpu/'done.json').exists())
+        ok = rec[name]['done'] and all(math.isfinite(r['loss']) for r in g) \
             and all(abs(x['loss'] - y['loss']) <= 0.02 * abs(y['loss']) for x, y in zip(g, c))     # bf16 vs fp32, 3 steps
         if not ok: failed.append(name)
         print(name, json.dumps(rec[name]), flush=True)

@@ -443,7 +443,7 @@ def shard_tokenizer(trainer: VTPPretrainer, opt: torch.optim.Optimizer) -> torch
             setattr(mod, leaf, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
             trainer._fsdp_shapes[n] = p.shape
     lists = [m for m in trainer.modules() if isinstance(m, nn.ModuleList) and not isinstance(m, nn.utils.parametrize.ParametrizationList)]
-    units = [b for m in lists for b in m if any(True for _ in b.parameters())]
+    units = [b for m in lists for b in m if next(b.parameters(), None) is not None]
     for b in reversed(units): fully_shard(b)                              # reversed pre-order: children before parents
     fully_shard(trainer)
     register_fsdp_forward_method(trainer, 'micro_batches')              # gradient accumulation runs it outside `forward`
@@ -515,12 +515,16 @@ def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: 
             state = _gathered(trainer, opt) if fsdp else (trainer, opt)        # FSDP: every rank takes part in the gather
             if rank == 0: _save_rolling(run, *state, step, h, keep)
     bar.close()
-    final = _gathered(trainer)[0].state_dict() if fsdp and step >= cfg.steps else None
+    final = trainer.model
+    if fsdp and step >= cfg.steps:                                         # FSDP: every rank gathers, rank 0 keeps the tokenizer
+        sd = _gathered(trainer)[0].state_dict()
+        if rank == 0:
+            final = VTPModel(trainer.model.config)
+            final.load_state_dict({k[len('net.model.'):]: v for k, v in sd.items() if k.startswith('net.model.')})
     if rank == 0:
         _rewrite_jsonl(run/'metrics.jsonl', rows); _write_metrics(run, rows)
         if step >= cfg.steps:
-            if fsdp: trainer = VTPPretrainer(cfg); trainer.load_state_dict(final)     # whole tensors, on rank 0
-            trainer.model.save_pretrained(run/'final')
+            final.save_pretrained(run/'final')
             (run/'done.json').write_text(json.dumps(dict(steps=step, flops=step * flops, config_hash=h,
                                                          perceptual_loss=trainer.rec_loss.perceptual_enabled, world_size=world)))
     if world > 1: dist.barrier()

@@ -174,7 +174,7 @@ class Bench:
         reset_peak_memory(self.device)
         torch.manual_seed(0)
         tr = DiTTrainer(args, cfg).to(self.device)
-        opt = torch.optim.AdamW(tr.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)
+        opt = torch.optim.AdamW(tr.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)   # as train_dit
         C, H, dev = args['in_channels'], args['input_size'], self.device
         data = dict(x1=torch.randn(batch, C, H, H, device=dev), y=torch.randint(0, args['num_classes'], (batch,), device=dev),
                     t=torch.rand(batch, device=dev), x0=torch.randn(batch, C, H, H, device=dev), drop=torch.zeros(batch, dtype=torch.long, device=dev))

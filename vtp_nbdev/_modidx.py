@@ -458,6 +458,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'vtp_nbdev.pretrain.log_spaced_steps': ('pretrain.html#log_spaced_steps', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.main': ('pretrain.html#main', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.make_optimizer': ('pretrain.html#make_optimizer', 'vtp_nbdev/pretrain.py'),
+                                    'vtp_nbdev.pretrain.masked_tokens': ('pretrain.html#masked_tokens', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.micro_batches': ('pretrain.html#micro_batches', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.parse_overrides': ('pretrain.html#parse_overrides', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.pretrain': ('pretrain.html#pretrain', 'vtp_nbdev/pretrain.py'),

@@ -478,9 +478,9 @@ def random_resized_crops(images, size, scale, ratio=(3 / 4, 4 / 3), generator=No
     logr = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), **g)[rank::world]
     w = (area * logr.exp()).sqrt().clamp(1, W); h = (area / logr.exp()).sqrt().clamp(1, H)
     x0 = torch.rand(n, **g)[rank::world] * (W - w); y0 = torch.rand(n, **g)[rank::world] * (H - h)
-    boxes = torch.stack([torch.arange(B, dtype=torch.float), x0, y0, x0 + w, y0 + h], 1).to(images)  # (B, 5)
+    boxes = torch.stack([torch.arange(B, dtype=torch.float), x0, y0, x0 + w, y0 + h], 1).to(images, non_blocking=True)  # (B, 5); no host sync
     out = roi_align(images, boxes, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)  # (B, C, s, s)
-    flip = (torch.rand(n, **g)[rank::world] < 0.5).to(images.device)
+    flip = (torch.rand(n, **g)[rank::world] < 0.5).to(images.device, non_blocking=True)
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 def multicrop(images, n_global=2, n_local=4, patch_size=4, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32),

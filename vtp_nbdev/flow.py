@@ -263,7 +263,7 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
     if world > 1: dist.barrier()                                           # rank 0 has written config.json
     seed_everything(cfg.seed)
     trainer = recipe.trainer(model_args, cfg).to(device)
-    opt = torch.optim.AdamW(trainer.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)
+    opt = torch.optim.AdamW(trainer.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)   # one fused kernel (CPU and CUDA)
     step, rows = 0, []
     if (last := latest_checkpoint(run/'checkpoints')) is not None:
         step = restore_checkpoint(trainer, opt, last, h)

@@ -159,7 +159,7 @@ class _TeacherCenter(nn.Module):
     def update_center(self, teacher_logits):
         "EMA update `c <- m*c + (1-m)*mean(teacher_logits)`, the mean taken over the rows of all ranks."
         t = teacher_logits.float().reshape(-1, self.center.shape[-1])
-        stats = torch.cat([t.sum(0), t.new_tensor([t.shape[0]])])                  # (K+1,) sum and count
+        stats = torch.cat([t.sum(0), t.new_full((1,), t.shape[0])])                # (K+1,) sum and count (no host-to-device copy)
         if dist_ready(): dist.all_reduce(stats)
         mean = stats[:-1] / stats[-1].clamp(min=1)
         self.center.mul_(self.center_momentum).add_(mean[None], alpha=1 - self.center_momentum)
@@ -195,7 +195,8 @@ class iBOTPatchLoss(_TeacherCenter):
                              f"teacher {tuple(teacher_probs.shape)}")
         ce = -(teacher_probs * F.log_softmax(student_logits.float() / self.student_temp, dim=-1)).sum(-1)   # (M,)
         if masks_weight is None:
-            masks_weight = (1 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]        # (M,)
+            masks_weight = (1 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]        # (M,), on the masks' device
+        masks_weight = masks_weight.to(ce.device, non_blocking=True)                 # CPU masks: no host sync on CUDA
         return (ce * masks_weight).sum() / masks.shape[0]
 
 # %% ../nbs/04_losses.ipynb #715a52dd

@@ -21,11 +21,11 @@ from .losses import (ClipLoss, SigLipLoss, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT
                               teacher_temp_schedule, exp_logit_scale, LOSS_PRESETS)
 
 # %% auto #0
-__all__ = ['PretrainConfig', 'cosine_schedule', 'step_schedules', 'batch_indices', 'VTPPretrainer', 'MicroBatch', 'micro_batches',
-           'accumulate_grads', 'count_step_flops', 'atomic_save', 'checkpoint_state', 'CheckpointError',
-           'read_checkpoint', 'restore_checkpoint', 'latest_checkpoint', 'make_optimizer', 'run_dir_for',
-           'log_spaced_steps', 'compile_blocks', 'shard_optimizer', 'shard_tokenizer', 'pretrain', 'parse_overrides',
-           'main', 'GANFinetuneConfig', 'finetune_decoder_gan', 'demo_config']
+__all__ = ['PretrainConfig', 'cosine_schedule', 'step_schedules', 'batch_indices', 'masked_tokens', 'VTPPretrainer', 'MicroBatch',
+           'micro_batches', 'accumulate_grads', 'count_step_flops', 'atomic_save', 'checkpoint_state',
+           'CheckpointError', 'read_checkpoint', 'restore_checkpoint', 'latest_checkpoint', 'make_optimizer',
+           'run_dir_for', 'log_spaced_steps', 'compile_blocks', 'shard_optimizer', 'shard_tokenizer', 'pretrain',
+           'parse_overrides', 'main', 'GANFinetuneConfig', 'finetune_decoder_gan', 'demo_config']
 
 # %% ../nbs/05_pretrain.ipynb #c582decb
 @dataclass
@@ -134,6 +134,12 @@ def batch_indices(step: int, batch: int, n: int, seed: int = 0, rank: int = 0, w
         out += take; pos += len(take)
     return out[rank::world]
 
+# %% ../nbs/05_pretrain.ipynb #af2bc60a
+def masked_tokens(tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    "The tokens (B, N, D) where `masks` (B, N) is True, as (M, D) in row-major order; CPU masks: no host sync on CUDA."
+    idx = masks.flatten().nonzero().squeeze(1).to(tokens.device, non_blocking=True)      # (M,)
+    return tokens.flatten(0, 1).index_select(0, idx)
+
 # %% ../nbs/05_pretrain.ipynb #963fa668
 class VTPPretrainer(nn.Module):
     "Tokenizer + SSL heads + EMA teacher + losses; `forward(batch, step)` -> (total loss, dict of detached terms)."
@@ -192,13 +198,13 @@ class VTPPretrainer(nn.Module):
         b = images.shape[0]
         gh = glob.shape[-2] // m.config.vision_patch_size; gw = glob.shape[-1] // m.config.vision_patch_size
         masks = block_masks(2 * b * world, (gh, gw), cfg.mask_ratio, cfg.mask_prob, generator=g)           # (2bW, N)
-        masks = masks.view(2, b * world, -1)[:, rank::world].reshape(2 * b, -1).to(images.device)        # (2b, N)
+        masks = masks.view(2, b * world, -1)[:, rank::world].reshape(2 * b, -1)                          # (2b, N), on the CPU
         temp = step_schedules(cfg, step)['teacher_temp']
         with torch.no_grad():
             t_cls, t_patch = net.teacher.trunk.forward_features(glob)              # (2b, D), (2b, N, D)
             t_sem = lambda t: t if m.config.vision_bottleneck_ae_only else net.teacher.trunk.bottleneck(t)
-            t_cls_logits = net.teacher.dino_head(t_sem(t_cls))                     # (2b, K)
-            t_patch_logits = net.teacher.dino_head(t_sem(t_patch[masks]))          # (M, K)
+            t_logits = net.teacher.dino_head(t_sem(torch.cat([t_cls, masked_tokens(t_patch, masks)])))   # (2b + M, K): one head call
+            t_cls_logits, t_patch_logits = t_logits[:2 * b], t_logits[2 * b:]     # (2b, K), (M, K)
             pd = self._teacher(self.dino_loss, t_cls_logits.view(2, b, -1), temp)  # (2, b, K)
             pi = self._teacher(self.ibot_loss, t_patch_logits, temp)               # (M, K)
         return dict(glob=glob, loc=loc, masks=masks, pd=pd, pi=pi)
@@ -208,11 +214,14 @@ class VTPPretrainer(nn.Module):
         cfg, net, m = self.cfg, self.net, self.net.model
         glob, loc, masks, pd, pi = t['glob'], t['loc'], t['masks'], t['pd'], t['pi']
         m.trunk.set_drop_path(cfg.drop_path_ssl)
-        s_cls, s_patch = m.forward_features(glob, masks)                          # student on masked global crops
-        s_logits = list(net.dino_head(m.semantic_features(s_cls)).chunk(2))       # 2 x (b, K)
-        s_logits += [net.dino_head(m.semantic_features(m.forward_features(l)[0])) for l in loc]   # local crops
-        out = dict(dino=self.dino_loss(s_logits, list(pd)))
-        if masks.any(): out['ibot'] = self.ibot_loss(net.dino_head(m.semantic_features(s_patch[masks])), pi, masks)
+        s_cls, s_patch = m.forward_features(glob, masks.to(glob.device, non_blocking=True))   # student on masked global crops
+        cls = [s_cls] + ([m.forward_features(torch.cat(loc))[0]] if loc else [])   # (2b, D) + (n_local*b, D): one pass for all local crops
+        s_tok = torch.cat(cls + [masked_tokens(s_patch, masks)])                  # (2b + n_local*b + M, D)
+        s_out = net.dino_head(m.semantic_features(s_tok))                         # one head call for DINO and iBOT
+        n_cls = sum(c.shape[0] for c in cls)
+        s_logits = s_out[:n_cls].chunk(2 + len(loc))                               # (2 + n_local) x (b, K)
+        out = dict(dino=self.dino_loss(list(s_logits), list(pd)))
+        if masks.any(): out['ibot'] = self.ibot_loss(s_out[n_cls:], pi, masks)     # masks on the CPU: no host sync
         else: out['ibot'] = s_patch.sum() * 0                                      # no masked token in this batch
         if self.koleo_loss is not None: out['koleo'] = sum(self.koleo_loss(c) for c in s_cls.chunk(2)) / 2
         return out
@@ -248,11 +257,13 @@ class MicroBatch:
         "This micro-batch's rows (j::k of each crop) of the whole batch's SSL crops, masks and teacher targets."
         t, j, k = self.ssl, self.j, self.k
         b = t['pd'].shape[1]
-        keep = (torch.arange(b) % k == j).to(t['glob'].device)                      # (b,)
+        keep = torch.arange(b) % k == j                                             # (b,), on the CPU like the masks
         rows = keep.repeat(2)                                                       # (2b,): both global crops
         tok_rows = t['masks'].nonzero()[:, 0]                                       # (M,): the row of each masked token
-        return dict(glob=t['glob'][rows], loc=[l[keep] for l in t['loc']], masks=t['masks'][rows], pd=t['pd'][:, keep],
-                    pi=t['pi'][rows[tok_rows]])
+        dev = t['glob'].device
+        on = lambda i: i.nonzero().squeeze(1).to(dev, non_blocking=True)           # bool (CPU) -> indices on the device
+        return dict(glob=t['glob'][on(rows)], loc=[l[on(keep)] for l in t['loc']], masks=t['masks'][rows],
+                    pd=t['pd'][:, on(keep)], pi=t['pi'][on(rows[tok_rows])])
 
 @torch.no_grad()
 def micro_batches(trainer: VTPPretrainer, batch: dict, step: int, k: int) -> list:
@@ -367,7 +378,7 @@ def make_optimizer(trainer: nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW
     for n, p in trainer.named_parameters():
         if p.requires_grad: (decay if p.ndim >= 2 and 'token' not in n else no_decay).append(p)
     return torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.)],
-                             lr=cfg.lr, betas=cfg.betas, foreach=True)   # multi-tensor: same bits, ~1.5x faster on CPU
+                             lr=cfg.lr, betas=cfg.betas, fused=True)   # one fused kernel: ~3.5x faster than foreach on CPU (rounding-level differences)
 
 # %% ../nbs/05_pretrain.ipynb #e493b519
 def run_dir_for(cfg: PretrainConfig, runs_dir=None) -> Path:

@@ -136,6 +136,42 @@ def test_benchmark_quick_run_writes_report(tmp_path):
         assert s in text, s
 
 
+
+def test_gpu_profile_dry_run_on_cpu():
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'gpu_profile.py'), '--device', 'cpu', '--preset', 'tiny', '--batch', '8', '--iters', '1'],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for s in ('VTP-tiny CLIP+SSL+AE step, batch 8', '- ssl_student', '- backward', 'top operators by CPU time', '| 8 | no |'):
+        assert s in r.stdout, s
+
+
+def test_repro_cost_sums_runs_once_and_floors_at_peak(tmp_path):
+    "Two points of one tokenizer run count its time once; t2i and DiT proxy runs are read from their logs."
+    import json
+    res, runs = tmp_path/'results'/'cpu', tmp_path/'runs'
+    (res/'t2i').mkdir(parents=True)
+    proxy = dict(preset='S', steps=800, batch=64)
+    for i, step in enumerate((100, 200)):
+        (res/f'p{i}.json').write_text(json.dumps(dict(config_hash='tok1', seconds=dict(evaluate=10., generation=200.), dit_proxy=proxy)))
+    (res/'t2i'/'q.json').write_text(json.dumps(dict(config_hash='tok2', seconds=dict(latents_and_training=300., sampling_and_metrics=60.), t2i_flops=3.6e15)))
+    for h, t, f in (('tok1', 3600., 7.2e14), ('tok2', 1800., 3.6e14)):
+        (runs/'tokenizer'/h).mkdir(parents=True); (runs/'tokenizer'/h/'metrics.jsonl').write_text(json.dumps(dict(time_s=t / 2)) + '\n' + json.dumps(dict(time_s=t, flops=f)) + '\n')
+    for d, cfg in (('d1', proxy), ('d2', dict(preset='tiny', steps=10, batch=8))):           # d2: not the proxy
+        (runs/'dit'/d).mkdir(parents=True); (runs/'dit'/d/'config.json').write_text(json.dumps(cfg)); (runs/'dit'/d/'done.json').write_text('{}')
+        (runs/'dit'/d/'metrics.jsonl').write_text(json.dumps(dict(time_s=150., flops=1e13)) + '\n')
+    r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'repro_cost.py'), '--root', str(tmp_path), '--peak-gflops', '100', '--out', 'cost.md'],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path/'cost.md').read_text()
+    assert '| tokenizer pre-training | 2 | 1.50 | ' in text                     # tok1 once (1 h) + tok2 (0.5 h)
+    assert '| 1080 | 200 | 3.00 |' in text                                   # 1.08e15 FLOPs in 5400 s; at 100 GFLOP/s: 3 h
+    assert '| text-to-image point | 1 | 0.10 |' in text and '| DiT proxy training (inside the generation points) | 1 |' in text
+    assert '**total** | | **1.72**' in text                                 # 1.5 h + 20 s + 400 s + 360 s
+    r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'repro_cost.py'), '--root', str(tmp_path), '--scale', 'paper'], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and 'no committed points' in r.stderr
+
+
 # ---- FSDP (FSDP2 over gloo): LightningDiT sharded over 2 ranks == 1 process; its checkpoints resume anywhere --------
 def _dit_worker(rank, world, port, cfg, lat, runs, max_steps, fsdp):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))

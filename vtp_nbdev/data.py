@@ -20,8 +20,8 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SHAPE_KINDS', 'COLOURS', 'SIZES', '
            'get_text_tokenizer', 'tokenize', 'shapes_attributes', 'shapes_label', 'render_shapes', 'shapes_caption',
            'shapes_sample', 'VTPDataset', 'ShapesDataset', 'read_idx', 'fashion_mnist_dir', 'FashionMNISTDataset',
            'BadSampleError', 'load_image', 'ImageFolderDataset', 'ImageTextDataset', 'TarShardDataset',
-           'stream_indices', 'ShardedStream', 'check_resolution', 'get_dataset', 'zero_shot_prompts', 'local_crop_size',
-           'random_resized_crops', 'multicrop', 'block_masks']
+           'stream_indices', 'ShardedStream', 'check_resolution', 'get_dataset', 'MemoDataset', 'zero_shot_prompts',
+           'local_crop_size', 'random_resized_crops', 'multicrop', 'block_masks']
 
 # %% ../nbs/01_data.ipynb #ef9dfebd
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -448,6 +448,23 @@ def get_dataset(name: str, split: str = 'train', res: int = 32, patch_size: int 
     else: raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
     if len(ds) == 0: raise ValueError(f"dataset {name!r} split {split!r} is empty")
     return ds
+
+# %% ../nbs/01_data.ipynb #4db94cc0
+class MemoDataset(Dataset):
+    "`ds` with each sample kept after its first read while the kept tensors fit in `max_bytes` (deterministic datasets only)."
+    def __init__(self, ds, max_bytes: int = 2 ** 30):
+        self.ds, self.max_bytes, self.kept, self.bytes = ds, max_bytes, {}, 0
+    def __len__(self): return len(self.ds)
+    def __getitem__(self, i):
+        k = i % len(self.ds) if -len(self.ds) <= i < len(self.ds) else i          # out of range: `ds` raises its own error
+        if (s := self.kept.get(k)) is not None: return s
+        s = self.ds[k]
+        size = sum(v.numel() * v.element_size() for v in s.values() if torch.is_tensor(v))
+        if self.bytes + size <= self.max_bytes: self.kept[k] = s; self.bytes += size
+        return s
+    def __getattr__(self, name):                                                  # classes, attributes(), n, ...
+        if name == 'ds': raise AttributeError(name)
+        return getattr(self.ds, name)
 
 # %% ../nbs/01_data.ipynb #a5f119cc
 ZERO_SHOT_TEMPLATES = {

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file, load_file, safe_open
 from tqdm.auto import tqdm
 from .config import PlainConfig, neutral_field, get_settings, get_device, config_hash, seed_everything
-from .data import get_dataset, multicrop, block_masks
+from .data import get_dataset, MemoDataset, multicrop, block_masks
 from .tokenizer import VTPModel, VTPPretrainModel, vtp_config, flop_counter_mode, VTP_PRESETS
 from .losses import (ClipLoss, SigLipLoss, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT, DINOLoss, iBOTPatchLoss, KoLeoLoss, ReconstructionLoss, loss_weights, total_loss,
                               teacher_temp_schedule, exp_logit_scale, LOSS_PRESETS)
@@ -475,8 +475,8 @@ def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: 
     seed_everything(cfg.seed)
     trainer = VTPPretrainer(cfg).to(device)
     opt = make_optimizer(trainer, cfg)
-    ds = get_dataset(cfg.dataset, 'train', res=trainer.model.config.image_size, patch_size=trainer.model.config.vision_patch_size,
-                     context_length=trainer.model.config.text_context_length, **{'seed': cfg.seed, **cfg.dataset_kwargs})
+    ds = MemoDataset(get_dataset(cfg.dataset, 'train', res=trainer.model.config.image_size, patch_size=trainer.model.config.vision_patch_size,
+                                 context_length=trainer.model.config.text_context_length, **{'seed': cfg.seed, **cfg.dataset_kwargs}))   # epochs re-read it
     step, rows = 0, []
     if (last := latest_checkpoint(run/'checkpoints')) is not None:
         step = restore_checkpoint(trainer, opt, last, h)

@@ -34,6 +34,18 @@ def test_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta if k.startswith(('model.', 'optim.')))  # teacher, centres, moments too
 
 
+
+def test_worker_prefetch_is_bit_identical_and_resumes(tmp_path):
+    "num_workers=2 prefetches the same batches in the same order, also after a resume from step 3."
+    base = pretrain(small_cfg(), runs_dir=tmp_path/'a', device='cpu', progress=False)
+    cfg = small_cfg(num_workers=2)
+    pretrain(cfg, runs_dir=tmp_path/'b', device='cpu', max_steps=3, progress=False)
+    run = pretrain(cfg, runs_dir=tmp_path/'b', device='cpu', progress=False)
+    a, b = load_file(base/'final'/'model.safetensors'), load_file(run/'final'/'model.safetensors')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda r: [json.loads(l)['loss'] for l in (r/'metrics.jsonl').read_text().splitlines()]
+    assert losses(base) == losses(run) and len(losses(run)) == 6
+
 def test_losses_fall_on_shapes(tmp_path):
     run = pretrain(small_cfg(steps=30, log_every=5, ckpt_every=30, lr=2e-3, warmup=0.1), runs_dir=tmp_path, device='cpu', progress=False)
     rows = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]

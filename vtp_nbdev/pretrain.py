@@ -25,7 +25,7 @@ __all__ = ['PretrainConfig', 'cosine_schedule', 'step_schedules', 'batch_indices
            'micro_batches', 'accumulate_grads', 'count_step_flops', 'atomic_save', 'checkpoint_state',
            'CheckpointError', 'read_checkpoint', 'restore_checkpoint', 'latest_checkpoint', 'make_optimizer',
            'run_dir_for', 'log_spaced_steps', 'compile_blocks', 'shard_optimizer', 'shard_tokenizer', 'pretrain',
-           'parse_overrides', 'main', 'GANFinetuneConfig', 'finetune_decoder_gan', 'demo_config']
+           'step_batches', 'parse_overrides', 'main', 'GANFinetuneConfig', 'finetune_decoder_gan', 'demo_config']
 
 # %% ../nbs/05_pretrain.ipynb #c582decb
 @dataclass
@@ -62,7 +62,7 @@ class PretrainConfig(PlainConfig):
     log_every: int = 10
     ckpt_every: int = 100                # rolling checkpoint for resume
     ckpt_log_points: int = 0             # extra checkpoints at this many log-spaced steps (scaling curves)
-    num_workers: int = 0
+    num_workers: int = 0                 # data-loader processes that prefetch batches (0: collated in this process)
     grad_accum: int = neutral_field(1)   # micro-batches per step (same global batch; not hashed while 1)
     compile: bool = neutral_field(False) # torch.compile each transformer block (not hashed while off)
 
@@ -483,8 +483,8 @@ def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: 
         rows = _resume_rows(run, step, rank)
     fsdp = fsdp and world > 1
     ddp = nn.parallel.DistributedDataParallel(trainer, find_unused_parameters=True, broadcast_buffers=False) if world > 1 and not fsdp else trainer
-    load = lambda s: _load_batch(ds, batch_indices(s, cfg.batch_clip, len(ds), cfg.seed, rank, world), cfg.num_workers, device)
-    flops = rows[-1]['flops_per_step'] if rows else count_step_flops(trainer, load(0)) * world
+    idx = lambda s: batch_indices(s, cfg.batch_clip, len(ds), cfg.seed, rank, world)
+    flops = rows[-1]['flops_per_step'] if rows else count_step_flops(trainer, _load_batch(ds, idx(0), device)) * world
     if fsdp: opt = shard_tokenizer(trainer, opt)                           # after the FLOP count (on the whole model)
     if cfg.compile: compile_blocks(trainer)                                # after the FLOP count (eager)
     keep = set(log_spaced_steps(cfg.steps, cfg.ckpt_log_points))
@@ -493,10 +493,11 @@ def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: 
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc=f'pretrain {cfg.losses} {cfg.preset}')
     defer, bad = _defer_finite_check(device), torch.full((), -1, dtype=torch.long, device=device)   # first non-finite step
     t0 = time.time()
+    batches = step_batches(ds, (idx(s) for s in range(step, end)), cfg.num_workers, device)   # lazily, in step order, from the resumed step
     while step < end:
         sch = step_schedules(cfg, step)
         for g in opt.param_groups: g['lr'] = sch['lr']
-        batch = load(step)
+        batch = next(batches)
         opt.zero_grad(set_to_none=True)
         if cfg.grad_accum > 1: loss, terms = accumulate_grads(trainer, batch, step, cfg.grad_accum, ddp, amp)   # backward done
         else:
@@ -574,10 +575,19 @@ def _resume_rows(run: Path, step: int, rank: int = 0) -> list:
 def _rewrite_jsonl(path: Path, rows: list):
     tmp = path.with_suffix('.tmp'); tmp.write_text(''.join(json.dumps(r) + '\n' for r in rows)); os.replace(tmp, path)
 
-def _load_batch(ds, idx: list, num_workers: int, device) -> dict:
+def _load_batch(ds, idx: list, device) -> dict:
     "Collate the samples `idx` of `ds` and move the tensors to `device` (CUDA: from pinned memory, without a host sync)."
-    b = torch.utils.data.default_collate([ds[i] for i in idx])
+    return _batch_to(torch.utils.data.default_collate([ds[i] for i in idx]), device)
+
+def _batch_to(b: dict, device) -> dict:
     return {k: _to_device(v, device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+def step_batches(ds, indices, num_workers: int, device):
+    "Iterator over the batches of `indices` (an iterable of index lists, one per step), in order: collated here, or prefetched by `num_workers` processes."
+    if num_workers == 0: return (_load_batch(ds, i, device) for i in indices)
+    dl = torch.utils.data.DataLoader(ds, batch_sampler=indices, num_workers=num_workers, pin_memory=torch.device(device).type == 'cuda',
+                                     prefetch_factor=4)                   # every sample is deterministic by index: no worker seeding
+    return (_batch_to(b, device) for b in dl)
 
 def _to_device(x: torch.Tensor, device) -> torch.Tensor:
     "`x` on `device`; a CPU -> CUDA copy goes through pinned memory asynchronously (a pageable copy waits for the GPU)."
@@ -661,7 +671,7 @@ def finetune_decoder_gan(run, cfg: GANFinetuneConfig | None = None, device=None,
     last = model.pixel_decoder.proj_out.weight
     rows = []
     for step in tqdm(range(cfg.steps), disable=not progress, desc='stage-2 GAN'):
-        x = _load_batch(ds, batch_indices(step, cfg.batch, len(ds), cfg.seed + 1), 0, device)['image']
+        x = _load_batch(ds, batch_indices(step, cfg.batch, len(ds), cfg.seed + 1), device)['image']
         with torch.no_grad(): z = model.get_reconstruction_latents(x)                 # frozen encoder
         rec = model.get_latents_decoded_images(z)                                     # (B, 3, H, W)
         l_rec = rec_loss(rec, x)

@@ -65,7 +65,7 @@ def flops_per_step(cfg: PretrainConfig) -> int:
         mc = trainer.model.config
         ds = get_dataset(cfg.dataset, 'train', res=mc.image_size, patch_size=mc.vision_patch_size, context_length=mc.text_context_length,
                          **{'seed': cfg.seed, **cfg.dataset_kwargs, 'size': cfg.batch_clip})
-        _FLOPS_CACHE[key] = count_step_flops(trainer, _load_batch(ds, list(range(cfg.batch_clip)), 0, 'cpu'))
+        _FLOPS_CACHE[key] = count_step_flops(trainer, _load_batch(ds, list(range(cfg.batch_clip)), 'cpu'))
     return _FLOPS_CACHE[key]
 
 def scaling_config(scale: str, losses: str, seed: int = 0, flops: float | None = None, **overrides) -> PretrainConfig:

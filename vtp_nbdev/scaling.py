@@ -35,7 +35,7 @@ SCALE_SETTINGS = {
                          n_samples=1000, n_ref=2000, steps=25)),
 }
 SCALE_SETTINGS['paper'] = dict(tokenizer=dict(preset='paper_L', batch_clip=16384, batch_ssl=4096, batch_ssl_rec=2048, n_local_crops=8,
-                                              lr=1e-3, warmup=0.05, log_every=100, dataset_kwargs={}),
+                                              lr=1e-3, warmup=0.05, log_every=100, num_workers=8, dataset_kwargs={}),   # GPU: workers prefetch batches
                                flops=1.9e20, n_ckpts=8, seeds=(0,), eval=dict(n_zero_shot=50_000, n_probe_train=100_000, n_probe_test=50_000, n_rec=50_000),
                                gen=dict(n_latents=1_281_167, dit=dict(preset='B/1', steps=400_000, batch=256, lr=2e-4, ema_decay=0.9999),
                                         n_samples=10_000, n_ref=50_000, steps=250))

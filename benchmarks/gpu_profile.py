@@ -15,7 +15,7 @@ then
 Tables are printed and written to `DIR/profile_<preset>_<batch>[_compiled].txt`.
 """
 from __future__ import annotations
-import argparse, collections, contextlib, statistics, sys, time, warnings
+import argparse, collections, sys, time, warnings
 from pathlib import Path
 import torch
 from torch.profiler import profile, record_function, ProfilerActivity
@@ -39,7 +39,7 @@ class PhaseTimer:
             with record_function(f'phase:{label}'): out = fn(*a, **k)
             if self.track: torch.cuda.synchronize(); self.peak[label] = max(self.peak[label], (torch.cuda.max_memory_allocated() - base) / 2 ** 20)
             return out
-        object.__setattr__(obj, name, wrapped) if not isinstance(obj, torch.nn.Module) else obj.__dict__.__setitem__(name, wrapped)
+        obj.__dict__[name] = wrapped                         # an instance attribute shadows the method (modules too)
 
 
 def sync_and_memory_report(step, timer) -> list:
@@ -103,8 +103,7 @@ def profile_step(preset, losses, batch, compiled, peak, out_dir, iters, dev):
     lines += [f'## GPU busy {busy * 1e3:.1f} ms of a {wall * 1e3:.1f} ms step ({busy / wall:.0%}) under the profiler', '',
               '## phases (per step; host = CPU time inside the range, GPU = the span of its kernels)', '',
               *[f"- {k:28s} host {h:8.1f} ms  GPU {g:8.1f} ms  {PHASES.get(k, '')}" for k, (h, g) in phases.items()]]
-    sort_dev = 'self_device_time_total' if dev_attr == 'self_device_time_total' else 'self_cuda_time_total'
-    lines += ['', '## top operators by GPU time (3 steps)', ka.table(sort_by=sort_dev, row_limit=25, max_name_column_width=60),
+    lines += ['', '## top operators by GPU time (3 steps)', ka.table(sort_by=dev_attr, row_limit=25, max_name_column_width=60),
               '## top operators by CPU time (3 steps)', ka.table(sort_by='self_cpu_time_total', row_limit=20, max_name_column_width=60)]
     text = '\n'.join(lines)
     print(text, flush=True)

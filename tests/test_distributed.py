@@ -136,7 +136,6 @@ def test_benchmark_quick_run_writes_report(tmp_path):
         assert s in text, s
 
 
-
 def test_gpu_profile_dry_run_on_cpu():
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
     r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'gpu_profile.py'), '--device', 'cpu', '--preset', 'tiny', '--batch', '8', '--iters', '1'],

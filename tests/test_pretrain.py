@@ -34,7 +34,6 @@ def test_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta if k.startswith(('model.', 'optim.')))  # teacher, centres, moments too
 
 
-
 def test_worker_prefetch_is_bit_identical_and_resumes(tmp_path):
     "num_workers=2 prefetches the same batches in the same order, also after a resume from step 3."
     base = pretrain(small_cfg(), runs_dir=tmp_path/'a', device='cpu', progress=False)
@@ -45,6 +44,7 @@ def test_worker_prefetch_is_bit_identical_and_resumes(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = lambda r: [json.loads(l)['loss'] for l in (r/'metrics.jsonl').read_text().splitlines()]
     assert losses(base) == losses(run) and len(losses(run)) == 6
+
 
 def test_losses_fall_on_shapes(tmp_path):
     run = pretrain(small_cfg(steps=30, log_every=5, ckpt_every=30, lr=2e-3, warmup=0.1), runs_dir=tmp_path, device='cpu', progress=False)

@@ -460,6 +460,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'vtp_nbdev.pretrain.demo_config': ('pretrain.html#demo_config', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.finetune_decoder_gan': ( 'pretrain.html#finetune_decoder_gan',
                                                                                  'vtp_nbdev/pretrain.py'),
+                                    'vtp_nbdev.pretrain.indices_on': ('pretrain.html#indices_on', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.latest_checkpoint': ('pretrain.html#latest_checkpoint', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.log_spaced_steps': ('pretrain.html#log_spaced_steps', 'vtp_nbdev/pretrain.py'),
                                     'vtp_nbdev.pretrain.main': ('pretrain.html#main', 'vtp_nbdev/pretrain.py'),

@@ -96,20 +96,38 @@ def tokenizer_config(preset: str, losses: str, batch: int, scale: str):
 
 class Bench:
     "Collects rows (name, samples/s, GFLOP/s, MFU, peak MiB, note) and prints each as it is measured."
-    def __init__(self, device, peak: float, iters: int, compile: bool):
+    def __init__(self, device, peak: float, iters: int, compile: bool, local_peak: bool | None = None):
         self.device, self.peak, self.iters, self.compile, self.rows = device, peak, iters, compile, {}
+        self.local_peak = device.type == 'cpu' if local_peak is None else local_peak   # a shared CPU host drifts within a run
+        self.prev_peak, self.peaks = peak, [peak]
 
-    def record(self, key, name, samples, flops, dt, mem, note=''):
-        r = dict(name=name, samples_per_s=samples / dt, gflops=flops / dt / 1e9, mfu=flops / dt / self.peak, mem_mib=mem, s=dt, note=note)
-        self.rows[key] = r                                         # mfu is recomputed by `finish` with the final peak
+    def record(self, key, name, samples, flops, dt, mem, note='', mfu=None):
+        "Add a row; on CPU its MFU is against the larger of the matmul peaks measured just before and just after it (or `mfu`)."
+        if mfu is not None: peak = flops / dt / mfu                  # measured per round by `paired`
+        elif self.local_peak:
+            after = matmul_peak(self.device, reps=5); self.peaks.append(after)
+            peak, self.prev_peak = max(self.prev_peak, after), after
+        else: peak = self.peak                                     # CUDA: one peak, updated by `finish_peak`
+        r = dict(name=name, samples_per_s=samples / dt, gflops=flops / dt / 1e9, mfu=flops / dt / peak, mem_mib=mem, s=dt, note=note, peak=peak)
+        self.rows[key] = r
         print(f"{name:52s} {r['samples_per_s']:9.1f} samples/s {r['gflops']:8.1f} GFLOP/s  MFU {r['mfu']:6.1%}  {mem:7.0f} MiB  {note}", flush=True)
         return r
 
-    def tokenizer_step(self, preset, losses, batch, scale, compiled=False):
-        "The pre-training step as `pretrain()` runs it: forward (autocast), backward, grad clip, AdamW, EMA teacher (`compiled`: `cfg.compile`)."
+    def paired(self, cases: dict, rounds: int) -> dict:
+        "{label: (median s, median MFU)} of `cases` {label: (step, flops)} timed interleaved, each round between two matmul-peak probes."
+        for step, _ in cases.values(): step(); step()               # compilation and warm-up
+        peaks, ts, mfu = [matmul_peak(self.device, reps=2)], {k: [] for k in cases}, {k: [] for k in cases}
+        for r in range(rounds):
+            for k in (list(cases) if r % 2 else list(cases)[::-1]):
+                sync(self.device); t = time.perf_counter(); cases[k][0](); sync(self.device); ts[k].append(time.perf_counter() - t)
+            peaks.append(matmul_peak(self.device, reps=2)); self.peaks.append(peaks[-1])
+            for k in cases: mfu[k].append(cases[k][1] / ts[k][-1] / max(peaks[-2:]))   # this round's peak: the larger probe around it
+        return {k: (statistics.median(ts[k]), statistics.median(mfu[k])) for k in cases}
+
+    def make_tokenizer_step(self, preset, losses, batch, scale, compiled=False):
+        "(step, flops, cfg, trainer, batch) of the pre-training step as `pretrain()` runs it (`compiled`: `cfg.compile`)."
         from vtp_nbdev.pretrain import VTPPretrainer, make_optimizer, count_step_flops, compile_blocks
         cfg = tokenizer_config(preset, losses, batch, scale)
-        reset_peak_memory(self.device)
         torch.manual_seed(0)
         tr = VTPPretrainer(cfg).to(self.device); opt = make_optimizer(tr, cfg)
         mc = tr.model.config
@@ -120,6 +138,12 @@ class Bench:
             with autocast(self.device): loss, _ = tr(data, 1)
             opt.zero_grad(set_to_none=True); loss.backward()
             torch.nn.utils.clip_grad_norm_(tr.parameters(), cfg.grad_clip); opt.step(); tr.net.update_teacher(0.99)
+        return step, flops, cfg, tr, data
+
+    def tokenizer_step(self, preset, losses, batch, scale, compiled=False):
+        "The pre-training step as `pretrain()` runs it: forward (autocast), backward, grad clip, AdamW, EMA teacher (`compiled`: `cfg.compile`)."
+        reset_peak_memory(self.device)
+        step, flops, cfg, tr, data = self.make_tokenizer_step(preset, losses, batch, scale, compiled)
         t0 = time.perf_counter(); step(); warm = time.perf_counter() - t0        # compilation happens here
         dt = time_fn(step, self.iters, self.device)
         note = f"b_ssl {cfg.batch_ssl}, b_rec {cfg.batch_rec}, {cfg.n_local_crops} local crops" + (f'; first step (compilation) {warm:.0f} s' if compiled else '')
@@ -165,13 +189,19 @@ class Bench:
                 if r >= 2: ts[k].append(time.perf_counter() - t)    # the first two rounds warm up
         for key, name, _ in cases:
             self.record(key, name, B, flops[key], statistics.median(ts[key]), peak_memory_mib(dev), 'timed interleaved with its peer')
+            self.rows[key]['times'] = ts[key]
 
-    def dit_step(self, preset, batch, compiled=False):
-        "The flow-matching step as `train_dit()` runs it: forward (autocast), backward, AdamW, EMA (`compiled`: `cfg.compile`)."
+    def paired_ratio(self, ours: str, peer: str) -> tuple[float, float, float]:
+        "Per round, peer time / our time (> 1: ours faster): the median and the quartiles over the interleaved rounds."
+        r = sorted(q / o for o, q in zip(self.rows[ours]['times'], self.rows[peer]['times']))
+        q1, med, q3 = statistics.quantiles(r, n=4) if len(r) > 1 else (r[0],) * 3
+        return med, q1, q3
+
+    def make_dit_step(self, preset, batch, compiled=False, **overrides):
+        "(step, flops, args) of the flow-matching step as `train_dit()` runs it (`compiled`: `cfg.compile`)."
         from vtp_nbdev.dit import dit_config
         from vtp_nbdev.flow import DiTTrainConfig, DiTTrainer, count_dit_step_flops
-        args = dit_config(preset); cfg = DiTTrainConfig(preset=preset, batch=batch)
-        reset_peak_memory(self.device)
+        args = dit_config(preset, **overrides); cfg = DiTTrainConfig(preset=preset, batch=batch)
         torch.manual_seed(0)
         tr = DiTTrainer(args, cfg).to(self.device)
         opt = torch.optim.AdamW(tr.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)   # as train_dit
@@ -183,10 +213,34 @@ class Bench:
         def step():
             with autocast(dev): loss, _ = tr.loss(net, **data)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); tr.update_ema(0.999)
+        return step, flops, args
+
+    def dit_step(self, preset, batch, compiled=False, **overrides):
+        "The flow-matching step as `train_dit()` runs it: forward (autocast), backward, AdamW, EMA (`compiled`: `cfg.compile`)."
+        reset_peak_memory(self.device)
+        step, flops, args = self.make_dit_step(preset, batch, compiled, **overrides)
+        C, H, dev = args['in_channels'], args['input_size'], self.device
         t0 = time.perf_counter(); step(); warm = time.perf_counter() - t0        # compilation happens here
-        self.record(f'dit/{preset}' + ('/compiled' if compiled else ''), f'LightningDiT-{preset} train step (batch {batch}, {C}x{H}x{H})' +
+        name = preset + ''.join(f', {k}={v}' for k, v in overrides.items())
+        self.record(f'dit/{name}' + ('/compiled' if compiled else ''), f'LightningDiT-{name} train step (batch {batch}, {C}x{H}x{H})' +
                     (', torch.compile' if compiled else ''), batch, flops, time_fn(step, self.iters, dev), peak_memory_mib(dev),
                     f'first step (compilation) {warm:.0f} s' if compiled else '')
+
+    def reference_vit(self, batch):
+        "Issue #8's reference point: a timm ViT-Ti/4 training step at 32 px (forward, cross-entropy, backward, fused AdamW)."
+        import timm
+        from vtp_nbdev.tokenizer import flop_counter_mode
+        dev = self.device
+        reset_peak_memory(dev); torch.manual_seed(0)
+        vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, num_classes=10).to(dev)
+        opt = torch.optim.AdamW(vit.parameters(), lr=1e-3, fused=True)
+        x, y = torch.randn(batch, 3, 32, 32, device=dev), torch.randint(0, 10, (batch,), device=dev)
+        with flop_counter_mode() as fc: torch.nn.functional.cross_entropy(vit(x), y).backward()
+        def step():
+            with autocast(dev): loss = torch.nn.functional.cross_entropy(vit(x).float(), y)
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        self.record('ref/vit_ti4', f'timm ViT-Ti/4 train step, 32 px (192/12; batch {batch})', batch, fc.get_total_flops(),
+                    time_fn(step, self.iters, dev), peak_memory_mib(dev), "issue #8's reference (~60% MFU there)")
 
     def sampling(self, preset, tok_preset, n, steps, batch_size, compiled=False):
         "`n` class-balanced latents x `steps` Euler steps (batched), then decoded by the tokenizer's pixel decoder."
@@ -236,11 +290,19 @@ class Bench:
         return r
 
 
+PEAK_WORDS = {True: 'the larger of the matmul peaks measured just before and just after the row (the shared host drifts)',
+              False: 'the measured matmul peak'}
+
+
 def finish_peak(b: Bench, dtype, label: str) -> str:
-    "Measure the peak again after the rows and use the larger of the two (a busy machine drifts); rows' MFU updated."
+    "CUDA: measure the peak again after the rows and use the larger of the two for every row. CPU: describe the local peaks."
+    if b.local_peak:
+        p = sorted(b.peaks)
+        return (f"{label} matmul peak measured {len(p)} times, around every row (and every round of paired rows): {p[0] / 1e9:.1f} to {p[-1] / 1e9:.1f} GFLOP/s "
+                f"(median {statistics.median(p) / 1e9:.1f}); each row's MFU is against the larger of the peaks measured just before and just after it")
     again = matmul_peak(b.device, dtype)
     b.peak = max(b.peak, again)
-    for r in b.rows.values(): r['mfu'] = r['gflops'] * 1e9 / b.peak
+    for r in b.rows.values(): r['mfu'], r['peak'] = r['gflops'] * 1e9 / b.peak, b.peak
     return f"{label} matmul peak measured before and after the rows: {b.peak0 / 1e9:.1f} and {again / 1e9:.1f} GFLOP/s, MFU against the larger"
 
 
@@ -267,9 +329,10 @@ def targets_table(b: Bench, a) -> list:
                                  ('text', 'open_clip', 'text tower vs open_clip'),
                                  ('trunk', 'timm', 'ViT trunk vs timm ViT with a GELU MLP (2/3 of our MLP FLOPs: for information)')):
             if (o := R.get(f'peer/{p}/{ours}')) and (q := R.get(f'peer/{p}/{peer}')):
-                ratio = o['samples_per_s'] / q['samples_per_s']
-                if peer == 'timm': out.append(f"| {what} at `{p}` (samples/s ratio) | — | {ratio:.2f} | — |")
-                else: row(f'{what} at `{p}` (samples/s ratio)', 'no slower (≥ 1.00)', f'{ratio:.2f}', ratio >= 1.0)
+                med, q1, q3 = b.paired_ratio(f'peer/{p}/{ours}', f'peer/{p}/{peer}')
+                got = f'{med:.2f} (quartiles {q1:.2f}–{q3:.2f})'
+                if peer == 'timm': out.append(f"| {what} at `{p}` (speed ratio, paired rounds) | — | {got} | — |")
+                else: row(f'{what} at `{p}` (speed ratio, paired rounds)', 'no slower (≥ 1.00; upper quartile, within noise)', got, q3 >= 1.0)
     for p in a.dit_presets.split(','):
         for sfx, lab in (('', ''), ('/compiled', ', torch.compile')):
             if (r := R.get(f'dit/{p}{sfx}')): row(f'DiT-{p} training step MFU{lab}', f"≥ {TARGETS['dit_mfu']:.0%}", f"{r['mfu']:.1%}", r['mfu'] >= TARGETS['dit_mfu'])
@@ -278,6 +341,47 @@ def targets_table(b: Bench, a) -> list:
                 row(f'1000 images x 50 Euler steps, DiT-{p}, incl. decoding{lab}', f"≤ {TARGETS['sampling_s']:.0f} s",
                     f"{r['total_s']:.1f} s" if full else f"{r['est_1k50_s']:.1f} s (extrapolated from {a.sample_n} x {a.sample_steps})",
                     (r['total_s'] if full else r['est_1k50_s']) <= TARGETS['sampling_s'])
+    return out
+
+
+SCAN_TOK = ('tiny', 'S', 'B', 'L')                                       # the CPU tokenizer presets: widths 64, 96, 160, 256
+SCAN_DIT = (('tiny', {}), ('S', {}), ('B', {}), ('S', dict(hidden_size=192)), ('S', dict(hidden_size=384)))   # DiT widths 64-384
+
+
+def width_scan(b: Bench, a) -> list:
+    "Measure MFU against model width: every CPU tokenizer preset's CLIP+SSL+AE step, DiT steps 64-384 wide; eager and compiled."
+    from vtp_nbdev.tokenizer import vtp_config
+    from vtp_nbdev.dit import dit_config
+    b.reference_vit(a.batch)
+    table = []
+    def pair(key, name, samples, make):                            # eager and compiled, timed interleaved
+        reset_peak_memory(b.device)
+        cases = {'': make(False), '/compiled': make(True)}
+        for sfx, (dt, mfu) in b.paired({k: v[:2] for k, v in cases.items()}, b.iters).items():
+            b.record(key + sfx, name + (', compiled' if sfx else ''), samples, cases[sfx][1], dt, peak_memory_mib(b.device),
+                     'eager and compiled timed in alternating rounds', mfu=mfu)
+    for p in SCAN_TOK:
+        pair(f'tok/{p}/CLIP+SSL+AE', f'VTP-{p} CLIP+SSL+AE step', a.batch, lambda c, p=p: b.make_tokenizer_step(p, 'CLIP+SSL+AE', a.batch, a.scale, c))
+        c = vtp_config(p)
+        table.append((f'VTP-{p} CLIP+SSL+AE step', c.vision_embed_dim, f'{c.vision_num_heads} x {c.vision_embed_dim // c.vision_num_heads}',
+                      f'tok/{p}/CLIP+SSL+AE'))
+    for p, o in SCAN_DIT:
+        name = p + ''.join(f', {k}={v}' for k, v in o.items())
+        pair(f'dit/{name}', f'LightningDiT-{name} step', a.dit_batch, lambda c, p=p, o=o: b.make_dit_step(p, a.dit_batch, c, **o))
+        c = dit_config(p, **o)
+        table.append((f'LightningDiT-{name} step', c['hidden_size'], f"{c['num_heads']} x {c['hidden_size'] // c['num_heads']}", f'dit/{name}'))
+    return table
+
+
+def width_scan_table(b: Bench, table: list) -> list:
+    "Markdown table of the width scan (after `finish_peak`: on CUDA it updates every row's MFU)."
+    R = b.rows
+    out = ['| step | width | heads x head dim | MFU eager | MFU compiled | compiled / eager |', '|---|---:|---|---:|---:|---:|']
+    for name, w, heads, key in table:
+        e, c = R[key], R[key + '/compiled']
+        out.append(f"| {name} | {w} | {heads} | {e['mfu']:.1%} | {c['mfu']:.1%} | {c['samples_per_s'] / e['samples_per_s']:.2f} |")
+    r = R['ref/vit_ti4']
+    out += ['', f"Reference, same run: {r['name']}: {r['mfu']:.1%} MFU (eager)."]
     return out
 
 
@@ -294,6 +398,7 @@ def parse_args(argv=None):
     p.add_argument('--sample-tok', help='tokenizer preset that decodes the samples (default tiny on CPU, paper_S on CUDA)')
     p.add_argument('--iters', type=int, default=5); p.add_argument('--threads', type=int, default=0)
     p.add_argument('--no-peers', action='store_true'); p.add_argument('--no-sampling', action='store_true')
+    p.add_argument('--width-scan', action='store_true', help='CPU: MFU against width instead of the default rows (tokenizer presets tiny/S/B/L, DiT 64-384 wide, eager and compiled) -> figures/benchmarks_width.md')
     p.add_argument('--quick', action='store_true', help='tiny sizes and 1 iteration: checks that every row runs (seconds)')
     p.add_argument('--out', help="markdown report (default figures/benchmarks.md, figures/benchmarks_cuda.md with --device cuda; '' = none)")
     p.add_argument('--note', default='', help='a sentence written under the title of the report (e.g. about the machine load)')
@@ -308,7 +413,8 @@ def parse_args(argv=None):
     for k in ('tok_presets', 'dit_presets', 'batch', 'dit_batch', 'sample_tok'):
         if getattr(a, k) is None: setattr(a, k, d[k])
     a.scale = d['scale']
-    if a.out is None: a.out = 'figures/benchmarks_cuda.md' if a.device == 'cuda' else 'figures/benchmarks.md'
+    if a.width_scan and a.device != 'cpu': p.error('--width-scan measures the CPU presets: use it with --device cpu')
+    if a.out is None: a.out = 'figures/benchmarks_cuda.md' if a.device == 'cuda' else 'figures/benchmarks_width.md' if a.width_scan else 'figures/benchmarks.md'
     return a
 
 
@@ -328,6 +434,8 @@ def main(argv=None):
         peak = matmul_peak(dev, torch.bfloat16)
         peaks += f", bf16 matmul peak **{peak / 1e12:.1f} TFLOP/s** (the MFU denominator: steps run under bf16 autocast)"
     b = Bench(dev, peak, a.iters, a.compile); b.peak0 = peak
+    if a.width_scan: return report_width_scan(b, a, cmd, dev, load0, t_start, peaks)
+    if dev.type == 'cpu': b.reference_vit(a.batch)
     for k, preset in enumerate(a.tok_presets.split(',')):
         for losses in ('CLIP+SSL+AE', 'AE'):
             both = a.compile and dev.type == 'cpu' and k == 0                  # CPU: the first preset eager and compiled
@@ -347,13 +455,33 @@ def main(argv=None):
              f"Command: `{cmd}` ({wall:.0f} s)  ",
              f"Machine: {machine(dev)}; {peaks}; {drift}.  ",
              f"1-minute load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end (on {os.cpu_count()} logical CPUs).", '',
-             'MFU = FLOPs counted by `torch.utils.flop_counter` / time / the measured matmul peak. Memory: peak RSS of the process '
+             f'MFU = FLOPs counted by `torch.utils.flop_counter` / time / {PEAK_WORDS[b.local_peak]}. Memory: peak RSS of the process '
              'during the row on CPU, peak allocated on CUDA. Sampling rows: samples/s counts latents (or images) per second of that stage.', '',
              '| what | samples/s | GFLOP/s | MFU | peak MiB | note |', '|---|---:|---:|---:|---:|---|']
     lines += [f"| {r['name']} | {r['samples_per_s']:.1f} | {r['gflops']:.1f} | {r['mfu']:.1%} | {r['mem_mib']:.0f} | {r['note']} |" for r in b.rows.values()]
     lines += ['', '## vs targets (issue #8)', '', '| target | wanted | measured | met |', '|---|---|---|---|', *targets_table(b, a)]
     if dev.type == 'cpu': lines += ['', 'The GPU benchmark of the paper presets (`python benchmarks/bench.py --device cuda [--compile]`: '
                                     'bf16 autocast, `paper_S/B/L` tokenizer steps, LightningDiT-B/1 and XL/1) writes `figures/benchmarks_cuda.md`.']
+    out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True); out.write_text('\n'.join(lines) + '\n')
+    print('wrote', out)
+    return b
+
+
+def report_width_scan(b: Bench, a, cmd, dev, load0, t_start, peaks):
+    "Run the width scan and write its report."
+    table = width_scan(b, a)
+    drift = finish_peak(b, torch.float32, 'fp32')
+    table = width_scan_table(b, table)
+    load1, wall = os.getloadavg(), time.time() - t_start
+    print(f'done in {wall:.0f} s; load average {load0[0]:.2f} -> {load1[0]:.2f}', flush=True)
+    if not a.out: return b
+    lines = ['# MFU against model width (cpu)', '', *([f'> {a.note}', ''] if a.note else []),
+             f"Command: `{cmd}` ({wall:.0f} s)  ", f"Machine: {machine(dev)}; {peaks}; {drift}.  ",
+             f"1-minute load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end (on {os.cpu_count()} logical CPUs).", '',
+             f'Batch {a.batch} (tokenizer), {a.dit_batch} (DiT); compiled = blocks compiled as `pretrain(compile=True)`, the DiT as '
+             '`train_dit(compile=True)`, the two timed in alternating rounds (after compilation and two warm-up steps). MFU = FLOPs counted by '
+             '`torch.utils.flop_counter` / time / the larger of the matmul-peak probes just before and just after that round, the median '
+             'over rounds (the shared host drifts; the reference row: against the probes around it).', '', *table]
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True); out.write_text('\n'.join(lines) + '\n')
     print('wrote', out)
     return b

@@ -1,11 +1,12 @@
 """Where the compute of a reproduction scale went: tokenizer pre-training, evaluation, DiT proxy, text-to-image.
 
-    python benchmarks/repro_cost.py [--scale cpu] [--peak-gflops 165] [--out figures/repro_cost.md]
+    python benchmarks/repro_cost.py [--scale cpu] [--peak-gflops 165] [--mfu 0.5] [--out figures/repro_cost.md]
 
 Reads the committed points (`results/<scale>/`, `t2i/`) and the run folders they name (`runs/tokenizer/<hash>`, the
 DiT proxy runs in `runs/dit/`), so it needs the `runs/` of the machine that ran the batch. For every stage: how many
 runs, the wall time they logged, the FLOPs they counted, the FLOP/s they reached, and the time the same FLOPs would
-take at the matmul peak (the floor no code change can beat at these settings). Each tokenizer run is counted once,
+take at the matmul peak (the floor no code change can beat at these settings), and a floor for the whole batch at a
+given MFU (`--mfu`): the counted FLOPs at that MFU plus the logged time of the work that counts none. Each tokenizer run is counted once,
 however many points it feeds. Guided points (`guided/`) log no time and are left out (minutes in all).
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ def collect(scale: str, root: Path) -> dict:
     for p in t2i:
         s = p.get('seconds') or {}
         stages['text-to-image point'].append((sum(s.values()), p.get('t2i_flops', 0)))
+    t2i_sampling = sum((p.get('seconds') or {}).get('sampling_and_metrics', 0.) for p in t2i)   # the part of a t2i point that counts no FLOPs
     proxy = points[0].get('dit_proxy') if points else None                 # the DiT proxy of this scale's points
     dit = []
     for d in sorted((runs / 'dit').glob('*/config.json')) if proxy else []:
@@ -50,10 +52,19 @@ def collect(scale: str, root: Path) -> dict:
         if c.get('preset') == proxy['preset'] and c.get('steps') == proxy['steps'] and c.get('batch') == proxy['batch'] and (d.parent / 'done.json').exists():
             r = last_row(d.parent)
             if r: dit.append((r.get('time_s', 0.), r.get('flops', 0)))
-    return dict(stages=stages, dit=dit, proxy=proxy, missing=missing, n_points=len(points), n_t2i=len(t2i))
+    return dict(stages=stages, dit=dit, proxy=proxy, missing=missing, n_points=len(points), n_t2i=len(t2i), t2i_sampling=t2i_sampling)
 
 
-def report(c: dict, scale: str, peak: float) -> str:
+def budget_floor(c: dict, peak: float, mfu: float) -> tuple[float, float]:
+    "Hours for the counted FLOPs at `mfu` of `peak`, and hours logged by the work that counts no FLOPs."
+    st, dit = c['stages'], c['dit']
+    flops = sum(f for k in ('tokenizer pre-training', 'text-to-image point') for _, f in st[k]) + sum(f for _, f in dit)
+    gen = sum(s for s, _ in st['generation point (latents + DiT proxy + sampling + FD)'])
+    rest = sum(s for s, _ in st['evaluation (probe, zero-shot, reconstruction)']) + max(0., gen - sum(s for s, _ in dit)) + c.get('t2i_sampling', 0.)
+    return flops / (mfu * peak) / 3600, rest / 3600
+
+
+def report(c: dict, scale: str, peak: float, mfu: float = 0.5, budget: float = 3.) -> str:
     st, dit = c['stages'], c['dit']
     total = sum(s for v in st.values() for s, _ in v)
     lines = [f'# Where the `{scale}` reproduction spends its compute', '',
@@ -77,6 +88,10 @@ def report(c: dict, scale: str, peak: float) -> str:
                   f"median {statistics.median(ts):.0f} s of training at {statistics.median([f / t for f, t in zip(fs, ts)]) / 1e9:.0f} GFLOP/s; "
                   f"a generation point takes median {statistics.median(gen):.0f} s, so the proxy's training is "
                   f"{statistics.median(ts) / statistics.median(gen):.0%} of a point."]
+    a, b = budget_floor(c, peak, mfu)
+    lines += ['', f"Floor at {mfu:.0%} MFU: the counted FLOPs (tokenizer pre-training, DiT proxy and text-to-image training) take "
+              f"{a:.2f} h at {mfu:.0%} of the peak; the work that counts no FLOPs (evaluation; latents, sampling and FD inside the "
+              f"generation points; text-to-image sampling and metrics) took {b:.2f} h as logged: **{a + b:.2f} h** in all, against the `{scale}` budget of {budget:g} h."]
     if c['missing']: lines += ['', f"Tokenizer runs named by points but not in `runs/` (not counted): {', '.join(sorted(c['missing']))}."]
     return '\n'.join(lines) + '\n'
 
@@ -85,9 +100,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--scale', default='cpu'); p.add_argument('--root', default=str(ROOT))
     p.add_argument('--peak-gflops', type=float, default=165., help='fp32 matmul peak of the machine (bench.py measures it)')
+    p.add_argument('--mfu', type=float, default=0.5, help='MFU of the floor line (default: the 50%% target of issue #8)')
+    p.add_argument('--budget-hours', type=float, default=3., help="the scale's time budget (DESIGN.md: 3 h for cpu)")
     p.add_argument('--out', default=None, help="markdown report (default figures/repro_cost.md; '' = print only)")
     a = p.parse_args(argv)
-    text = report(collect(a.scale, Path(a.root)), a.scale, a.peak_gflops * 1e9)
+    text = report(collect(a.scale, Path(a.root)), a.scale, a.peak_gflops * 1e9, a.mfu, a.budget_hours)
     print(text)
     out = 'figures/repro_cost.md' if a.out is None else a.out
     if out: (Path(a.root) / out).write_text(text); print('wrote', out)

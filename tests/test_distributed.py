@@ -132,8 +132,28 @@ def test_benchmark_quick_run_writes_report(tmp_path):
                        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     text = out.read_text()
-    for s in ('fp32 matmul peak', 'VTP-tiny CLIP+SSL+AE step', 'VTP-tiny AE step', 'LightningDiT-tiny train step', 'Euler steps', '## vs targets'):
+    for s in ('fp32 matmul peak', 'timm ViT-Ti/4 train step', 'VTP-tiny CLIP+SSL+AE step', 'VTP-tiny AE step', 'LightningDiT-tiny train step',
+              'Euler steps', '## vs targets'):
         assert s in text, s
+
+
+def test_width_scan_table_and_local_peaks():
+    sys.path.insert(0, str(ROOT/'benchmarks'))
+    import bench
+    b = bench.Bench(torch.device('cpu'), peak=1e3, iters=1, compile=False)        # CPU: each row against the peaks around it
+    b.record('x', 'x', 1, 1e9, 1.0, 1.)
+    assert b.local_peak and len(b.peaks) == 2 and b.rows['x']['peak'] == max(b.peaks) > 1e3
+    assert b.rows['x']['mfu'] == pytest.approx(1e9 / max(b.peaks))
+    b = bench.Bench(torch.device('cpu'), peak=100e9, iters=1, compile=False, local_peak=False)
+    b.peak0 = 100e9
+    b.record('tok/S/CLIP+SSL+AE', 'VTP-S', 64, 40e9, 1.0, 1.)
+    b.record('tok/S/CLIP+SSL+AE/compiled', 'VTP-S compiled', 64, 40e9, 0.8, 1.)
+    b.record('ref/vit_ti4', 'timm ViT-Ti/4 train step', 64, 60e9, 1.0, 1.)
+    b.peak = 200e9                                                 # as `finish_peak` after a faster second measurement
+    for r in b.rows.values(): r['mfu'] = r['gflops'] * 1e9 / b.peak
+    text = '\n'.join(bench.width_scan_table(b, [('VTP-S CLIP+SSL+AE step', 96, '3 x 32', 'tok/S/CLIP+SSL+AE')]))
+    assert '| VTP-S CLIP+SSL+AE step | 96 | 3 x 32 | 20.0% | 25.0% | 1.25 |' in text, text
+    assert 'timm ViT-Ti/4 train step: 30.0% MFU' in text, text
 
 
 def test_gpu_profile_dry_run_on_cpu():
@@ -167,6 +187,7 @@ def test_repro_cost_sums_runs_once_and_floors_at_peak(tmp_path):
     assert '| 1080 | 200 | 3.00 |' in text                                   # 1.08e15 FLOPs in 5400 s; at 100 GFLOP/s: 3 h
     assert '| text-to-image point | 1 | 0.10 |' in text and '| DiT proxy training (inside the generation points) | 1 |' in text
     assert '**total** | | **1.72**' in text                                 # 1.5 h + 20 s + 400 s + 360 s
+    assert 'take 26.06 h at 50% of the peak' in text and 'took 0.09 h as logged: **26.15 h**' in text   # 4.69e15 FLOPs at 50 GFLOP/s; 20 + 400 - 150 + 60 s
     r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'repro_cost.py'), '--root', str(tmp_path), '--scale', 'paper'], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and 'no committed points' in r.stderr
 

@@ -331,6 +331,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'vtp_nbdev.layers.init_weights_vit': ('layers.html#init_weights_vit', 'vtp_nbdev/layers.py'),
                                   'vtp_nbdev.layers.rope_apply': ('layers.html#rope_apply', 'vtp_nbdev/layers.py'),
                                   'vtp_nbdev.layers.rope_rotate_half': ('layers.html#rope_rotate_half', 'vtp_nbdev/layers.py'),
+                                  'vtp_nbdev.layers.sdpa': ('layers.html#sdpa', 'vtp_nbdev/layers.py'),
                                   'vtp_nbdev.layers.swiglu_hidden': ('layers.html#swiglu_hidden', 'vtp_nbdev/layers.py')},
             'vtp_nbdev.losses': { 'vtp_nbdev.losses.ClipLoss': ('losses.html#cliploss', 'vtp_nbdev/losses.py'),
                                   'vtp_nbdev.losses.ClipLoss.__init__': ('losses.html#cliploss.__init__', 'vtp_nbdev/losses.py'),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from safetensors.torch import load_file
 from timm.layers import PatchEmbed, Mlp
-from .layers import RMSNorm
+from .layers import RMSNorm, sdpa
 from .tokenizer import check_state_dict, StateDictMismatchError, count_params, flop_counter_mode
 from .pretrain import atomic_save
 
@@ -134,7 +134,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None: q, k = rope(q), rope(k)
-        x = F.scaled_dot_product_attention(q, k, v)                     # (B, H, N, Dh)
+        x = sdpa(q, k, v)                                               # (B, H, N, Dh)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))            # (B, N, D)
 
 class LightningDiTBlock(nn.Module):

@@ -14,7 +14,7 @@ from timm.layers import drop_path
 
 # %% auto #0
 __all__ = ['FFN_LAYERS', 'NORM_LAYERS', 'ROPE_DTYPES', 'RMSNorm', 'LayerScale', 'swiglu_hidden', 'SwiGLUFFN', 'Mlp', 'get_layer',
-           'rope_rotate_half', 'rope_apply', 'RopePositionEmbedding', 'SelfAttention', 'SelfAttentionBlock',
+           'rope_rotate_half', 'rope_apply', 'RopePositionEmbedding', 'sdpa', 'SelfAttention', 'SelfAttentionBlock',
            'PatchEmbed', 'init_weights_vit']
 
 # %% ../nbs/02_layers.ipynb #b235118d
@@ -121,6 +121,13 @@ class RopePositionEmbedding(nn.Module):
         return torch.sin(angles), torch.cos(angles)
 
 # %% ../nbs/02_layers.ipynb #0e10f83f
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, max_explicit_len: int = 1024) -> Tensor:
+    "`F.scaled_dot_product_attention`, or (CPU, under `torch.compile`, no mask, short sequences) the same product written out."
+    if q.device.type == 'cpu' and attn_mask is None and k.shape[-2] <= max_explicit_len and torch.compiler.is_compiling():
+        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v    # (..., N, Dh)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+# %% ../nbs/02_layers.ipynb #ea790efa
 class SelfAttention(nn.Module):
     "Multi-head self-attention (fused `qkv`, optional qk RMSNorm) with RoPE on the last H*W tokens; SDPA kernel."
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True, qk_norm: bool = False):

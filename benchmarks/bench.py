@@ -3,6 +3,7 @@
     python benchmarks/bench.py                       # CPU: the CPU presets (about 2-3 minutes on 2 cores)
     python benchmarks/bench.py --device cuda [--compile] [--batch 32]   # GPU: the paper presets, bf16 autocast
     python benchmarks/bench.py --quick --out /tmp/b.md                  # a few seconds: checks that everything runs
+    python benchmarks/bench.py --width-scan          # CPU: MFU against model width, eager vs compiled (about 6 minutes)
 
 Rows (medians of `--iters` timed calls after 2 warm-up calls):
 - peak: a large square matmul (fp32 on CPU; fp32 and bf16 on CUDA): the denominator of MFU;
@@ -14,7 +15,10 @@ Rows (medians of `--iters` timed calls after 2 warm-up calls):
   batches of `--sample-batch`, decoded to images by the tokenizer's pixel decoder; time per NFE and in total.
 
 FLOPs are counted by torch.utils.flop_counter (`count_step_flops`, `count_dit_step_flops`, `dit_forward_flops`), so
-MFU = counted FLOPs / time / measured peak. Peak memory: the process's peak RSS per row on CPU (reset through
+MFU = counted FLOPs / time / measured peak. On CPU the peak is measured again after every row and each row uses the larger
+of the probes just before and just after it (a shared host drifts by ±30% within a run); peers are compared per
+interleaved round (median and quartiles of the speed ratio). A timm ViT-Ti/4 step at 32 px, issue #8's reference, is
+measured in the same run. Peak memory: the process's peak RSS per row on CPU (reset through
 /proc/self/clear_refs), `torch.cuda.max_memory_allocated` on CUDA. The markdown report (`--out`) holds the command,
 the machine (with its load average before and after: numbers taken on a busy machine are not comparable), the table
 and the comparison with the targets of issue #8.

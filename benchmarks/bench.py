@@ -16,7 +16,7 @@ Rows (medians of `--iters` timed calls after 2 warm-up calls):
 
 FLOPs are counted by torch.utils.flop_counter (`count_step_flops`, `count_dit_step_flops`, `dit_forward_flops`), so
 MFU = counted FLOPs / time / measured peak. On CPU the peak is measured again after every row and each row uses the larger
-of the probes just before and just after it (a shared host drifts by ±30% within a run); peers are compared per
+of the probes just before and just after it (this shared host's peak drifted 88–171 GFLOP/s within one run); peers are compared per
 interleaved round (median and quartiles of the speed ratio). A timm ViT-Ti/4 step at 32 px, issue #8's reference, is
 measured in the same run. Peak memory: the process's peak RSS per row on CPU (reset through
 /proc/self/clear_refs), `torch.cuda.max_memory_allocated` on CUDA. The markdown report (`--out`) holds the command,

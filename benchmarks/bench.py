@@ -121,6 +121,7 @@ class Bench:
         "{label: (median s, median MFU)} of `cases` {label: (step, flops)} timed interleaved, each round between two matmul-peak probes."
         for step, _ in cases.values(): step(); step()               # compilation and warm-up
         peaks, ts, mfu = [matmul_peak(self.device, reps=2)], {k: [] for k in cases}, {k: [] for k in cases}
+        self.peaks.append(peaks[0])
         for r in range(rounds):
             for k in (list(cases) if r % 2 else list(cases)[::-1]):
                 sync(self.device); t = time.perf_counter(); cases[k][0](); sync(self.device); ts[k].append(time.perf_counter() - t)

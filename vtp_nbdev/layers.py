@@ -121,11 +121,11 @@ class RopePositionEmbedding(nn.Module):
         return torch.sin(angles), torch.cos(angles)
 
 # %% ../nbs/02_layers.ipynb #0e10f83f
-def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, max_explicit_len: int = 1024) -> Tensor:
-    "`F.scaled_dot_product_attention`, or (CPU, under `torch.compile`, no mask, short sequences) the same product written out."
-    if q.device.type == 'cpu' and attn_mask is None and k.shape[-2] <= max_explicit_len and torch.compiler.is_compiling():
+def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    "`F.scaled_dot_product_attention`, or (CPU, under `torch.compile`, up to 1024 keys) the same product written out."
+    if q.device.type == 'cpu' and k.shape[-2] <= 1024 and torch.compiler.is_compiling():   # (..., N, N) scores stay small
         return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v    # (..., N, Dh)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q, k, v)
 
 # %% ../nbs/02_layers.ipynb #ea790efa
 class SelfAttention(nn.Module):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from .config import PlainConfig, get_device, config_hash
 from .data import (tokenize, get_text_tokenizer, shapes_sample, shapes_attributes, shapes_label, to_uint8,
                             SPLIT_OFFSETS, SHAPE_KINDS, COLOURS, SIZES, COUNTS, POSITIONS)
-from .layers import RMSNorm, sdpa
+from .layers import RMSNorm
 from .tokenizer import VTPModel, check_state_dict
 from .pretrain import atomic_save, log_spaced_steps
 from .latents import LatentDataset, extract_latents, load_latents_stats, destandardize, tokenizer_folder, tokenizer_hash
@@ -85,7 +85,7 @@ class MaskedAttention(Attention):
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None: q, k = rope(q), rope(k)
-        x = sdpa(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])  # (B, H, N, Dh)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])  # (B, H, N, Dh)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))            # (B, N, D)
 
 class TextBlock(nn.Module):
@@ -134,7 +134,7 @@ class CrossAttention(nn.Module):
         B, N, D = x.shape
         q = self.q_norm(self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2))            # (B, H, N, Dh)
         k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, Dh)
-        x = sdpa(q, self.k_norm(k), v, attn_mask=None if mask is None else mask[:, None, None, :])
+        x = F.scaled_dot_product_attention(q, self.k_norm(k), v, attn_mask=None if mask is None else mask[:, None, None, :])
         return self.proj(x.transpose(1, 2).reshape(B, N, D))             # (B, N, D)
 
 class T2IBlock(LightningDiTBlock):

@@ -17,11 +17,11 @@ Rows (medians of `--iters` timed calls after 2 warm-up calls):
 FLOPs are counted by torch.utils.flop_counter (`count_step_flops`, `count_dit_step_flops`, `dit_forward_flops`), so
 MFU = counted FLOPs / time / measured peak. On CPU the peak is measured again after every row and each row uses the larger
 of the probes just before and just after it (this shared host's peak drifted 88–171 GFLOP/s within one run); peers are compared per
-interleaved round (median and quartiles of the speed ratio). A timm ViT-Ti/4 step at 32 px, issue #8's reference, is
+interleaved round (median and quartiles of the speed ratio). A timm ViT-Ti/4 step at 32 px, a reference step, is
 measured in the same run. Peak memory: the process's peak RSS per row on CPU (reset through
 /proc/self/clear_refs), `torch.cuda.max_memory_allocated` on CUDA. The markdown report (`--out`) holds the command,
 the machine (with its load average before and after: numbers taken on a busy machine are not comparable), the table
-and the comparison with the targets of issue #8.
+and the comparison with the performance targets.
 """
 from __future__ import annotations
 import argparse, contextlib, os, platform, resource, statistics, sys, time
@@ -232,7 +232,7 @@ class Bench:
                     f'first step (compilation) {warm:.0f} s' if compiled else '')
 
     def reference_vit(self, batch):
-        "Issue #8's reference point: a timm ViT-Ti/4 training step at 32 px (forward, cross-entropy, backward, fused AdamW)."
+        "The reference point: a timm ViT-Ti/4 training step at 32 px (forward, cross-entropy, backward, fused AdamW)."
         import timm
         from vtp_nbdev.tokenizer import flop_counter_mode
         dev = self.device
@@ -245,7 +245,7 @@ class Bench:
             with autocast(dev): loss = torch.nn.functional.cross_entropy(vit(x).float(), y)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         self.record('ref/vit_ti4', f'timm ViT-Ti/4 train step, 32 px (192/12; batch {batch})', batch, fc.get_total_flops(),
-                    time_fn(step, self.iters, dev), peak_memory_mib(dev), "issue #8's reference (~60% MFU there)")
+                    time_fn(step, self.iters, dev), peak_memory_mib(dev), "reference step (~60% MFU on typical hardware)")
 
     def sampling(self, preset, tok_preset, n, steps, batch_size, compiled=False):
         "`n` class-balanced latents x `steps` Euler steps (batched), then decoded by the tokenizer's pixel decoder."
@@ -322,7 +322,7 @@ def machine(device) -> str:
 
 
 def targets_table(b: Bench, a) -> list:
-    "Markdown rows comparing the measurements with the targets of issue #8."
+    "Markdown rows comparing the measurements with the performance targets."
     R, out = b.rows, []
     def row(what, target, got, ok): out.append(f"| {what} | {target} | {got} | {'yes' if ok else '**no**'} |")
     tok = a.tok_presets.split(',')[0]
@@ -464,7 +464,7 @@ def main(argv=None):
              'during the row on CPU, peak allocated on CUDA. Sampling rows: samples/s counts latents (or images) per second of that stage.', '',
              '| what | samples/s | GFLOP/s | MFU | peak MiB | note |', '|---|---:|---:|---:|---:|---|']
     lines += [f"| {r['name']} | {r['samples_per_s']:.1f} | {r['gflops']:.1f} | {r['mfu']:.1%} | {r['mem_mib']:.0f} | {r['note']} |" for r in b.rows.values()]
-    lines += ['', '## vs targets (issue #8)', '', '| target | wanted | measured | met |', '|---|---|---|---|', *targets_table(b, a)]
+    lines += ['', '## vs targets', '', '| target | wanted | measured | met |', '|---|---|---|---|', *targets_table(b, a)]
     if dev.type == 'cpu': lines += ['', 'The GPU benchmark of the paper presets (`python benchmarks/bench.py --device cuda [--compile]`: '
                                     'bf16 autocast, `paper_S/B/L` tokenizer steps, LightningDiT-B/1 and XL/1) writes `figures/benchmarks_cuda.md`.']
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True); out.write_text('\n'.join(lines) + '\n')

@@ -100,7 +100,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--scale', default='cpu'); p.add_argument('--root', default=str(ROOT))
     p.add_argument('--peak-gflops', type=float, default=165., help='fp32 matmul peak of the machine (bench.py measures it)')
-    p.add_argument('--mfu', type=float, default=0.5, help='MFU of the floor line (default: the 50%% target of issue #8)')
+    p.add_argument('--mfu', type=float, default=0.5, help='MFU of the floor line (default: the 50%% target)')
     p.add_argument('--budget-hours', type=float, default=3., help="the scale's time budget (DESIGN.md: 3 h for cpu)")
     p.add_argument('--out', default=None, help="markdown report (default figures/repro_cost.md; '' = print only)")
     a = p.parse_args(argv)

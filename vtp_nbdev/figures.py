@@ -11,11 +11,11 @@ import numpy as np, pandas as pd
 from .config import get_settings
 
 # %% auto #0
-__all__ = ['PAPER_TRAINING_SCALING', 'PAPER_AE_RFID', 'PAPER_CLAIMS', 'PAPER_PARAM_SCALING', 'PAPER_DATA_SCALING',
-           'PAPER_DECODER_SCALING', 'PAPER_TABLE1', 'PAPER_TABLE3', 'PAPER_TABLE2', 'METHOD_ORDER', 'METHOD_COLORS',
-           'figures_dir', 'markdown_table', 'save_table', 'setup_style', 'plain_log', 'paper_panel', 'seed_summary',
-           'log_slope', 'improvement_per_10x', 'fit_saturating_power_law', 'power_law', 'crossover', 'correlations',
-           'verdict']
+__all__ = ['README_MARKERS', 'PAPER_TRAINING_SCALING', 'PAPER_AE_RFID', 'PAPER_CLAIMS', 'PAPER_PARAM_SCALING',
+           'PAPER_DATA_SCALING', 'PAPER_DECODER_SCALING', 'PAPER_TABLE1', 'PAPER_TABLE3', 'PAPER_TABLE2',
+           'METHOD_ORDER', 'METHOD_COLORS', 'figures_dir', 'markdown_table', 'save_table', 'verdict_rows',
+           'readme_results', 'setup_style', 'plain_log', 'paper_panel', 'seed_summary', 'log_slope',
+           'improvement_per_10x', 'fit_saturating_power_law', 'power_law', 'crossover', 'correlations', 'verdict']
 
 # %% ../nbs/14_figures.ipynb #b0e38d50
 def figures_dir(scale: str) -> Path:
@@ -37,6 +37,30 @@ def save_table(df: pd.DataFrame, out: Path, name: str, md: bool = True, floatfmt
     df.to_csv(out/f'{name}.csv', index=False)
     if md: (out/f'{name}.md').write_text(markdown_table(df, floatfmt))
     return out/f'{name}.csv'
+
+# %% ../nbs/14_figures.ipynb #b2e1d4f6
+README_MARKERS = ('<!-- results:begin -->', '<!-- results:end -->')
+
+def verdict_rows(results_md: str) -> list:
+    "The rows (notebook, verdict, finding, evidence) of the table in a `results.md` text."
+    rows = []
+    for line in results_md.splitlines():
+        cells = [c.strip() for c in line.strip().strip('|').split(' | ')]
+        if line.startswith('| ') and len(cells) == 4 and cells[0] not in ('notebook', '---'):
+            rows.append(dict(zip(('notebook', 'verdict', 'finding', 'evidence'), cells)))
+    return rows
+
+def readme_results(readme: str, results_md: str) -> str:
+    "`readme` with the block between `README_MARKERS` rebuilt from the verdict table in `results_md`."
+    begin, end = README_MARKERS
+    if begin not in readme or end not in readme:
+        raise ValueError(f"the README has no results block: expected the lines {begin!r} and {end!r}")
+    rows = verdict_rows(results_md)
+    if not rows:
+        raise ValueError("results.md holds no verdict rows: expected a table notebook | verdict | finding | evidence")
+    table = markdown_table(pd.DataFrame(rows)[['finding', 'verdict', 'evidence', 'notebook']])
+    head, rest = readme.split(begin, 1)
+    return head + begin + '\n' + table + end + rest.split(end, 1)[1]
 
 # %% ../nbs/14_figures.ipynb #ef4ebae5
 PAPER_TRAINING_SCALING = pd.DataFrame(dict(

@@ -281,18 +281,30 @@ def test_evaluate_tokenizer_checkpoint_folder(tmp_path):
     assert json.loads((tmp_path/'m.json').read_text())['reconstruction']['rFID_metric'] == 'FD_shapes'
 
 
-def test_evaluate_tokenizer_user_image_folder(tmp_path):
-    "A user's ImageNet-style folder: zero-shot with class-name templates, probe, reconstruction (rFID skipped: no extractor)."
+def _shapes_folder(root, n=40):
+    "A user's ImageNet-style folder of `shapes` images: `reddish/` (red objects) and `other/`."
     from PIL import Image
-    from vtp_nbdev.tokenizer import VTPModel, vtp_config
-    ds = ShapesDataset('train', size=24)
-    for i in range(24):
+    ds = ShapesDataset('train', size=n)
+    for i in range(n):
         img, _, label = ds.raw(i)
-        d = tmp_path/'data'/('reddish' if label % 4 == 0 else 'other'); d.mkdir(parents=True, exist_ok=True)
+        d = root/('reddish' if label % 4 == 0 else 'other')
+        d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d/f'{i}.png')
+    return root
+
+
+def test_evaluate_tokenizer_user_image_folder(tmp_path):
+    "A user's folder: held-out split by key hash, zero-shot with the user's class names and templates, probe, reconstruction."
+    from vtp_nbdev.tokenizer import VTPModel, vtp_config
+    root = _shapes_folder(tmp_path/'data')
     torch.manual_seed(0)
-    ev = evaluate_tokenizer(VTPModel(vtp_config('tiny')), 'image_folder', splits=('train', 'val'), n_zero_shot=24,
-                            n_probe_train=24, n_probe_test=24, n_rec=8, dataset_kwargs=dict(root=tmp_path/'data'))
-    assert ev['zero_shot']['n_classes'] == 2 and ev['zero_shot']['zero_shot_top5_train'] == 1.0
-    assert ev['reconstruction']['rFID'] is None and 'rFID_note' in ev['reconstruction']
-    assert ev['linear_probe']['linear_probe_last']['n_test'] == 24
+    ev = evaluate_tokenizer(VTPModel(vtp_config('tiny')), 'image_folder', n_zero_shot=40, n_probe_train=40, n_probe_test=40,
+                            n_rec=8, dataset_kwargs=dict(root=root, test_frac=0.4, class_names=['other thing', 'red thing']),
+                            templates=['a photo of a {}.', 'a {}.'])
+    n = ev['n_samples']
+    assert n['train'] + n['test'] == 40 and n['test'] >= 8 and not ev['notes'], (n, ev['notes'])
+    zs = ev['zero_shot']
+    assert zs['n_classes'] == 2 and zs['zero_shot_top5_train'] == 1.0 and zs['n_templates_train'] == 2
+    assert 'zero_shot_top1_heldout' not in zs and 'retrieval' not in ev
+    assert ev['reconstruction']['rFID'] is None and 'train_reference_extractor' in ev['reconstruction']['rFID_note']
+    assert ev['linear_probe']['linear_probe_last']['n_test'] == n['test']

@@ -5,17 +5,17 @@ local weights exist; and `evaluate_tokenizer`: zero-shot + linear probe + recons
 
 # %% ../nbs/07_eval_reconstruction.ipynb #6f8de62a
 from __future__ import annotations
-import json, time
+import json, time, warnings
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-from .data import denormalize, to_uint8, get_dataset
+from .data import denormalize, to_uint8, get_dataset, ZERO_SHOT_TEMPLATES
 from .fid import (FeatureSet, REFERENCE_EXTRACTORS, INCEPTION, UINT8_POLICY, make_extractor, extractor_info,
                            fidelity_metrics, metric_suffix)
-from .eval_understanding import model_device, iter_batches, zero_shot, linear_probe, FEATURE_CHOICES
+from .eval_understanding import model_device, iter_batches, zero_shot, linear_probe, retrieval, FEATURE_CHOICES
 
 # %% auto #0
-__all__ = ['psnr', 'ssim', 'reconstruction_metrics', 'evaluate_tokenizer']
+__all__ = ['NO_EXTRACTOR_NOTE', 'psnr', 'ssim', 'reconstruction_metrics', 'has_labels', 'evaluate_tokenizer']
 
 # %% ../nbs/07_eval_reconstruction.ipynb #7d2339ce
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 255.) -> torch.Tensor:
@@ -53,13 +53,18 @@ def _lpips_metric(lpips_path, device):
     except ImportError as e: return None, f'skipped: vtp_nbdev.losses.LPIPS not importable ({e})'
     return LPIPS(lpips_path).to(device), None
 
+NO_EXTRACTOR_NOTE = ("skipped: no reference extractor for dataset {name!r}; train one on your labelled images with "
+                      "`python data_prep/train_reference_extractor.py --dataset image_folder --root DIR` and pass "
+                      "extractor='data_prep/reference/<name>.safetensors'")
+
 @torch.inference_mode()
 def reconstruction_metrics(model, dataset, n: int | None = 1000, batch_size: int = 128, dataset_name: str | None = None,
                            extractor='auto', lpips_path=None, device=None) -> dict:
     "PSNR (uint8 headline + float), SSIM, rFID (FD in reference features), LPIPS of `model`'s reconstructions of `dataset`."
     dev = torch.device(device) if device else model_device(model)
     name = dataset_name or getattr(dataset, 'name', None)
-    if extractor == 'auto': extractor = name if name in REFERENCE_EXTRACTORS else None
+    if extractor == 'auto':
+        extractor = name if name in REFERENCE_EXTRACTORS else None
     fe = make_extractor(extractor, device=dev, features=['2048'] if extractor == INCEPTION else ['feat']) if extractor else None
     lp, lp_note = _lpips_metric(lpips_path, dev)
     sums = dict(psnr=0., psnr_float=0., ssim=0., lpips=0.)
@@ -88,7 +93,8 @@ def reconstruction_metrics(model, dataset, n: int | None = 1000, batch_size: int
         m = fidelity_metrics(fs['rec'], fs['orig'], extractor=fe, metrics=('fd',))
         fd_key = 'FID' if extractor == INCEPTION else f'FD_{metric_suffix(info["extractor"])}'
         out.update(rFID=m[fd_key], rFID_metric=fd_key, extractor=info['extractor'], extractor_sha256=info['extractor_sha256'])
-    else: out.update(rFID=None, rFID_note='skipped: no reference extractor for this dataset (pass extractor=...)')
+    else:
+        out.update(rFID=None, rFID_note=NO_EXTRACTOR_NOTE.format(name=name))
     out['seconds'] = round(time.perf_counter() - t0, 2)
     return out
 
@@ -100,36 +106,59 @@ def _load_model(model_or_folder, device):
     return model_or_folder
 
 def _run(part: str, fn, notes: dict):
-    "Run an evaluation part; a model lacking the needed component (RuntimeError from the model) is skipped with a note."
-    try: return fn()
-    except RuntimeError as e:
-        if 'disabled' not in str(e): raise                                  # e.g. "pixel_decoder is disabled: set ..."
-        notes[part] = f'skipped: {e}'; return None
+    "Run an evaluation part; a failure is recorded in `notes` (the other parts still run), never raised."
+    try:
+        return fn()
+    except Exception as e:                                                 # one missing piece must not lose the other metrics
+        disabled = isinstance(e, RuntimeError) and 'disabled' in str(e)  # e.g. "pixel_decoder is disabled: set ..."
+        notes[part] = f'skipped: {e}' if disabled else f'failed: {type(e).__name__}: {e}'
+        if not disabled:
+            warnings.warn(f"evaluate_tokenizer: {part} {notes[part]}")
+        return None
+
+def has_labels(ds) -> bool:
+    "Whether a dataset carries class labels (`labelled` attribute, else its first sample's label is >= 0)."
+    flag = getattr(ds, 'labelled', None)
+    return bool(flag) if flag is not None else int(ds[0].get('label', -1)) >= 0
 
 def evaluate_tokenizer(model_or_folder, dataset='shapes', splits=('train', 'test'), n_zero_shot: int = 2000,
-                       n_probe_train: int = 5000, n_probe_test: int = 2000, n_rec: int = 1000, probe_features=FEATURE_CHOICES,
-                       batch_size: int = 128, device='cpu', lpips_path=None, extractor='auto', dataset_kwargs=None,
-                       templates: str | None = None, out=None) -> dict:
-    "Zero-shot, linear-probe and reconstruction metrics of a tokenizer (model or checkpoint folder) on a dataset."
+                       n_probe_train: int = 5000, n_probe_test: int = 2000, n_rec: int = 1000, n_retrieval: int = 1000,
+                       probe_features=FEATURE_CHOICES, batch_size: int = 128, device='cpu', lpips_path=None, extractor='auto',
+                       dataset_kwargs=None, templates=None, retrieval_eval: bool | None = None, out=None) -> dict:
+    "The metrics that fit the data: zero-shot and probes with labels, retrieval with captions, reconstruction always."
     t0 = time.perf_counter()
     model = _load_model(model_or_folder, device).to(device).eval()
     cfg = getattr(model, 'config', None)
     if isinstance(dataset, str):
         kw = dict(dataset_kwargs or {})
         kw.setdefault('res', getattr(cfg, 'image_size', 32))
-        if cfg is not None: kw.setdefault('context_length', cfg.text_context_length)
+        if cfg is not None:
+            kw.setdefault('context_length', cfg.text_context_length)
         name = dataset
         train_ds, test_ds = (get_dataset(dataset, s, **kw) for s in splits)
     else:
-        (train_ds, test_ds), name = dataset, templates
-    templates = templates or name
+        (train_ds, test_ds), name = dataset, templates if isinstance(templates, str) else None
+    if templates is None and name in ZERO_SHOT_TEMPLATES:
+        templates = name
+    labelled = has_labels(test_ds)
     notes = {}
     res = dict(dataset=name, model=str(model_or_folder) if isinstance(model_or_folder, (str, Path)) else type(model).__name__,
-               config=cfg.to_dict() if hasattr(cfg, 'to_dict') else None, splits=list(splits), notes=notes)
-    if templates is None: notes['zero_shot'] = 'skipped: no prompt templates (pass templates=<dataset name>)'; res['zero_shot'] = None
-    else: res['zero_shot'] = _run('zero_shot', lambda: zero_shot(model, templates, test_ds, n_zero_shot, batch_size), notes)
-    res['linear_probe'] = _run('linear_probe', lambda: linear_probe(model, train_ds, test_ds, n_probe_train, n_probe_test,
-                                                                    probe_features, batch_size), notes)
+               config=cfg.to_dict() if hasattr(cfg, 'to_dict') else None, splits=list(splits),
+               n_samples={s: len(d) for s, d in zip(splits, (train_ds, test_ds))}, labelled=labelled, notes=notes)
+    if not labelled:
+        res['zero_shot'] = res['linear_probe'] = None
+        notes['zero_shot'] = notes['linear_probe'] = 'skipped: the dataset has no class labels (captions only)'
+    else:
+        if templates is None:
+            res['zero_shot'] = None
+            notes['zero_shot'] = "skipped: no prompt templates (pass templates=['a photo of a {}.', ...] or a dataset name)"
+        else:
+            res['zero_shot'] = _run('zero_shot', lambda: zero_shot(model, templates, test_ds, n_zero_shot, batch_size), notes)
+        res['linear_probe'] = _run('linear_probe', lambda: linear_probe(model, train_ds, test_ds, n_probe_train, n_probe_test,
+                                                                        probe_features, batch_size), notes)
+    run_retrieval = not labelled if retrieval_eval is None else retrieval_eval
+    if run_retrieval:
+        res['retrieval'] = _run('retrieval', lambda: retrieval(model, test_ds, n_retrieval, batch_size), notes)
     res['reconstruction'] = _run('reconstruction', lambda: reconstruction_metrics(model, test_ds, n_rec, batch_size, name,
                                                                                   extractor, lpips_path, device), notes)
     res['seconds'] = round(time.perf_counter() - t0, 2)

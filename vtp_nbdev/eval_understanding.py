@@ -10,11 +10,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .data import zero_shot_prompts, tokenize
+from .data import zero_shot_prompts, zero_shot_templates, tokenize
 
 # %% auto #0
 __all__ = ['FEATURE_CHOICES', 'PROBE_LRS', 'FEATURE_DESCRIPTIONS', 'model_device', 'iter_batches', 'zero_shot_classifier',
-           'topk_accuracy', 'zero_shot', 'probe_features', 'train_linear_probe', 'linear_probe']
+           'topk_accuracy', 'zero_shot', 'probe_features', 'train_linear_probe', 'linear_probe', 'retrieval_recall',
+           'retrieval']
 
 # %% ../nbs/06_eval_understanding.ipynb #5cd16255
 def model_device(model) -> torch.device:
@@ -56,10 +57,11 @@ def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> dict:
 
 # %% ../nbs/06_eval_understanding.ipynb #13c4502c
 @torch.inference_mode()
-def zero_shot(model, dataset_name: str, dataset, n: int | None = 2000, batch_size: int = 256, classes=None,
+def zero_shot(model, dataset_name, dataset, n: int | None = 2000, batch_size: int = 256, classes=None,
               which=('train', 'heldout'), ks=(1, 5)) -> dict:
-    "Zero-shot top-1/top-5 accuracy on the first `n` samples, one result per template set (`train`, `heldout`)."
+    "Zero-shot top-1/top-5 accuracy on the first `n` samples, per template set (`dataset_name`: a name, or templates)."
     classes = tuple(classes or dataset.classes)
+    which = tuple(w for w in which if w in zero_shot_templates(dataset_name))          # user templates may have no held-out set
     heads = {w: zero_shot_classifier(model, zero_shot_prompts(dataset_name, classes, w)) for w in which}
     dev, hits, N, t0 = model_device(model), {w: {k: 0. for k in ks} for w in which}, 0, time.perf_counter()
     for x, y in iter_batches(dataset, n, batch_size):
@@ -68,7 +70,7 @@ def zero_shot(model, dataset_name: str, dataset, n: int | None = 2000, batch_siz
         for w, Wc in heads.items():
             for k, a in topk_accuracy(f @ Wc.cpu().T, y, ks).items(): hits[w][k] += a * len(y)
         N += len(y)
-    out = dict(dataset=dataset_name, n=N, n_classes=len(classes), seconds=round(time.perf_counter() - t0, 2))
+    out = dict(dataset=dataset_name if isinstance(dataset_name, str) else 'custom templates', n=N, n_classes=len(classes), seconds=round(time.perf_counter() - t0, 2))
     for w in which:
         out[f'n_templates_{w}'] = len(zero_shot_prompts(dataset_name, classes[:1], w)[0])
         for k in ks: out[f'zero_shot_top{k}_{w}'] = hits[w][k] / N
@@ -179,3 +181,27 @@ def linear_probe(model, train_dataset, test_dataset, n_train: int | None = 5000,
         out[f'linear_probe_{f}'] = dict(r, feature=FEATURE_DESCRIPTIONS[f].format(k=_n_blocks(model)))
     out['seconds'] = round(time.perf_counter() - t0, 2)
     return out
+
+# %% ../nbs/06_eval_understanding.ipynb #e3a9b4c6
+def retrieval_recall(sim: torch.Tensor, ks=(1, 5, 10)) -> dict:
+    "Recall@k both ways of a square similarity matrix (images × captions) whose diagonal holds the true pairs."
+    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]: raise ValueError(f"retrieval: similarity of shape {tuple(sim.shape)}; expected (N, N)")
+    d = sim.diagonal()
+    ranks = dict(image_to_text=(sim > d[:, None]).sum(1), text_to_image=(sim > d[None, :]).sum(0))   # 0 = the true pair ranks first
+    return {f'{way}_R@{k}': (r < k).double().mean().item() for way, r in ranks.items() for k in ks}
+
+@torch.inference_mode()
+def retrieval(model, dataset, n: int | None = 1000, batch_size: int = 256, ks=(1, 5, 10)) -> dict:
+    "Image→text and text→image recall@k over the first `n` image–caption pairs of `dataset` (CLIP features)."
+    m = len(dataset) if n is None else min(n, len(dataset))
+    if m < 2: raise ValueError(f"retrieval needs at least 2 image-caption pairs; the dataset has {len(dataset)} (n={n})")
+    dev, L, t0 = model_device(model), model.config.text_context_length, time.perf_counter()
+    img, txt = [], []
+    for i in range(0, m, batch_size):
+        items = [dataset[j] for j in range(i, min(i + batch_size, m))]
+        x = torch.stack([it['image'] for it in items]).to(dev)
+        img.append(model.get_clip_image_feature(x, normalize=True).float().cpu())                       # (B, E)
+        tok = tokenize([it['caption'] for it in items], L).to(dev)
+        txt.append(model.get_clip_text_feature(tok, normalize=True).float().cpu())                      # (B, E)
+    out = retrieval_recall(torch.cat(img) @ torch.cat(txt).T, ks)
+    return dict(out, n=m, chance_R1=1 / m, seconds=round(time.perf_counter() - t0, 2))

@@ -299,7 +299,7 @@ def test_evaluate_tokenizer_user_image_folder(tmp_path):
     root = _shapes_folder(tmp_path/'data')
     torch.manual_seed(0)
     ev = evaluate_tokenizer(VTPModel(vtp_config('tiny')), 'image_folder', n_zero_shot=40, n_probe_train=40, n_probe_test=40,
-                            n_rec=8, dataset_kwargs=dict(root=root, test_frac=0.4, class_names=['other thing', 'red thing']),
+                            n_rec=8, dataset_kwargs=dict(root=root, val_frac=0.0, test_frac=0.4, class_names=['other thing', 'red thing']),
                             templates=['a photo of a {}.', 'a {}.'])
     n = ev['n_samples']
     assert n['train'] + n['test'] == 40 and n['test'] >= 8 and not ev['notes'], (n, ev['notes'])

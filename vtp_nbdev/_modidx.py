@@ -209,6 +209,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'vtp_nbdev.fid.metric_suffix': ('fid.html#metric_suffix', 'vtp_nbdev/fid.py'),
                                'vtp_nbdev.fid.predict_attributes': ('fid.html#predict_attributes', 'vtp_nbdev/fid.py'),
                                'vtp_nbdev.fid.ref_extractor_name': ('fid.html#ref_extractor_name', 'vtp_nbdev/fid.py'),
+                               'vtp_nbdev.fid.register_reference_extractor': ('fid.html#register_reference_extractor', 'vtp_nbdev/fid.py'),
                                'vtp_nbdev.fid.repo_root': ('fid.html#repo_root', 'vtp_nbdev/fid.py'),
                                'vtp_nbdev.fid.save_samples': ('fid.html#save_samples', 'vtp_nbdev/fid.py'),
                                'vtp_nbdev.fid.sha256_file': ('fid.html#sha256_file', 'vtp_nbdev/fid.py'),

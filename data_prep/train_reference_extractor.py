@@ -62,7 +62,7 @@ def fmnist_arrays(split: str, n_val: int = 5000):
 
 
 def folder_arrays(root, split: str):
-    "uint8 images (n, 3, 32, 32) and labels of an `image_folder` split (bad files skipped with a warning), and its classes."
+    "uint8 images (n, 3, 32, 32), labels and classes of an `image_folder` split (bad files skipped with a warning)."
     ds = get_dataset('image_folder', split, res=REF_RES, root=root, skip_bad=True)
     imgs, labels = zip(*((img, label) for img, _, label in (ds.raw(i) for i in range(len(ds)))))
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
@@ -174,7 +174,8 @@ def train_folder(a) -> Path:
     out = Path(a.out or ROOT/'runs'/'reference')
     out.mkdir(parents=True, exist_ok=True)
     path = out/f'{name}.safetensors'
-    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path), metadata=file_metadata(name, a.seed, arch))
+    sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    save_file(sd, str(path), metadata=file_metadata(name, a.seed, arch))
     report = dict(dataset=name, root=str(a.root), classes=list(classes), sha256=sha256_file(path), feature_scale=scale,
                   accuracy={s: evaluate(net, *xy) for s, xy in evals.items()}, n_train=len(x), epochs=a.epochs or 20,
                   seed=a.seed, seconds=round(time.time() - t0, 1), torch=torch.__version__)

@@ -294,12 +294,13 @@ def _shapes_folder(root, n=40):
 
 
 def test_evaluate_tokenizer_user_image_folder(tmp_path):
-    "A user's folder: held-out split by key hash, zero-shot with the user's class names and templates, probe, reconstruction."
+    "A user's folder: held-out split by key hash, zero-shot with the user's class names and templates, probe, rFD note."
     from vtp_nbdev.tokenizer import VTPModel, vtp_config
     root = _shapes_folder(tmp_path/'data')
     torch.manual_seed(0)
-    ev = evaluate_tokenizer(VTPModel(vtp_config('tiny')), 'image_folder', n_zero_shot=40, n_probe_train=40, n_probe_test=40,
-                            n_rec=8, dataset_kwargs=dict(root=root, val_frac=0.0, test_frac=0.4, class_names=['other thing', 'red thing']),
+    kw = dict(root=root, val_frac=0.0, test_frac=0.4, class_names=['other thing', 'red thing'])
+    ev = evaluate_tokenizer(VTPModel(vtp_config('tiny')), 'image_folder', n_zero_shot=40, n_probe_train=40,
+                            n_probe_test=40, n_rec=8, dataset_kwargs=kw,
                             templates=['a photo of a {}.', 'a {}.'])
     n = ev['n_samples']
     assert n['train'] + n['test'] == 40 and n['test'] >= 8 and not ev['notes'], (n, ev['notes'])

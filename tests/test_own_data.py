@@ -60,7 +60,8 @@ def user_data(tmp_path_factory):
 def test_both_sources_load_with_held_out_splits(user_data):
     "CSV and a folder of shards read the same pairs; train / test are disjoint by key; bad members skipped or named."
     for src, n_bad in ((user_data['csv'], 2), (user_data['shards'], 3)):
-        parts = {s: get_dataset('image_text', s, source=src, skip_bad=True, val_frac=0.15, test_frac=0.3) for s in ('train', 'val', 'test')}
+        parts = {s: get_dataset('image_text', s, source=src, skip_bad=True, val_frac=0.15, test_frac=0.3)
+                 for s in ('train', 'val', 'test')}
         assert sum(len(d) for d in parts.values()) == N + n_bad
         assert parts['test'][0]['image'].shape == (3, 32, 32) and parts['test'][0]['label'] == -1
     train = get_dataset('image_text', 'train', source=user_data['shards'])
@@ -74,19 +75,21 @@ def test_both_sources_load_with_held_out_splits(user_data):
         except ValueError as e:
             errors.append(str(e))
     assert len(errors) == 3 and all('part-001.tar' in e for e in errors), errors
-    assert any('part-001.tar:corrupt: cannot read image' in e for e in errors) and any("'lonely' has no caption" in e for e in errors)
+    assert any('part-001.tar:corrupt: cannot read image' in e for e in errors)
+    assert any("'lonely' has no caption" in e for e in errors)
 
 
 def test_pretrain_evaluate_and_latents_end_to_end(user_data, tmp_path):
     "Pre-training on the tar shards and the CSV, the GAN stage, export and reload, retrieval + reconstruction, latents."
     t0 = time.perf_counter()
     runs = tmp_path/'runs'
-    kw = dict(preset='tiny', steps=3, batch_clip=8, batch_ssl=4, batch_rec=4, n_local_crops=2, log_every=1, ckpt_every=3)
+    kw = dict(preset='tiny', steps=3, batch_clip=8, batch_ssl=4, batch_rec=4, n_local_crops=2, log_every=1,
+              ckpt_every=3)
     losses._WARNED.discard('lpips')
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter('always')
-        run = pretrain(PretrainConfig(dataset='image_text', dataset_kwargs=dict(source=user_data['shards'], skip_bad=True), **kw),
-                       runs_dir=runs, progress=False)
+        shards = dict(source=user_data['shards'], skip_bad=True)
+        run = pretrain(PretrainConfig(dataset='image_text', dataset_kwargs=shards, **kw), runs_dir=runs, progress=False)
     assert len([x for x in w if 'LPIPS disabled' in str(x.message)]) == 1             # the one-time message
     run_csv = pretrain(PretrainConfig(dataset='image_text', dataset_kwargs=dict(source=user_data['csv'], skip_bad=True),
                                       **dict(kw, steps=1)), runs_dir=runs, progress=False)
@@ -106,7 +109,8 @@ def test_pretrain_evaluate_and_latents_end_to_end(user_data, tmp_path):
     saved = json.loads((tmp_path/'metrics.json').read_text())
     r = saved['retrieval']
     n_test = saved['n_samples']['test']
-    assert r['n'] == n_test >= 8 and 0 <= r['image_to_text_R@1'] <= r['image_to_text_R@5'] <= r['image_to_text_R@10'] <= 1
+    assert r['n'] == n_test >= 8
+    assert 0 <= r['image_to_text_R@1'] <= r['image_to_text_R@5'] <= r['image_to_text_R@10'] <= 1
     assert {'text_to_image_R@1', 'text_to_image_R@10'} <= set(r) and saved['labelled'] is False
     rec = saved['reconstruction']
     assert rec['n'] == n_test and rec['psnr'] > 5 and -1 <= rec['ssim'] <= 1
@@ -114,8 +118,8 @@ def test_pretrain_evaluate_and_latents_end_to_end(user_data, tmp_path):
     assert saved['zero_shot'] is None and 'no class labels' in saved['notes']['zero_shot']
     print({k: round(v, 3) for k, v in r.items() if 'R@' in k}, 'psnr', round(rec['psnr'], 2))
 
-    lat = extract_latents(run/'final', 'image_text', 'train', dataset_kwargs=dict(source=user_data['csv'], skip_bad=True),
-                          runs_dir=runs, batch_size=16, progress=False)
+    lat = extract_latents(run/'final', 'image_text', 'train', runs_dir=runs, batch_size=16, progress=False,
+                          dataset_kwargs=dict(source=user_data['csv'], skip_bad=True))
     done = json.loads((lat/'done.json').read_text())
     assert (lat/'latents_stats.safetensors').is_file() and done
     print(f"end to end: {time.perf_counter() - t0:.1f} s")

@@ -73,21 +73,26 @@ def _type_ok(v, t) -> bool:
     if t is typing.Any: return True
     if origin in (typing.Union, types.UnionType): return any(_type_ok(v, a) for a in typing.get_args(t))
     if t is type(None): return v is None
-    if t is float: return isinstance(v, numbers.Real) and not isinstance(v, bool)      # numpy scalars too
-    if t is int: return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    if t is float:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)      # numpy scalars too
+    if t is int:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
     if t in (tuple, list) or origin in (tuple, list): return isinstance(v, (tuple, list))
     if t is dict or origin is dict: return isinstance(v, dict)
     return isinstance(v, t) if isinstance(t, type) else True
 
 def type_name(t) -> str:
     "Readable name of a type annotation: `int`, `float | None`, `tuple`."
-    if typing.get_origin(t) in (typing.Union, types.UnionType): return ' | '.join(type_name(a) for a in typing.get_args(t))
-    if t is type(None): return 'None'
-    if isinstance(t, type): return t.__name__
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        return ' | '.join(type_name(a) for a in typing.get_args(t))
+    if t is type(None):
+        return 'None'
+    if isinstance(t, type):
+        return t.__name__
     return str(t).replace('typing.', '')
 
 def check_field_types(owner: str, values: dict, hints: dict):
-    "Raise TypeError naming the first field of `values` that does not fit its annotation in `hints`, and the type expected."
+    "Raise TypeError naming the first field of `values` that does not fit its annotation in `hints`, and the type."
     for k, v in values.items():
         if k in hints and not _type_ok(v, hints[k]):
             raise TypeError(f"{owner}.{k}={v!r}: expected {type_name(hints[k])}, got {type(v).__name__}")

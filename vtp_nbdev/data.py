@@ -317,10 +317,12 @@ def load_image(src, res: int, name=None) -> np.ndarray:
 HOLDOUT = dict(val=0.05, test=0.1)   # default held-out fractions of sources that have no splits of their own
 
 def split_of(key: str, val_frac: float = HOLDOUT['val'], test_frac: float = HOLDOUT['test']) -> str:
-    "The split (`train`, `val` or `test`) of a sample key: a stable hash of the key, so adding data never moves a sample."
+    "The split (`train`, `val` or `test`) of a sample key, by a stable hash of the key: adding data moves no sample."
     u = int.from_bytes(hashlib.sha256(key.encode('utf-8')).digest()[:8], 'big') / 2 ** 64
-    if u < test_frac: return 'test'
-    if u < test_frac + val_frac: return 'val'
+    if u < test_frac:
+        return 'test'
+    if u < test_frac + val_frac:
+        return 'val'
     return 'train'
 
 def select_split(items: list, keys: list, split: str = 'all', val_frac: float = HOLDOUT['val'],
@@ -332,8 +334,10 @@ def select_split(items: list, keys: list, split: str = 'all', val_frac: float = 
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
             raise ValueError(f"{where}: {k}={v!r}; expected a fraction in [0, 1)")
     if val_frac + test_frac >= 1:
-        raise ValueError(f"{where}: val_frac + test_frac = {val_frac + test_frac}; expected < 1 (something left to train on)")
-    out = list(items) if split == 'all' else [it for it, k in zip(items, keys) if split_of(k, val_frac, test_frac) == split]
+        raise ValueError(f"{where}: val_frac + test_frac = {val_frac + test_frac}; expected < 1")
+    out = list(items)
+    if split != 'all':
+        out = [it for it, k in zip(items, keys) if split_of(k, val_frac, test_frac) == split]
     return out if size is None else out[:_check_size(size, where)]
 
 class _FileDataset(VTPDataset):
@@ -363,9 +367,11 @@ class ImageFolderDataset(_FileDataset):
         dirs = sorted(d for d in root.iterdir() if d.is_dir())
         if not dirs: raise ValueError(f"image_folder: {root} has no class sub-folders; expected root/<class>/<image files>")
         files = [(f, c) for c, d in enumerate(dirs) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_EXTS]
-        if not files: raise ValueError(f"image_folder: {root} contains no images with extensions {IMAGE_EXTS}")
+        if not files:
+            raise ValueError(f"image_folder: {root} contains no images with extensions {IMAGE_EXTS}")
         if class_names is not None and len(class_names) != len(dirs):
-            raise ValueError(f"image_folder: {len(class_names)} class_names for {len(dirs)} class folders {[d.name for d in dirs]}")
+            raise ValueError(f"image_folder: {len(class_names)} class_names for {len(dirs)} class folders "
+                             f"{[d.name for d in dirs]}")
         keys = [f'{f.parent.name}/{f.name}' for f, _ in files]
         self.files = select_split(files, keys, split, val_frac, test_frac, size, f'image_folder {root}')
         self.split, self.n_source = split, len(files)
@@ -378,7 +384,7 @@ class ImageFolderDataset(_FileDataset):
 
 # %% ../nbs/01_data.ipynb #58be6c29
 class ImageTextDataset(_FileDataset):
-    "Image–caption pairs from a CSV/TSV with a header naming a path column and a caption column (paths relative to the table)."
+    "Image–caption pairs from a CSV/TSV with a header naming a path and a caption column (paths relative to the table)."
     labelled = False
     PATH_COLS, CAPTION_COLS = ('path', 'filepath', 'image', 'file'), ('caption', 'text', 'title')
     def __init__(self, table, res=32, context_length=77, skip_bad=False, delimiter=None, split='all', size=None,
@@ -396,7 +402,7 @@ class ImageTextDataset(_FileDataset):
             raise ValueError(f"image_text: {table} header {list(header)} needs a path column {self.PATH_COLS} and a caption column {self.CAPTION_COLS}")
         rows = [(r[pc] or '', r[cc], n + 2) for n, r in enumerate(rows)]               # n + 2: line number with header
         kept = select_split(rows, [p for p, _, _ in rows], split, val_frac, test_frac, size, f'image_text {table}')
-        self.rows = [(table.parent/p, c, line) for p, c, line in kept]                   # relative to the table's folder
+        self.rows = [(table.parent/p, c, line) for p, c, line in kept]             # relative to the table's folder
         self.split, self.n_source, self.seed = split, len(rows), seed          # no randomness: `seed` is accepted
         self.n, self.res, self.context_length, self.skip_bad = len(self.rows), res, context_length, skip_bad
     def load(self, i):
@@ -426,8 +432,10 @@ class TarShardDataset(_FileDataset):
             for key in sorted(pairs):
                 d = pairs[key]; img = next((d[e] for e in IMAGE_EXTS if e in d), None)
                 items.append((sh, key, img, d.get('.txt')))
-        if not items: raise ValueError(f"image_text: shards {shards} contain no samples")
-        self.items = select_split(items, [it[1] for it in items], split, val_frac, test_frac, size, f'image_text {shards[0]}')
+        if not items:
+            raise ValueError(f"image_text: shards {shards} contain no samples")
+        keys = [it[1] for it in items]
+        self.items = select_split(items, keys, split, val_frac, test_frac, size, f'image_text {shards[0]}')
         self.split, self.n_source, self.seed = split, len(items), seed         # no randomness: `seed` is accepted
         self.n, self.res, self.context_length, self.skip_bad = len(self.items), res, context_length, skip_bad
     def shard_groups(self) -> list:
@@ -481,26 +489,30 @@ def check_resolution(res: int, patch_size: int):
         raise ValueError(f"resolution {res} is not divisible by the patch size {patch_size}; expected a multiple of {patch_size}")
 
 def shard_paths(source) -> list | None:
-    "The tar shards named by `source` (a `.tar`, a folder of them, a glob, or a list of these); None for one CSV/TSV table."
+    "Tar shards named by `source` (a `.tar`, a folder of them, a glob, or a list of these); None for a CSV/TSV table."
     srcs = [source] if isinstance(source, (str, Path)) else list(source)
-    if not srcs: raise ValueError("image_text: source is empty; expected a CSV/TSV table, a .tar shard or a folder of shards")
+    if not srcs:
+        raise ValueError("image_text: source is empty; expected a CSV/TSV table, a .tar shard or a folder of shards")
     out = []
     for s in srcs:
         p = Path(s)
         if p.is_dir():
             found = sorted(p.glob('*.tar'))
-            if not found: raise FileNotFoundError(f"image_text: folder {p} holds no .tar shards; expected KEY.jpg + KEY.txt shards")
+            if not found:
+                raise FileNotFoundError(f"image_text: folder {p} holds no .tar shards (KEY.jpg + KEY.txt pairs)")
             out += found
         elif any(ch in str(s) for ch in '*?['):
             found = sorted(map(Path, glob.glob(str(s))))
-            if not found: raise FileNotFoundError(f"image_text: no files match {s}")
+            if not found:
+                raise FileNotFoundError(f"image_text: no files match {s}")
             out += found
         elif p.suffix.lower() == '.tar':
             out.append(p)
         elif len(srcs) == 1:
             return None
         else:
-            raise ValueError(f"image_text: source {s} is not a .tar shard or a folder of shards; a CSV/TSV table must be the only source")
+            raise ValueError(f"image_text: source {s} is not a .tar shard or a folder of shards; "
+                             "a CSV/TSV table must be the only source")
     return out
 
 def _check_keys(name: str, cls, kwargs: dict):
@@ -517,15 +529,16 @@ def get_dataset(name: str, split: str = 'train', res: int = 32, patch_size: int 
     elif name == 'fashion_mnist':
         cls = FashionMNISTDataset
     elif name == 'image_folder':
-        if 'root' not in kwargs: raise ValueError("image_folder needs root= (dataset_kwargs={'root': 'path/to/root'}): root/<class>/<images>")
+        if 'root' not in kwargs:
+            raise ValueError("image_folder needs root= (dataset_kwargs={'root': 'DIR'}), root/<class>/<images>")
         root = Path(kwargs.pop('root'))
-        has_split = split != 'all' and (root/split).is_dir()                  # root/train, root/val: the folders are the splits
+        has_split = split != 'all' and (root/split).is_dir()                  # root/train, root/val...: the splits
         kwargs['root'], split = (root/split, 'all') if has_split else (root, split)
         cls = ImageFolderDataset
     elif name == 'image_text':
         if 'source' not in kwargs:
-            raise ValueError("image_text needs source= (dataset_kwargs={'source': ...}): a CSV/TSV table, a .tar shard, "
-                             "a folder of .tar shards, or a list of shards")
+            raise ValueError("image_text needs source= (dataset_kwargs={'source': ...}): a CSV/TSV table, "
+                             "a .tar shard, a folder of .tar shards, or a list of shards")
         src = kwargs.pop('source')
         shards = shard_paths(src)
         cls = ImageTextDataset if shards is None else TarShardDataset
@@ -535,7 +548,9 @@ def get_dataset(name: str, split: str = 'train', res: int = 32, patch_size: int 
     _check_keys(name, cls, kwargs)
     ds = cls(split=split, res=res, **kwargs)
     if len(ds) == 0:
-        held = f" ({ds.n_source} samples in the source; val_frac and test_frac of them, by key hash, are held out)" if hasattr(ds, 'n_source') else ''
+        held = ''
+        if hasattr(ds, 'n_source'):
+            held = f" ({ds.n_source} samples in the source; val_frac and test_frac of them, by key hash, are held out)"
         raise ValueError(f"dataset {name!r} split {split!r} is empty{held}")
     return ds
 
@@ -568,14 +583,16 @@ def zero_shot_templates(templates) -> dict:
     "Template sets `{train, heldout}`: a dataset name, a list of templates (`{}` = class name), or a dict of both."
     if isinstance(templates, str):
         if templates not in ZERO_SHOT_TEMPLATES:
-            raise ValueError(f"no zero-shot templates for dataset {templates!r}; expected one of {tuple(ZERO_SHOT_TEMPLATES)}, "
-                             "or pass templates=['a photo of a {}.', ...]")
+            raise ValueError(f"no zero-shot templates for dataset {templates!r}; expected one of "
+                             f"{tuple(ZERO_SHOT_TEMPLATES)}, or pass templates=['a photo of a {{}}.', ...]")
         return ZERO_SHOT_TEMPLATES[templates]
     sets = dict(templates) if isinstance(templates, dict) else dict(train=tuple(templates))
     if not sets.get('train') or set(sets) - {'train', 'heldout'}:
-        raise ValueError(f"zero-shot templates {templates!r}: expected a list of templates or a dict with 'train' (and 'heldout')")
+        raise ValueError(f"zero-shot templates {templates!r}: expected a list of templates or a dict with 'train' "
+                         "(and 'heldout')")
     for t in (t for ts in sets.values() for t in ts):
-        if not isinstance(t, str) or '{}' not in t: raise ValueError(f"zero-shot template {t!r}: expected a string with '{{}}' for the class name")
+        if not isinstance(t, str) or '{}' not in t:
+            raise ValueError(f"zero-shot template {t!r}: expected a string with '{{}}' for the class name")
     return {k: tuple(v) for k, v in sets.items() if v}
 
 def zero_shot_prompts(dataset, classes, which: str = 'train') -> list:

@@ -109,7 +109,7 @@ def _run(part: str, fn, notes: dict):
     "Run an evaluation part; a failure is recorded in `notes` (the other parts still run), never raised."
     try:
         return fn()
-    except Exception as e:                                                 # one missing piece must not lose the other metrics
+    except Exception as e:                                                 # one missing piece loses no other metric
         disabled = isinstance(e, RuntimeError) and 'disabled' in str(e)  # e.g. "pixel_decoder is disabled: set ..."
         notes[part] = f'skipped: {e}' if disabled else f'failed: {type(e).__name__}: {e}'
         if not disabled:
@@ -123,8 +123,9 @@ def has_labels(ds) -> bool:
 
 def evaluate_tokenizer(model_or_folder, dataset='shapes', splits=('train', 'test'), n_zero_shot: int = 2000,
                        n_probe_train: int = 5000, n_probe_test: int = 2000, n_rec: int = 1000, n_retrieval: int = 1000,
-                       probe_features=FEATURE_CHOICES, batch_size: int = 128, device='cpu', lpips_path=None, extractor='auto',
-                       dataset_kwargs=None, templates=None, retrieval_eval: bool | None = None, out=None) -> dict:
+                       probe_features=FEATURE_CHOICES, batch_size: int = 128, device='cpu', lpips_path=None,
+                       extractor='auto', dataset_kwargs=None, templates=None, retrieval_eval: bool | None = None,
+                       out=None) -> dict:
     "The metrics that fit the data: zero-shot and probes with labels, retrieval with captions, reconstruction always."
     t0 = time.perf_counter()
     model = _load_model(model_or_folder, device).to(device).eval()
@@ -151,11 +152,12 @@ def evaluate_tokenizer(model_or_folder, dataset='shapes', splits=('train', 'test
     else:
         if templates is None:
             res['zero_shot'] = None
-            notes['zero_shot'] = "skipped: no prompt templates (pass templates=['a photo of a {}.', ...] or a dataset name)"
+            notes['zero_shot'] = "skipped: no prompt templates (pass templates=['a photo of a {}.', ...])"
         else:
-            res['zero_shot'] = _run('zero_shot', lambda: zero_shot(model, templates, test_ds, n_zero_shot, batch_size), notes)
-        res['linear_probe'] = _run('linear_probe', lambda: linear_probe(model, train_ds, test_ds, n_probe_train, n_probe_test,
-                                                                        probe_features, batch_size), notes)
+            res['zero_shot'] = _run('zero_shot', lambda: zero_shot(model, templates, test_ds, n_zero_shot, batch_size),
+                                    notes)
+        probe = lambda: linear_probe(model, train_ds, test_ds, n_probe_train, n_probe_test, probe_features, batch_size)
+        res['linear_probe'] = _run('linear_probe', probe, notes)
     run_retrieval = not labelled if retrieval_eval is None else retrieval_eval
     if run_retrieval:
         res['retrieval'] = _run('retrieval', lambda: retrieval(model, test_ds, n_retrieval, batch_size), notes)

@@ -61,7 +61,7 @@ def zero_shot(model, dataset_name, dataset, n: int | None = 2000, batch_size: in
               which=('train', 'heldout'), ks=(1, 5)) -> dict:
     "Zero-shot top-1/top-5 accuracy on the first `n` samples, per template set (`dataset_name`: a name, or templates)."
     classes = tuple(classes or dataset.classes)
-    which = tuple(w for w in which if w in zero_shot_templates(dataset_name))          # user templates may have no held-out set
+    which = tuple(w for w in which if w in zero_shot_templates(dataset_name))   # user templates: maybe no heldout
     heads = {w: zero_shot_classifier(model, zero_shot_prompts(dataset_name, classes, w)) for w in which}
     dev, hits, N, t0 = model_device(model), {w: {k: 0. for k in ks} for w in which}, 0, time.perf_counter()
     for x, y in iter_batches(dataset, n, batch_size):
@@ -70,7 +70,8 @@ def zero_shot(model, dataset_name, dataset, n: int | None = 2000, batch_size: in
         for w, Wc in heads.items():
             for k, a in topk_accuracy(f @ Wc.cpu().T, y, ks).items(): hits[w][k] += a * len(y)
         N += len(y)
-    out = dict(dataset=dataset_name if isinstance(dataset_name, str) else 'custom templates', n=N, n_classes=len(classes), seconds=round(time.perf_counter() - t0, 2))
+    name = dataset_name if isinstance(dataset_name, str) else 'custom templates'
+    out = dict(dataset=name, n=N, n_classes=len(classes), seconds=round(time.perf_counter() - t0, 2))
     for w in which:
         out[f'n_templates_{w}'] = len(zero_shot_prompts(dataset_name, classes[:1], w)[0])
         for k in ks: out[f'zero_shot_top{k}_{w}'] = hits[w][k] / N
@@ -185,16 +186,18 @@ def linear_probe(model, train_dataset, test_dataset, n_train: int | None = 5000,
 # %% ../nbs/06_eval_understanding.ipynb #e3a9b4c6
 def retrieval_recall(sim: torch.Tensor, ks=(1, 5, 10)) -> dict:
     "Recall@k both ways of a square similarity matrix (images × captions) whose diagonal holds the true pairs."
-    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]: raise ValueError(f"retrieval: similarity of shape {tuple(sim.shape)}; expected (N, N)")
+    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"retrieval: similarity of shape {tuple(sim.shape)}; expected (N, N)")
     d = sim.diagonal()
-    ranks = dict(image_to_text=(sim > d[:, None]).sum(1), text_to_image=(sim > d[None, :]).sum(0))   # 0 = the true pair ranks first
+    ranks = dict(image_to_text=(sim > d[:, None]).sum(1), text_to_image=(sim > d[None, :]).sum(0))  # 0: true pair first
     return {f'{way}_R@{k}': (r < k).double().mean().item() for way, r in ranks.items() for k in ks}
 
 @torch.inference_mode()
 def retrieval(model, dataset, n: int | None = 1000, batch_size: int = 256, ks=(1, 5, 10)) -> dict:
     "Image→text and text→image recall@k over the first `n` image–caption pairs of `dataset` (CLIP features)."
     m = len(dataset) if n is None else min(n, len(dataset))
-    if m < 2: raise ValueError(f"retrieval needs at least 2 image-caption pairs; the dataset has {len(dataset)} (n={n})")
+    if m < 2:
+        raise ValueError(f"retrieval needs at least 2 image-caption pairs; the dataset has {len(dataset)} (n={n})")
     dev, L, t0 = model_device(model), model.config.text_context_length, time.perf_counter()
     img, txt = [], []
     for i in range(0, m, batch_size):

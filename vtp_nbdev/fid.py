@@ -205,17 +205,21 @@ def register_reference_extractor(path, name: str | None = None) -> str:
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
     if 'vtp_reference' not in meta:
-        raise ValueError(f"{path}: no 'vtp_reference' metadata; expected a file written by data_prep/train_reference_extractor.py")
+        raise ValueError(f"{path}: no 'vtp_reference' metadata; expected a file written by "
+                         "data_prep/train_reference_extractor.py")
     info = json.loads(meta['vtp_reference'])
     a = info['arch']
-    arch = dict(widths=tuple(a['widths']), feat_dim=a['feat_dim'], heads=tuple((k, n) for k, n in a['heads']), res=a['res'])
+    heads = tuple((k, n) for k, n in a['heads'])
+    arch = dict(widths=tuple(a['widths']), feat_dim=a['feat_dim'], heads=heads, res=a['res'])
     name = name or info.get('dataset') or path.stem
     old = REFERENCE_EXTRACTORS.get(name)
     if old is not None and (repo_root()/old[0]).resolve() != path:
-        raise ValueError(f"reference extractor {name!r} already exists ({old[0]}); pass name= to register {path} under another name")
+        raise ValueError(f"reference extractor {name!r} already exists ({old[0]}); "
+                         f"pass name= to register {path} under another name")
     REFERENCE_EXTRACTORS[name] = (str(path), sha256_file(path), arch)
     if ref_extractor_name(name) not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(ref_extractor_name(name), type(f'RefFeatureExtractor_{name}', (RefFeatureExtractor,), dict(ref_name=name)))
+        cls = type(f'RefFeatureExtractor_{name}', (RefFeatureExtractor,), dict(ref_name=name))
+        register_feature_extractor(ref_extractor_name(name), cls)
     return name
 
 # %% ../nbs/08_fid.ipynb #b27f5da9

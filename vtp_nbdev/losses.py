@@ -308,7 +308,7 @@ class ReconstructionLoss(nn.Module):
         self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         paths = [] if lpips_path is None else [lpips_path] if isinstance(lpips_path, (str, Path)) else list(lpips_path)
         absent = [str(p) for p in paths if not Path(p).is_file()]
-        if not paths or absent:                                  # said once, whatever the weight (callers pass 0 without a file)
+        if not paths or absent:                                  # said once, whatever the weight (0 without a file)
             _warn_once('lpips', "ReconstructionLoss: LPIPS disabled, training with the L1 pixel loss only: "
                        + ("no lpips_path given" if not paths else f"weights file(s) {absent} not found")
                        + ". Provide a local file with torchvision vgg16 + LPIPS lin weights to enable it.")

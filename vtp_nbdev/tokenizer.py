@@ -90,7 +90,8 @@ class VTPConfig:
     cnn_channel_mult: tuple = neutral_field(())   # CNN: width multiplier of each resolution level (log2(patch) + 1 levels)
 
     def __post_init__(self):
-        check_field_types('VTPConfig', {f.name: getattr(self, f.name) for f in fields(self)}, typing.get_type_hints(VTPConfig))
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        check_field_types('VTPConfig', values, typing.get_type_hints(VTPConfig))
         self.cnn_channel_mult = tuple(self.cnn_channel_mult)   # a JSON list from config.json -> tuple
         self.validate()
 
@@ -661,7 +662,8 @@ class VTPModel(nn.Module):
             d = json.loads(cfg_file.read_text(encoding='utf-8'))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{cfg_file}: not a JSON config ({e})") from None
-        if not isinstance(d, dict): raise ValueError(f"{cfg_file}: expected a JSON object of VTPConfig fields, got {type(d).__name__}")
+        if not isinstance(d, dict):
+            raise ValueError(f"{cfg_file}: expected a JSON object of VTPConfig fields, got {type(d).__name__}")
         try:
             cfg = VTPConfig.from_dict({**d, 'rope_dtype': rope_dtype or d.get('rope_dtype', 'bf16')})
         except (TypeError, ValueError) as e:

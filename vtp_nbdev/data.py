@@ -542,7 +542,8 @@ def get_dataset(name: str, split: str = 'train', res: int = 32, patch_size: int 
         src = kwargs.pop('source')
         shards = shard_paths(src)
         cls = ImageTextDataset if shards is None else TarShardDataset
-        kwargs['table' if shards is None else 'shards'] = Path(src) if shards is None else shards
+        one = src if isinstance(src, (str, Path)) else list(src)[0]
+        kwargs['table' if shards is None else 'shards'] = Path(one) if shards is None else shards
     else:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
     _check_keys(name, cls, kwargs)

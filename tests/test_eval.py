@@ -309,3 +309,26 @@ def test_evaluate_tokenizer_user_image_folder(tmp_path):
     assert 'zero_shot_top1_heldout' not in zs and 'retrieval' not in ev
     assert ev['reconstruction']['rFID'] is None and 'train_reference_extractor' in ev['reconstruction']['rFID_note']
     assert ev['linear_probe']['linear_probe_last']['n_test'] == n['test']
+
+
+def test_user_reference_extractor_for_rfd(tmp_path):
+    "A reference network trained on the user's labelled folder by data_prep gives rFD as `FD_<name>`."
+    import importlib.util
+    from vtp_nbdev.fid import REFERENCE_EXTRACTORS
+    from vtp_nbdev.tokenizer import VTPModel, vtp_config
+    root = _shapes_folder(tmp_path/'pets', 60)
+    spec = importlib.util.spec_from_file_location('tre', Path(__file__).parents[1]/'data_prep'/'train_reference_extractor.py')
+    tre = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tre)
+    try:
+        path = tre.main(['--dataset', 'image_folder', '--root', str(root), '--out', str(tmp_path/'ref'), '--epochs', '2',
+                         '--threads', '1'])
+        assert path == tmp_path/'ref'/'pets.safetensors' and json.loads((tmp_path/'ref'/'pets.json').read_text())['classes']
+        torch.manual_seed(0)
+        ev = evaluate_tokenizer(VTPModel(vtp_config('tiny')), 'image_folder', n_zero_shot=8, n_probe_train=16,
+                                n_probe_test=8, n_rec=16, extractor=str(path), probe_features=('bottleneck',),
+                                dataset_kwargs=dict(root=root, test_frac=0.3))
+        rec = ev['reconstruction']
+        assert rec['rFID_metric'] == 'FD_pets' and rec['rFID'] > 0 and rec['extractor'] == 'vtp-ref-pets', rec
+    finally:
+        REFERENCE_EXTRACTORS.pop('pets', None)

@@ -35,8 +35,8 @@ def make_shards(table, out, per_shard: int = 1000, prefix: str = 'shard') -> lis
     pc = next((c for c in ImageTextDataset.PATH_COLS if c in header), None)
     cc = next((c for c in ImageTextDataset.CAPTION_COLS if c in header), None)
     if pc is None or cc is None:
-        raise ValueError(f"{table}: header {list(header)} needs a path column {ImageTextDataset.PATH_COLS} and a caption "
-                         f"column {ImageTextDataset.CAPTION_COLS}")
+        raise ValueError(f"{table}: header {list(header)} needs a path column {ImageTextDataset.PATH_COLS} and a "
+                         f"caption column {ImageTextDataset.CAPTION_COLS}")
     out.mkdir(parents=True, exist_ok=True)
     shards, tf, n = [], None, 0
     for line, r in enumerate(rows, start=2):

@@ -317,13 +317,15 @@ def test_user_reference_extractor_for_rfd(tmp_path):
     from vtp_nbdev.fid import REFERENCE_EXTRACTORS
     from vtp_nbdev.tokenizer import VTPModel, vtp_config
     root = _shapes_folder(tmp_path/'pets', 60)
-    spec = importlib.util.spec_from_file_location('tre', Path(__file__).parents[1]/'data_prep'/'train_reference_extractor.py')
+    script = Path(__file__).parents[1]/'data_prep'/'train_reference_extractor.py'
+    spec = importlib.util.spec_from_file_location('tre', script)
     tre = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tre)
     try:
-        path = tre.main(['--dataset', 'image_folder', '--root', str(root), '--out', str(tmp_path/'ref'), '--epochs', '2',
-                         '--threads', '1'])
-        assert path == tmp_path/'ref'/'pets.safetensors' and json.loads((tmp_path/'ref'/'pets.json').read_text())['classes']
+        path = tre.main(['--dataset', 'image_folder', '--root', str(root), '--out', str(tmp_path/'ref'),
+                         '--epochs', '2', '--threads', '1'])
+        assert path == tmp_path/'ref'/'pets.safetensors'
+        assert json.loads((tmp_path/'ref'/'pets.json').read_text())['classes'] == ['other', 'reddish']
         torch.manual_seed(0)
         ev = evaluate_tokenizer(VTPModel(vtp_config('tiny')), 'image_folder', n_zero_shot=8, n_probe_train=16,
                                 n_probe_test=8, n_rec=16, extractor=str(path), probe_features=('bottleneck',),

@@ -148,3 +148,25 @@ def test_make_shards_from_csv(user_data, tmp_path):
     assert len(packed) == N
     assert [packed[i]['caption'] for i in range(N)] == [table.load(i)[1] for i in range(N)]
     assert torch.equal(packed[5]['image'], table[5]['image'])
+
+
+def test_image_folder_through_scaling_latents_and_dit(tmp_path):
+    "A labelled folder goes through the scaling code's FLOP count, pre-training, latents and class-conditional DiT."
+    from vtp_nbdev.flow import DiTTrainConfig, train_dit
+    from vtp_nbdev.scaling import flops_per_step
+    ds = ShapesDataset('train', size=40)
+    for i in range(40):
+        img, _, label = ds.raw(i)
+        d = tmp_path/'pets'/('reddish' if label % 4 == 0 else 'other')
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d/f'{i}.png')
+    data = dict(root=str(tmp_path/'pets'))
+    cfg = PretrainConfig(preset='tiny', steps=2, batch_clip=8, batch_ssl=4, batch_rec=4, n_local_crops=2, log_every=1,
+                         ckpt_every=2, dataset='image_folder', dataset_kwargs=data)
+    assert flops_per_step(cfg) > 0                                                  # passes `size` and `seed`
+    run = pretrain(cfg, runs_dir=tmp_path/'runs', progress=False)
+    lat = extract_latents(run/'final', 'image_folder', 'train', dataset_kwargs=data, runs_dir=tmp_path/'runs',
+                          progress=False)
+    dit = train_dit(DiTTrainConfig(steps=2, batch=8, log_every=1, ckpt_every=2, model={'depth': 1}), lat,
+                    tmp_path/'runs', 'cpu', progress=False)
+    assert (dit/'final').is_dir()

@@ -105,12 +105,14 @@ def _load_model(model_or_folder, device):
         return VTPModel.from_pretrained(model_or_folder, device=device)
     return model_or_folder
 
-def _run(part: str, fn, notes: dict):
-    "Run an evaluation part; a failure is recorded in `notes` (the other parts still run), never raised."
+def _run(part: str, fn, notes: dict, strict: bool = False):
+    "Run an evaluation part; a failure is recorded in `notes` and the other parts still run (`strict`: raised)."
     try:
         return fn()
     except Exception as e:                                                 # one missing piece loses no other metric
         disabled = isinstance(e, RuntimeError) and 'disabled' in str(e)  # e.g. "pixel_decoder is disabled: set ..."
+        if strict and not disabled:
+            raise
         notes[part] = f'skipped: {e}' if disabled else f'failed: {type(e).__name__}: {e}'
         if not disabled:
             warnings.warn(f"evaluate_tokenizer: {part} {notes[part]}")
@@ -125,7 +127,7 @@ def evaluate_tokenizer(model_or_folder, dataset='shapes', splits=('train', 'test
                        n_probe_train: int = 5000, n_probe_test: int = 2000, n_rec: int = 1000, n_retrieval: int = 1000,
                        probe_features=FEATURE_CHOICES, batch_size: int = 128, device='cpu', lpips_path=None,
                        extractor='auto', dataset_kwargs=None, templates=None, retrieval_eval: bool | None = None,
-                       out=None) -> dict:
+                       out=None, strict: bool = False) -> dict:
     "The metrics that fit the data: zero-shot and probes with labels, retrieval with captions, reconstruction always."
     t0 = time.perf_counter()
     model = _load_model(model_or_folder, device).to(device).eval()
@@ -154,15 +156,15 @@ def evaluate_tokenizer(model_or_folder, dataset='shapes', splits=('train', 'test
             res['zero_shot'] = None
             notes['zero_shot'] = "skipped: no prompt templates (pass templates=['a photo of a {}.', ...])"
         else:
-            res['zero_shot'] = _run('zero_shot', lambda: zero_shot(model, templates, test_ds, n_zero_shot, batch_size),
-                                    notes)
+            zs = lambda: zero_shot(model, templates, test_ds, n_zero_shot, batch_size)
+            res['zero_shot'] = _run('zero_shot', zs, notes, strict)
         probe = lambda: linear_probe(model, train_ds, test_ds, n_probe_train, n_probe_test, probe_features, batch_size)
-        res['linear_probe'] = _run('linear_probe', probe, notes)
+        res['linear_probe'] = _run('linear_probe', probe, notes, strict)
     run_retrieval = not labelled if retrieval_eval is None else retrieval_eval
     if run_retrieval:
-        res['retrieval'] = _run('retrieval', lambda: retrieval(model, test_ds, n_retrieval, batch_size), notes)
-    res['reconstruction'] = _run('reconstruction', lambda: reconstruction_metrics(model, test_ds, n_rec, batch_size, name,
-                                                                                  extractor, lpips_path, device), notes)
+        res['retrieval'] = _run('retrieval', lambda: retrieval(model, test_ds, n_retrieval, batch_size), notes, strict)
+    rec = lambda: reconstruction_metrics(model, test_ds, n_rec, batch_size, name, extractor, lpips_path, device)
+    res['reconstruction'] = _run('reconstruction', rec, notes, strict)
     res['seconds'] = round(time.perf_counter() - t0, 2)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -244,13 +244,16 @@ def test_held_out_splits_by_key_hash(tmp_path):
     assert sum(map(len, files.values())) == 60
     assert not files['train'] & files['test'] and not files['val'] & files['test']
     assert parts['train'].classes == parts['test'].classes == ('a', 'b')
-    for s in ('val', 'test'):
-        (root/s/'a').mkdir(parents=True)
-        _png(root/s/'a'/'x.png', np.zeros((8, 8, 3), np.uint8))
-    assert len(get_dataset('image_folder', 'test', root=root, res=8)) == 1     # root/test exists: it is the split
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         get_dataset('image_folder', 'dev', root=tmp_path/'folder')
     with pytest.raises(ValueError, match=r'val_frac \+ test_frac = 1\.0; expected < 1'):
         get_dataset('image_folder', 'train', root=tmp_path/'folder', val_frac=0.5, test_frac=0.5)
+    for s in ('val', 'test'):
+        (root/s/'a').mkdir(parents=True)
+        _png(root/s/'a'/'x.png', np.zeros((8, 8, 3), np.uint8))
+    assert len(get_dataset('image_folder', 'test', root=root, res=8)) == 1     # root/test exists: it is the split
+    (root/'val').rename(root/'other_val')
+    with pytest.raises(ValueError, match=r"has split folders \['test'\] but no 'val' folder"):
+        get_dataset('image_folder', 'val', root=root, res=8)
     with pytest.raises(FileNotFoundError, match='holds no .tar shards'):
         get_dataset('image_text', source=tmp_path/'folder')

@@ -533,6 +533,9 @@ def get_dataset(name: str, split: str = 'train', res: int = 32, patch_size: int 
             raise ValueError("image_folder needs root= (dataset_kwargs={'root': 'DIR'}), root/<class>/<images>")
         root = Path(kwargs.pop('root'))
         has_split = split != 'all' and (root/split).is_dir()                  # root/train, root/val...: the splits
+        present = [s for s in ('train', 'val', 'test') if (root/s).is_dir()]
+        if split in ('train', 'val', 'test') and present and not has_split:
+            raise ValueError(f"image_folder: {root} has split folders {present} but no {split!r} folder")
         kwargs['root'], split = (root/split, 'all') if has_split else (root, split)
         cls = ImageFolderDataset
     elif name == 'image_text':

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.utils.parametrizations import weight_norm
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count, sdpa_backward_flop_count
 from open_clip.transformer import Transformer as OpenClipTransformer, LayerNorm as OpenClipLayerNorm, QuickGELU, text_global_pool
-from .config import neutral_field, check_field_types, project_root
+from .config import neutral_field, check_field_types
 from .layers import (PatchEmbed, RopePositionEmbedding, SelfAttentionBlock, init_weights_vit, get_layer,
                               NORM_LAYERS, FFN_LAYERS, ROPE_DTYPES)
 

@@ -125,10 +125,10 @@ def has_labels(ds) -> bool:
     return bool(flag) if flag is not None else int(ds[0].get('label', -1)) >= 0
 
 def evaluate_tokenizer(model_or_folder, dataset='shapes', splits=('train', 'test'), n_zero_shot: int = 2000,
-                       n_probe_train: int = 5000, n_probe_test: int = 2000, n_rec: int = 1000, n_retrieval: int = 1000,
+                       n_probe_train: int = 5000, n_probe_test: int = 2000, n_rec: int = 1000,
                        probe_features=FEATURE_CHOICES, batch_size: int = 128, device='cpu', lpips_path=None,
-                       extractor='auto', dataset_kwargs=None, templates=None, retrieval_eval: bool | None = None,
-                       out=None, strict: bool = False) -> dict:
+                       extractor='auto', dataset_kwargs=None, templates=None, out=None, n_retrieval: int = 1000,
+                       retrieval_eval: bool | None = None, strict: bool = False) -> dict:
     "The metrics that fit the data: zero-shot and probes with labels, retrieval with captions, reconstruction always."
     t0 = time.perf_counter()
     model = _load_model(model_or_folder, device).to(device).eval()

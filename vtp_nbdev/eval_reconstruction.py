@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from .data import denormalize, to_uint8, get_dataset, ZERO_SHOT_TEMPLATES
-from .fid import (FeatureSet, REFERENCE_EXTRACTORS, INCEPTION, UINT8_POLICY, make_extractor, extractor_info,
+from .fid import (FeatureSet, REFERENCE_EXTRACTORS, INCEPTION, UINT8_POLICY, REF_RES, make_extractor, extractor_info,
                            fidelity_metrics, metric_suffix)
 from .eval_understanding import model_device, iter_batches, zero_shot, linear_probe, retrieval, FEATURE_CHOICES
 
@@ -66,7 +66,14 @@ def reconstruction_metrics(model, dataset, n: int | None = 1000, batch_size: int
     name = dataset_name or getattr(dataset, 'name', None)
     if extractor == 'auto':
         extractor = name if name in REFERENCE_EXTRACTORS else None
-    fe = make_extractor(extractor, device=dev, features=['2048'] if extractor == INCEPTION else ['feat']) if extractor else None
+    fe, fe_note = None, NO_EXTRACTOR_NOTE.format(name=name)
+    if extractor:
+        try:
+            fe = make_extractor(extractor, device=dev, features=['2048'] if extractor == INCEPTION else ['feat'])
+        except (FileNotFoundError, ValueError) as e:
+            if not str(extractor).endswith('.safetensors'):                  # the project's own extractors must load
+                raise
+            fe_note = f'skipped: reference extractor {extractor} unavailable ({type(e).__name__}: {e})'
     lp, lp_note = _lpips_metric(lpips_path, dev)
     sums = dict(psnr=0., psnr_float=0., ssim=0., lpips=0.)
     feats = dict(orig=[], rec=[])
@@ -81,8 +88,13 @@ def reconstruction_metrics(model, dataset, n: int | None = 1000, batch_size: int
         sums['psnr_float'] += psnr(rf, xo.float()).sum().item()
         sums['ssim'] += ssim(ro.float(), xo.float()).sum().item()
         if lp is not None: sums['lpips'] += lp(ro.float() / 127.5 - 1, xo.float() / 127.5 - 1).sum().item()
+        if fe is not None and extractor != INCEPTION and tuple(x.shape[-2:]) != (REF_RES, REF_RES):
+            fe = None
+            fe_note = (f'skipped: the reference extractor reads {REF_RES}x{REF_RES} images, these are '
+                       f'{x.shape[-2]}x{x.shape[-1]} (use a 32-px model, or extractor={INCEPTION!r})')
         if fe is not None:
-            feats['orig'].append(fe(xo)[0].cpu()); feats['rec'].append(fe(ro)[0].cpu())
+            feats['orig'].append(fe(xo)[0].cpu())
+            feats['rec'].append(fe(ro)[0].cpu())
         N += len(x)
     out = dict(dataset=name, n=N, psnr=sums['psnr'] / N, psnr_float=sums['psnr_float'] / N, ssim=sums['ssim'] / N,
                headline='psnr (after uint8 rounding)', uint8_policy=UINT8_POLICY)
@@ -95,7 +107,7 @@ def reconstruction_metrics(model, dataset, n: int | None = 1000, batch_size: int
         fd_key = 'FID' if extractor == INCEPTION else f'FD_{metric_suffix(info["extractor"])}'
         out.update(rFID=m[fd_key], rFID_metric=fd_key, extractor=info['extractor'], extractor_sha256=info['extractor_sha256'])
     else:
-        out.update(rFID=None, rFID_note=NO_EXTRACTOR_NOTE.format(name=name))
+        out.update(rFID=None, rFID_note=fe_note)
     out['seconds'] = round(time.perf_counter() - t0, 2)
     return out
 

@@ -1,5 +1,6 @@
-"""A user's own captioned images, end to end: tar shards and a CSV (with a few bad members) through pre-training, the
-GAN decoder stage, export, reload, evaluation (retrieval + reconstruction) and latent extraction."""
+"""A user's own data, end to end: captioned images as tar shards and a CSV (with a few bad members) through
+pre-training, the GAN decoder stage, export, reload, evaluation (retrieval + reconstruction) and latent extraction;
+a labelled image folder through the scaling FLOP count, pre-training, latents and the DiT."""
 import csv, io, json, tarfile, time, warnings
 from pathlib import Path
 

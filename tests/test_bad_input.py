@@ -287,7 +287,8 @@ def test_config_json_wrong_type_names_file_and_field(tmp_path, value):
         VTPModel.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize('content', [b'\xff' * 64, b'', b'\x08\x00\x00\x00\x00\x00\x00\x00{"a":1}'], ids=['garbage', 'empty', 'bad-header'])
+@pytest.mark.parametrize('content', [b'\xff' * 64, b'', b'\x08\x00\x00\x00\x00\x00\x00\x00{"a":1}'],
+                         ids=['garbage', 'empty', 'bad-header'])
 def test_corrupt_safetensors_names_file(tmp_path, content):
     VTPModel(vtp_config('tiny')).save_pretrained(tmp_path)
     (tmp_path/'model.safetensors').write_bytes(content)

@@ -1,4 +1,5 @@
-"Bad input: out-of-range labels, decompression bombs, very long captions, impossible sizes, foreign checkpoints, unpickling."
+"""Bad input: out-of-range labels, decompression bombs, long captions, impossible sizes, wrong config types, corrupt or
+foreign checkpoints, wrong model inputs, unpickling."""
 import ast, csv, io, json, re, shutil, struct, tarfile, warnings, zlib
 from pathlib import Path
 import numpy as np
@@ -254,3 +255,60 @@ def test_package_never_unpickles():
                 assert not {a.name for a in node.names} & {'pickle', 'dill', 'cPickle'}, f"{f.name}:{node.lineno}: imports pickle"
     assert len(loads) == len(re.findall(r'torch\.load\(', ''.join(f.read_text() for f in files)))   # every textual call was seen
     assert loads, 'expected the .pt readers (dit.read_dit_state_dict, losses LPIPS weights) to be checked'
+
+
+# ---- wrong types in tokenizer configs, corrupt checkpoints, wrong model inputs -------------------------------------
+_MODEL_BAD = [('vision_embed_dim', '64', 'int', 'str'), ('vision_embed_dim', 64.0, 'int', 'float'),
+              ('vision_depth', True, 'int', 'bool'), ('train_clip', 'yes', 'bool', 'str'),
+              ('vision_mlp_ratio', '4', 'float', 'str'), ('vision_feature_bottleneck', 16.0, 'int | None', 'float')]
+
+
+@pytest.mark.parametrize('field,value,want,got', _MODEL_BAD, ids=[f'{f}={v!r}' for f, v, *_ in _MODEL_BAD])
+def test_model_overrides_typed_by_name(field, value, want, got):
+    "`PretrainConfig(model={...})` is validated field by field: the field, the value and the expected type are named."
+    from vtp_nbdev.pretrain import PretrainConfig
+    msg = rf"VTPConfig\.{field}={re.escape(repr(value))}: expected {re.escape(want)}, got {got}"
+    with pytest.raises(TypeError, match=msg):
+        PretrainConfig(model={field: value})
+    with pytest.raises(TypeError, match=msg):
+        vtp_config('tiny', **{field: value})
+
+
+@pytest.mark.parametrize('value', ['3', 3.0])
+def test_config_json_wrong_type_names_file_and_field(tmp_path, value):
+    VTPModel(vtp_config('tiny')).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path/'config.json').read_text())
+    (tmp_path/'config.json').write_text(json.dumps({**cfg, 'vision_depth': value}))
+    where = re.escape(str(tmp_path/'config.json'))
+    with pytest.raises(TypeError, match=rf"{where}: VTPConfig\.vision_depth=.*expected int"):
+        VTPModel.from_pretrained(tmp_path)
+    (tmp_path/'config.json').write_text('{"vision_depth": ')
+    with pytest.raises(ValueError, match=r"config\.json: not a JSON config"):
+        VTPModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize('content', [b'\xff' * 64, b'', b'\x08\x00\x00\x00\x00\x00\x00\x00{"a":1}'],
+                         ids=['garbage', 'empty', 'bad-header'])
+def test_corrupt_safetensors_names_file(tmp_path, content):
+    VTPModel(vtp_config('tiny')).save_pretrained(tmp_path)
+    (tmp_path/'model.safetensors').write_bytes(content)
+    where = re.escape(str(tmp_path/'model.safetensors'))
+    with pytest.raises(ValueError, match=rf"{where}: unreadable safetensors file"):
+        VTPModel.from_pretrained(tmp_path)
+
+
+_INPUTS = [(torch.rand(2, 1, 32, 32), r'shape \(2, 1, 32, 32\); expected an RGB batch \(B, 3, H, W\)'),
+           (torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8),
+            r'dtype torch\.uint8; expected ImageNet-normalised floats'),
+           (torch.rand(2, 3, 2, 2), r'image size \(2, 2\) is not divisible by patch size 4'),
+           (torch.rand(3, 32, 32), r'shape \(3, 32, 32\)'),
+           (np.zeros((1, 3, 32, 32), np.float32), r'expected a torch\.Tensor')]
+
+
+@pytest.mark.parametrize('x,msg', _INPUTS, ids=['grey', 'uint8', 'too-small', 'unbatched', 'numpy'])
+def test_model_inputs_checked(x, msg):
+    m = VTPModel(vtp_config('tiny')).eval()
+    for f in (m, m.get_reconstruction_latents, m.get_clip_image_feature, m.get_last_layer_feature,
+              lambda t: m.get_intermediate_layers_feature(t, 2)):
+        with pytest.raises((TypeError, ValueError), match=msg):
+            f(x)

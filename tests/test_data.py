@@ -186,6 +186,8 @@ def test_fashion_mnist_reader_on_made_files(tmp_path):
         with gzip.open(d/f'{split}-labels-idx1-ubyte.gz', 'wb') as f: f.write(struct.pack('>4BI', 0, 0, 8, 1, n) + lbls.tobytes())
     tr, va = FashionMNISTDataset('train', data_root=tmp_path, n_val=2), FashionMNISTDataset('val', data_root=tmp_path, n_val=2)
     assert (len(tr), len(va)) == (10, 2) and tr[3]['label'] == 3 and tr[0]['image'].shape == (3, 32, 32)
+    sub = get_dataset('fashion_mnist', 'train', data_root=tmp_path, n_val=2, seed=1, size=4, context_length=16)
+    assert len(sub) == 4 and sub[3]['label'] == 3 and sub[0]['tokens'].shape == (16,)
     px = to_uint8(tr[0]['image']); assert torch.equal(px[0], px[1]) and torch.equal(px[1], px[2])   # grey replicated
     assert np.array_equal(read_idx(d/'train-images-idx3-ubyte.gz')[5], imgs[5])
     with gzip.open(d/'t10k-images-idx3-ubyte.gz', 'wb') as f: f.write(struct.pack('>4B3I', 0, 0, 8, 3, 12, 28, 28) + imgs.tobytes()[:100])
@@ -197,3 +199,61 @@ def test_fashion_mnist_real_files():
     ds = FashionMNISTDataset('test', data_root='/usr/share/datasets')
     assert len(ds) == 10_000 and ds[0]['image'].shape == (3, 32, 32) and 0 <= ds[0]['label'] < 10
     assert len(FashionMNISTDataset('train', data_root='/usr/share/datasets')) == 55_000
+
+
+def _folder(root, n=30):
+    for i in range(n):
+        d = root/('a' if i % 3 else 'b')
+        d.mkdir(parents=True, exist_ok=True)
+        _png(d/f'{i:02d}.png', np.full((10, 10, 3), i * 4 % 256, np.uint8))
+    return root
+
+
+def test_every_dataset_takes_the_training_keys(tmp_path):
+    "What pre-training, scaling and latents pass (seed, size, context_length, skip_bad) works for every dataset."
+    root = _folder(tmp_path/'folder')
+    png = (root/'a'/'01.png').read_bytes()
+    (tmp_path/'shards').mkdir()
+    members = [(f'{i:02d}.{e}', png if e == 'png' else f'caption {i}'.encode())
+               for i in range(12) for e in ('png', 'txt')]
+    _tar(tmp_path/'shards'/'s0.tar', members)
+    rows = ''.join(f'folder/a/{i:02d}.png,pic {i}\n' for i in range(1, 30, 3))
+    (tmp_path/'t.csv').write_text('path,caption\n' + rows)
+    generic = dict(seed=5, size=3, context_length=16, skip_bad=True)
+    sources = [('shapes', {}), ('image_folder', dict(root=root)), ('image_text', dict(source=str(tmp_path/'t.csv'))),
+               ('image_text', dict(source=tmp_path/'shards')),
+               ('image_text', dict(source=str(tmp_path/'shards'/'*.tar')))]
+    for name, kw in sources:
+        kw = {**kw, **generic}
+        if name == 'shapes':
+            kw.pop('skip_bad')
+        ds = get_dataset(name, 'all' if name != 'shapes' else 'train', res=16, patch_size=4, **kw)
+        assert len(ds) == 3 and ds[2]['tokens'].shape == (16,) and ds[0]['image'].shape == (3, 16, 16), name
+    with pytest.raises(ValueError, match=r"dataset 'shapes' does not take \['skip_bad'\]"):
+        get_dataset('shapes', skip_bad=True)
+    with pytest.raises(ValueError, match='size=0'):
+        get_dataset('image_folder', 'all', root=root, size=0)
+
+
+def test_held_out_splits_by_key_hash(tmp_path):
+    "Sources without splits are split by a hash of each key: disjoint, complete, the same for a folder and a CSV."
+    root = _folder(tmp_path/'folder', 60)
+    parts = {s: get_dataset('image_folder', s, root=root, res=8, val_frac=0.2, test_frac=0.3)
+             for s in ('train', 'val', 'test')}
+    files = {s: {f for f, _ in d.files} for s, d in parts.items()}
+    assert sum(map(len, files.values())) == 60
+    assert not files['train'] & files['test'] and not files['val'] & files['test']
+    assert parts['train'].classes == parts['test'].classes == ('a', 'b')
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        get_dataset('image_folder', 'dev', root=tmp_path/'folder')
+    with pytest.raises(ValueError, match=r'val_frac \+ test_frac = 1\.0; expected < 1'):
+        get_dataset('image_folder', 'train', root=tmp_path/'folder', val_frac=0.5, test_frac=0.5)
+    for s in ('val', 'test'):
+        (root/s/'a').mkdir(parents=True)
+        _png(root/s/'a'/'x.png', np.zeros((8, 8, 3), np.uint8))
+    assert len(get_dataset('image_folder', 'test', root=root, res=8)) == 1     # root/test exists: it is the split
+    (root/'val').rename(root/'other_val')
+    with pytest.raises(ValueError, match=r"has split folders \['test'\] but no 'val' folder"):
+        get_dataset('image_folder', 'val', root=root, res=8)
+    with pytest.raises(FileNotFoundError, match='holds no .tar shards'):
+        get_dataset('image_text', source=tmp_path/'folder')

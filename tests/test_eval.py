@@ -281,18 +281,56 @@ def test_evaluate_tokenizer_checkpoint_folder(tmp_path):
     assert json.loads((tmp_path/'m.json').read_text())['reconstruction']['rFID_metric'] == 'FD_shapes'
 
 
-def test_evaluate_tokenizer_user_image_folder(tmp_path):
-    "A user's ImageNet-style folder: zero-shot with class-name templates, probe, reconstruction (rFID skipped: no extractor)."
+def _shapes_folder(root, n=40):
+    "A user's ImageNet-style folder of `shapes` images: `reddish/` (red objects) and `other/`."
     from PIL import Image
-    from vtp_nbdev.tokenizer import VTPModel, vtp_config
-    ds = ShapesDataset('train', size=24)
-    for i in range(24):
+    ds = ShapesDataset('train', size=n)
+    for i in range(n):
         img, _, label = ds.raw(i)
-        d = tmp_path/'data'/('reddish' if label % 4 == 0 else 'other'); d.mkdir(parents=True, exist_ok=True)
+        d = root/('reddish' if label % 4 == 0 else 'other')
+        d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d/f'{i}.png')
+    return root
+
+
+def test_evaluate_tokenizer_user_image_folder(tmp_path):
+    "A user's folder: held-out split by key hash, zero-shot with the user's class names and templates, probe, rFD note."
+    from vtp_nbdev.tokenizer import VTPModel, vtp_config
+    root = _shapes_folder(tmp_path/'data')
     torch.manual_seed(0)
-    ev = evaluate_tokenizer(VTPModel(vtp_config('tiny')), 'image_folder', splits=('train', 'val'), n_zero_shot=24,
-                            n_probe_train=24, n_probe_test=24, n_rec=8, dataset_kwargs=dict(root=tmp_path/'data'))
-    assert ev['zero_shot']['n_classes'] == 2 and ev['zero_shot']['zero_shot_top5_train'] == 1.0
-    assert ev['reconstruction']['rFID'] is None and 'rFID_note' in ev['reconstruction']
-    assert ev['linear_probe']['linear_probe_last']['n_test'] == 24
+    kw = dict(root=root, val_frac=0.0, test_frac=0.4, class_names=['other thing', 'red thing'])
+    ev = evaluate_tokenizer(VTPModel(vtp_config('tiny')), 'image_folder', n_zero_shot=40, n_probe_train=40,
+                            n_probe_test=40, n_rec=8, dataset_kwargs=kw,
+                            templates=['a photo of a {}.', 'a {}.'])
+    n = ev['n_samples']
+    assert n['train'] + n['test'] == 40 and n['test'] >= 8 and not ev['notes'], (n, ev['notes'])
+    zs = ev['zero_shot']
+    assert zs['n_classes'] == 2 and zs['zero_shot_top5_train'] == 1.0 and zs['n_templates_train'] == 2
+    assert 'zero_shot_top1_heldout' not in zs and 'retrieval' not in ev
+    assert ev['reconstruction']['rFID'] is None and 'train_reference_extractor' in ev['reconstruction']['rFID_note']
+    assert ev['linear_probe']['linear_probe_last']['n_test'] == n['test']
+
+
+def test_user_reference_extractor_for_rfd(tmp_path):
+    "A reference network trained on the user's labelled folder by data_prep gives rFD as `FD_<name>`."
+    import importlib.util
+    from vtp_nbdev.fid import REFERENCE_EXTRACTORS
+    from vtp_nbdev.tokenizer import VTPModel, vtp_config
+    root = _shapes_folder(tmp_path/'pets', 60)
+    script = Path(__file__).parents[1]/'data_prep'/'train_reference_extractor.py'
+    spec = importlib.util.spec_from_file_location('tre', script)
+    tre = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tre)
+    try:
+        path = tre.main(['--dataset', 'image_folder', '--root', str(root), '--out', str(tmp_path/'ref'),
+                         '--epochs', '2', '--threads', '1'])
+        assert path == tmp_path/'ref'/'pets.safetensors'
+        assert json.loads((tmp_path/'ref'/'pets.json').read_text())['classes'] == ['other', 'reddish']
+        torch.manual_seed(0)
+        ev = evaluate_tokenizer(VTPModel(vtp_config('tiny')), 'image_folder', n_zero_shot=8, n_probe_train=16,
+                                n_probe_test=8, n_rec=16, extractor=str(path), probe_features=('bottleneck',),
+                                dataset_kwargs=dict(root=root, test_frac=0.3))
+        rec = ev['reconstruction']
+        assert rec['rFID_metric'] == 'FD_pets' and rec['rFID'] > 0 and rec['extractor'] == 'vtp-ref-pets', rec
+    finally:
+        REFERENCE_EXTRACTORS.pop('pets', None)

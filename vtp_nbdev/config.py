@@ -11,7 +11,7 @@ import torch
 
 # %% auto #0
 __all__ = ['SETTINGS_KEYS', 'SCALES', 'project_root', 'get_settings', 'get_device', 'setup_threads', 'seed_everything',
-           'config_hash', 'neutral_field', 'PlainConfig', 'environment_info']
+           'config_hash', 'type_name', 'check_field_types', 'neutral_field', 'PlainConfig', 'environment_info']
 
 # %% ../nbs/00_config.ipynb #86240ed6
 SETTINGS_KEYS = ('data_root', 'runs_dir', 'figures_dir', 'device', 'threads', 'scale')
@@ -65,7 +65,7 @@ def config_hash(cfg: dict, n: int = 12) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 # %% ../nbs/00_config.ipynb #1ff90285
-import dataclasses, typing, types
+import dataclasses, numbers, typing, types
 
 def _type_ok(v, t) -> bool:
     "Whether value `v` fits annotation `t` (simple types, Optional/Union, tuple/list, dict; anything else passes)."
@@ -73,11 +73,29 @@ def _type_ok(v, t) -> bool:
     if t is typing.Any: return True
     if origin in (typing.Union, types.UnionType): return any(_type_ok(v, a) for a in typing.get_args(t))
     if t is type(None): return v is None
-    if t is float: return isinstance(v, (int, float)) and not isinstance(v, bool)
-    if t is int: return isinstance(v, int) and not isinstance(v, bool)
+    if t is float:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)      # numpy scalars too
+    if t is int:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
     if t in (tuple, list) or origin in (tuple, list): return isinstance(v, (tuple, list))
     if t is dict or origin is dict: return isinstance(v, dict)
     return isinstance(v, t) if isinstance(t, type) else True
+
+def type_name(t) -> str:
+    "Readable name of a type annotation: `int`, `float | None`, `tuple`."
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        return ' | '.join(type_name(a) for a in typing.get_args(t))
+    if t is type(None):
+        return 'None'
+    if isinstance(t, type):
+        return t.__name__
+    return str(t).replace('typing.', '')
+
+def check_field_types(owner: str, values: dict, hints: dict):
+    "Raise TypeError naming the first field of `values` that does not fit its annotation in `hints`, and the type."
+    for k, v in values.items():
+        if k in hints and not _type_ok(v, hints[k]):
+            raise TypeError(f"{owner}.{k}={v!r}: expected {type_name(hints[k])}, got {type(v).__name__}")
 
 def neutral_field(default, **kw):
     "A dataclass field left out of `to_dict()` (so of config hashes and `config.json`) while it holds `default`."
@@ -95,9 +113,7 @@ class PlainConfig:
     def from_dict(cls, d: dict):
         names = {f.name for f in dataclasses.fields(cls)}
         if bad := sorted(set(d) - names): raise ValueError(f"unknown {cls.__name__} keys {bad}; expected some of {sorted(names)}")
-        hints = typing.get_type_hints(cls)
-        for k, v in d.items():
-            if not _type_ok(v, hints[k]): raise TypeError(f"{cls.__name__}.{k}={v!r}: expected {hints[k]}, got {type(v).__name__}")
+        check_field_types(cls.__name__, d, typing.get_type_hints(cls))
         return cls(**d)
 
 # %% ../nbs/00_config.ipynb #34ddf6c7

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #e54adc5c
 from __future__ import annotations
-import csv, functools, gzip, io, math, os, struct, tarfile, warnings
+import csv, functools, glob, gzip, hashlib, inspect, io, math, os, struct, tarfile, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -16,12 +16,13 @@ from .config import get_settings
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SHAPE_KINDS', 'COLOURS', 'SIZES', 'COUNTS', 'POSITIONS', 'BACKGROUNDS',
            'SHAPES_CLASSES', 'SPLIT_OFFSETS', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_FILES', 'MAX_IMAGE_PIXELS',
-           'IMAGE_EXTS', 'DATASETS', 'ZERO_SHOT_TEMPLATES', 'normalize', 'denormalize', 'to_uint8', 'uint8_to_model',
-           'get_text_tokenizer', 'tokenize', 'shapes_attributes', 'shapes_label', 'render_shapes', 'shapes_caption',
-           'shapes_sample', 'VTPDataset', 'ShapesDataset', 'read_idx', 'fashion_mnist_dir', 'FashionMNISTDataset',
-           'BadSampleError', 'load_image', 'ImageFolderDataset', 'ImageTextDataset', 'TarShardDataset',
-           'stream_indices', 'ShardedStream', 'check_resolution', 'get_dataset', 'MemoDataset', 'zero_shot_prompts',
-           'local_crop_size', 'random_resized_crops', 'multicrop', 'block_masks']
+           'HOLDOUT', 'IMAGE_EXTS', 'DATASETS', 'ZERO_SHOT_TEMPLATES', 'normalize', 'denormalize', 'to_uint8',
+           'uint8_to_model', 'get_text_tokenizer', 'tokenize', 'shapes_attributes', 'shapes_label', 'render_shapes',
+           'shapes_caption', 'shapes_sample', 'VTPDataset', 'ShapesDataset', 'read_idx', 'fashion_mnist_dir',
+           'FashionMNISTDataset', 'BadSampleError', 'load_image', 'split_of', 'select_split', 'ImageFolderDataset',
+           'ImageTextDataset', 'TarShardDataset', 'stream_indices', 'ShardedStream', 'check_resolution', 'shard_paths',
+           'get_dataset', 'MemoDataset', 'zero_shot_templates', 'zero_shot_prompts', 'local_crop_size',
+           'random_resized_crops', 'multicrop', 'block_masks']
 
 # %% ../nbs/01_data.ipynb #ef9dfebd
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -191,6 +192,7 @@ class VTPDataset(Dataset):
     "Base: subclasses implement `raw(i) -> (uint8 HxWx3, caption, label)`; this adds normalisation and tokens."
     context_length = 77
     classes: tuple = ()
+    labelled = True                      # False: captions only (label -1)
     def __len__(self): return self.n
     def __getitem__(self, i):
         if not -self.n <= i < self.n: raise IndexError(f"{type(self).__name__}: index {i} out of range for {self.n} samples")
@@ -247,17 +249,23 @@ def fashion_mnist_dir(data_root=None) -> Path:
 _FMNIST_TEMPLATES = ('a photo of a {}.', 'a picture of a {}.', 'a {} on a black background.', 'a grey image of a {}.',
                      'a low resolution photo of a {}.', 'a product photo of a {}.')
 
+def _check_size(size, where: str) -> int:
+    "`size` (a subset: the first `size` samples of a split) as a positive integer, or a clear error."
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"{where}: size={size!r}; expected a positive integer (the first `size` samples of the split)")
+    return size
+
 class FashionMNISTDataset(VTPDataset):
     "Fashion-MNIST from Debian's IDX files; val = the last `n_val` images of the official train split."
     classes = FASHION_MNIST_CLASSES
-    def __init__(self, split='train', res=32, data_root=None, n_val=5000, seed=0, context_length=77):
+    def __init__(self, split='train', res=32, data_root=None, n_val=5000, seed=0, context_length=77, size=None):
         if split not in ('train', 'val', 'test'): raise ValueError(f"fashion_mnist: unknown split {split!r}; expected train/val/test")
         d = fashion_mnist_dir(data_root)
         imgs, lbls = (read_idx(d/f) for f in FASHION_MNIST_FILES['test' if split == 'test' else 'train'])
         if split == 'train': imgs, lbls = imgs[:-n_val], lbls[:-n_val]
         elif split == 'val': imgs, lbls = imgs[-n_val:], lbls[-n_val:]
         self.images, self.labels, self.res, self.seed, self.context_length = imgs, lbls.astype(np.int64), res, seed, context_length
-        self.n = len(imgs)
+        self.n = len(imgs) if size is None else min(_check_size(size, 'fashion_mnist'), len(imgs))   # the first `size`
     def raw(self, i):
         x = self.images[i]
         if self.res == 32: x = np.pad(x, 2)
@@ -306,9 +314,36 @@ def load_image(src, res: int, name=None) -> np.ndarray:
     return np.asarray(im.crop((l, t, l + res, t + res)))
 
 # %% ../nbs/01_data.ipynb #cf2c11cd
+HOLDOUT = dict(val=0.05, test=0.1)   # default held-out fractions of sources that have no splits of their own
+
+def split_of(key: str, val_frac: float = HOLDOUT['val'], test_frac: float = HOLDOUT['test']) -> str:
+    "The split (`train`, `val` or `test`) of a sample key, by a stable hash of the key: adding data moves no sample."
+    u = int.from_bytes(hashlib.sha256(key.encode('utf-8')).digest()[:8], 'big') / 2 ** 64
+    if u < test_frac:
+        return 'test'
+    if u < test_frac + val_frac:
+        return 'val'
+    return 'train'
+
+def select_split(items: list, keys: list, split: str = 'all', val_frac: float = HOLDOUT['val'],
+                 test_frac: float = HOLDOUT['test'], size: int | None = None, where: str = 'dataset') -> list:
+    "The items whose key falls in `split` (`all`: every item), then the first `size` of them."
+    if split not in ('all', 'train', 'val', 'test'):
+        raise ValueError(f"{where}: unknown split {split!r}; expected one of ('train', 'val', 'test', 'all')")
+    for k, v in (('val_frac', val_frac), ('test_frac', test_frac)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ValueError(f"{where}: {k}={v!r}; expected a fraction in [0, 1)")
+    if val_frac + test_frac >= 1:
+        raise ValueError(f"{where}: val_frac + test_frac = {val_frac + test_frac}; expected < 1")
+    out = list(items)
+    if split != 'all':
+        out = [it for it, k in zip(items, keys) if split_of(k, val_frac, test_frac) == split]
+    return out if size is None else out[:_check_size(size, where)]
+
 class _FileDataset(VTPDataset):
     "Shared machinery for file-backed datasets: `load(i)` may raise `BadSampleError`; `skip_bad` skips and warns."
     skip_bad = False
+    split = 'all'
     def raw(self, i):
         for j in range(self.n):
             k = (i + j) % self.n
@@ -324,14 +359,22 @@ IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp',
 _CLASS_TEMPLATES = ('a photo of a {}.', 'a picture of a {}.', 'an image of a {}.', 'a close-up photo of a {}.')
 
 class ImageFolderDataset(_FileDataset):
-    "ImageNet-style `root/<class>/<image>` folders; captions from class names through templates."
-    def __init__(self, root, res=32, seed=0, context_length=77, skip_bad=False, class_names=None):
+    "ImageNet-style `root/<class>/<image>` folders; captions from class names through templates; `split` by key hash."
+    def __init__(self, root, res=32, seed=0, context_length=77, skip_bad=False, class_names=None, split='all',
+                 size=None, val_frac=HOLDOUT['val'], test_frac=HOLDOUT['test']):
         self.source = root = Path(root)
         if not root.is_dir(): raise FileNotFoundError(f"image_folder: {root} is not a folder")
         dirs = sorted(d for d in root.iterdir() if d.is_dir())
         if not dirs: raise ValueError(f"image_folder: {root} has no class sub-folders; expected root/<class>/<image files>")
-        self.files = [(f, c) for c, d in enumerate(dirs) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_EXTS]
-        if not self.files: raise ValueError(f"image_folder: {root} contains no images with extensions {IMAGE_EXTS}")
+        files = [(f, c) for c, d in enumerate(dirs) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_EXTS]
+        if not files:
+            raise ValueError(f"image_folder: {root} contains no images with extensions {IMAGE_EXTS}")
+        if class_names is not None and len(class_names) != len(dirs):
+            raise ValueError(f"image_folder: {len(class_names)} class_names for {len(dirs)} class folders "
+                             f"{[d.name for d in dirs]}")
+        keys = [f'{f.parent.name}/{f.name}' for f, _ in files]
+        self.files = select_split(files, keys, split, val_frac, test_frac, size, f'image_folder {root}')
+        self.split, self.n_source = split, len(files)
         self.classes = tuple(class_names or (d.name.replace('_', ' ') for d in dirs))
         self.n, self.res, self.seed, self.context_length, self.skip_bad = len(self.files), res, seed, context_length, skip_bad
     def load(self, i):
@@ -341,9 +384,11 @@ class ImageFolderDataset(_FileDataset):
 
 # %% ../nbs/01_data.ipynb #58be6c29
 class ImageTextDataset(_FileDataset):
-    "Image–caption pairs from a CSV/TSV with a header naming a path column and a caption column."
+    "Image–caption pairs from a CSV/TSV with a header naming a path and a caption column (paths relative to the table)."
+    labelled = False
     PATH_COLS, CAPTION_COLS = ('path', 'filepath', 'image', 'file'), ('caption', 'text', 'title')
-    def __init__(self, table, res=32, context_length=77, skip_bad=False, delimiter=None):
+    def __init__(self, table, res=32, context_length=77, skip_bad=False, delimiter=None, split='all', size=None,
+                 val_frac=HOLDOUT['val'], test_frac=HOLDOUT['test'], seed=0):
         self.source = table = Path(table)
         if not table.exists(): raise FileNotFoundError(f"image_text: table {table} does not exist")
         delimiter = delimiter or ('\t' if table.suffix.lower() == '.tsv' else ',')
@@ -355,7 +400,10 @@ class ImageTextDataset(_FileDataset):
         if not rows: raise ValueError(f"image_text: {table} has no rows; expected a header and one row per image")
         if pc is None or cc is None:
             raise ValueError(f"image_text: {table} header {list(header)} needs a path column {self.PATH_COLS} and a caption column {self.CAPTION_COLS}")
-        self.rows = [(table.parent/r[pc], r[cc], n + 2) for n, r in enumerate(rows)]  # n + 2: line number with header
+        rows = [(r[pc] or '', r[cc], n + 2) for n, r in enumerate(rows)]               # n + 2: line number with header
+        kept = select_split(rows, [p for p, _, _ in rows], split, val_frac, test_frac, size, f'image_text {table}')
+        self.rows = [(table.parent/p, c, line) for p, c, line in kept]             # relative to the table's folder
+        self.split, self.n_source, self.seed = split, len(rows), seed          # no randomness: `seed` is accepted
         self.n, self.res, self.context_length, self.skip_bad = len(self.rows), res, context_length, skip_bad
     def load(self, i):
         path, caption, line = self.rows[i]
@@ -365,11 +413,13 @@ class ImageTextDataset(_FileDataset):
 
 # %% ../nbs/01_data.ipynb #dabfbd23
 class TarShardDataset(_FileDataset):
-    "Image–caption pairs from webdataset-style tar shards (`KEY.<image ext>` + `KEY.txt`)."
-    def __init__(self, shards, res=32, context_length=77, skip_bad=False):
+    "Image–caption pairs from webdataset-style tar shards (`KEY.<image ext>` + `KEY.txt`); `split` by key hash."
+    labelled = False
+    def __init__(self, shards, res=32, context_length=77, skip_bad=False, split='all', size=None,
+                 val_frac=HOLDOUT['val'], test_frac=HOLDOUT['test'], seed=0):
         shards = [shards] if isinstance(shards, (str, Path)) else list(shards)
         if not shards: raise ValueError("image_text: no tar shards given")
-        self.source, self.items = shards[0], []
+        self.source, items = shards[0], []
         for sh in map(Path, shards):
             pairs = {}
             try:
@@ -381,8 +431,12 @@ class TarShardDataset(_FileDataset):
             except (tarfile.TarError, OSError, EOFError) as e: raise ValueError(f"image_text: {sh}: unreadable tar shard ({e})") from None
             for key in sorted(pairs):
                 d = pairs[key]; img = next((d[e] for e in IMAGE_EXTS if e in d), None)
-                self.items.append((sh, key, img, d.get('.txt')))
-        if not self.items: raise ValueError(f"image_text: shards {shards} contain no samples")
+                items.append((sh, key, img, d.get('.txt')))
+        if not items:
+            raise ValueError(f"image_text: shards {shards} contain no samples")
+        keys = [it[1] for it in items]
+        self.items = select_split(items, keys, split, val_frac, test_frac, size, f'image_text {shards[0]}')
+        self.split, self.n_source, self.seed = split, len(items), seed         # no randomness: `seed` is accepted
         self.n, self.res, self.context_length, self.skip_bad = len(self.items), res, context_length, skip_bad
     def shard_groups(self) -> list:
         "Sample indices grouped by shard (in shard order): the unit of webdataset-style splitting."
@@ -434,19 +488,74 @@ def check_resolution(res: int, patch_size: int):
     if res <= 0 or patch_size <= 0 or res % patch_size:
         raise ValueError(f"resolution {res} is not divisible by the patch size {patch_size}; expected a multiple of {patch_size}")
 
+def shard_paths(source) -> list | None:
+    "Tar shards named by `source` (a `.tar`, a folder of them, a glob, or a list of these); None for a CSV/TSV table."
+    srcs = [source] if isinstance(source, (str, Path)) else list(source)
+    if not srcs:
+        raise ValueError("image_text: source is empty; expected a CSV/TSV table, a .tar shard or a folder of shards")
+    out = []
+    for s in srcs:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(p.glob('*.tar'))
+            if not found:
+                raise FileNotFoundError(f"image_text: folder {p} holds no .tar shards (KEY.jpg + KEY.txt pairs)")
+            out += found
+        elif any(ch in str(s) for ch in '*?['):
+            found = sorted(map(Path, glob.glob(str(s))))
+            if not found:
+                raise FileNotFoundError(f"image_text: no files match {s}")
+            out += found
+        elif p.suffix.lower() == '.tar':
+            out.append(p)
+        elif len(srcs) == 1:
+            return None
+        else:
+            raise ValueError(f"image_text: source {s} is not a .tar shard or a folder of shards; "
+                             "a CSV/TSV table must be the only source")
+    return out
+
+def _check_keys(name: str, cls, kwargs: dict):
+    "Raise a clear error for keys the dataset class does not take."
+    takes = set(inspect.signature(cls.__init__).parameters) - {'self', 'split', 'res'}
+    if bad := sorted(set(kwargs) - takes):
+        raise ValueError(f"dataset {name!r} does not take {bad}; it takes {sorted(takes)}")
+
 def get_dataset(name: str, split: str = 'train', res: int = 32, patch_size: int | None = None, **kwargs) -> VTPDataset:
-    "Build dataset `name` (`shapes`, `fashion_mnist`, `image_folder`, `image_text`) for `split`."
+    "Build dataset `name` (`shapes`, `fashion_mnist`, `image_folder`, `image_text`) for `split` (`all`: files only)."
     if patch_size is not None: check_resolution(res, patch_size)
-    if name == 'shapes': ds = ShapesDataset(split, res=res, **kwargs)
-    elif name == 'fashion_mnist': ds = FashionMNISTDataset(split, res=res, **kwargs)
+    if name == 'shapes':
+        cls = ShapesDataset
+    elif name == 'fashion_mnist':
+        cls = FashionMNISTDataset
     elif name == 'image_folder':
-        root = Path(kwargs.pop('root')); ds = ImageFolderDataset(root/split if (root/split).is_dir() else root, res=res, **kwargs)
+        if 'root' not in kwargs:
+            raise ValueError("image_folder needs root= (dataset_kwargs={'root': 'DIR'}), root/<class>/<images>")
+        root = Path(kwargs.pop('root'))
+        has_split = split != 'all' and (root/split).is_dir()                  # root/train, root/val...: the splits
+        present = [s for s in ('train', 'val', 'test') if (root/s).is_dir()]
+        if split in ('train', 'val', 'test') and present and not has_split:
+            raise ValueError(f"image_folder: {root} has split folders {present} but no {split!r} folder")
+        kwargs['root'], split = (root/split, 'all') if has_split else (root, split)
+        cls = ImageFolderDataset
     elif name == 'image_text':
-        src = kwargs.pop('source'); srcs = [src] if isinstance(src, (str, Path)) else list(src)
-        ds = (TarShardDataset(srcs, res=res, **kwargs) if all(str(s).endswith('.tar') for s in srcs)
-              else ImageTextDataset(srcs[0], res=res, **kwargs))
-    else: raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
-    if len(ds) == 0: raise ValueError(f"dataset {name!r} split {split!r} is empty")
+        if 'source' not in kwargs:
+            raise ValueError("image_text needs source= (dataset_kwargs={'source': ...}): a CSV/TSV table, "
+                             "a .tar shard, a folder of .tar shards, or a list of shards")
+        src = kwargs.pop('source')
+        shards = shard_paths(src)
+        cls = ImageTextDataset if shards is None else TarShardDataset
+        one = src if isinstance(src, (str, Path)) else list(src)[0]
+        kwargs['table' if shards is None else 'shards'] = Path(one) if shards is None else shards
+    else:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    _check_keys(name, cls, kwargs)
+    ds = cls(split=split, res=res, **kwargs)
+    if len(ds) == 0:
+        held = ''
+        if hasattr(ds, 'n_source'):
+            held = f" ({ds.n_source} samples in the source; val_frac and test_frac of them, by key hash, are held out)"
+        raise ValueError(f"dataset {name!r} split {split!r} is empty{held}")
     return ds
 
 # %% ../nbs/01_data.ipynb #4db94cc0
@@ -474,10 +583,25 @@ ZERO_SHOT_TEMPLATES = {
     'image_folder': dict(train=_CLASS_TEMPLATES, heldout=('a blurry photo of a {}.', 'a good photo of the {}.')),
 }
 
-def zero_shot_prompts(dataset: str, classes, which: str = 'train') -> list:
-    "Per class, the list of prompts from the dataset's `train` or `heldout` templates."
-    if dataset not in ZERO_SHOT_TEMPLATES: raise ValueError(f"no zero-shot templates for dataset {dataset!r}; expected one of {tuple(ZERO_SHOT_TEMPLATES)}")
-    return [[t.format(c) for t in ZERO_SHOT_TEMPLATES[dataset][which]] for c in classes]
+def zero_shot_templates(templates) -> dict:
+    "Template sets `{train, heldout}`: a dataset name, a list of templates (`{}` = class name), or a dict of both."
+    if isinstance(templates, str):
+        if templates not in ZERO_SHOT_TEMPLATES:
+            raise ValueError(f"no zero-shot templates for dataset {templates!r}; expected one of "
+                             f"{tuple(ZERO_SHOT_TEMPLATES)}, or pass templates=['a photo of a {{}}.', ...]")
+        return ZERO_SHOT_TEMPLATES[templates]
+    sets = dict(templates) if isinstance(templates, dict) else dict(train=tuple(templates))
+    if not sets.get('train') or set(sets) - {'train', 'heldout'}:
+        raise ValueError(f"zero-shot templates {templates!r}: expected a list of templates or a dict with 'train' "
+                         "(and 'heldout')")
+    for t in (t for ts in sets.values() for t in ts):
+        if not isinstance(t, str) or '{}' not in t:
+            raise ValueError(f"zero-shot template {t!r}: expected a string with '{{}}' for the class name")
+    return {k: tuple(v) for k, v in sets.items() if v}
+
+def zero_shot_prompts(dataset, classes, which: str = 'train') -> list:
+    "Per class, the list of prompts from the `train` or `heldout` templates of `dataset` (a name, or templates)."
+    return [[t.format(c) for t in zero_shot_templates(dataset)[which]] for c in classes]
 
 # %% ../nbs/01_data.ipynb #04f684ed
 from torchvision.ops import roi_align

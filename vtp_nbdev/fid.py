@@ -5,7 +5,7 @@ built-in datasets (labelled `FD_<dataset>`, never "FID") and the standard Incept
 
 # %% ../nbs/08_fid.ipynb #b00cb6d9
 from __future__ import annotations
-import hashlib, os
+import hashlib, json, os
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 import torch_fidelity
@@ -28,8 +29,9 @@ from .data import normalize, to_uint8, SHAPE_KINDS, COLOURS, SIZES, COUNTS, POSI
 __all__ = ['REF_RES', 'UINT8_POLICY', 'SHAPES_HEADS', 'REFERENCE_EXTRACTORS', 'INCEPTION', 'INCEPTION_FILE', 'METRICS',
            'ATTRIBUTE_VALUES', 'RefCNN', 'ChecksumError', 'repo_root', 'sha256_file', 'load_reference_extractor',
            'check_batch', 'RefFeatureExtractor', 'ref_extractor_name', 'inception_weights_path', 'make_extractor',
-           'extractor_info', 'save_samples', 'iter_uint8_batches', 'FeatureSet', 'extract_features', 'metric_suffix',
-           'fidelity_metrics', 'Uint8Images', 'torch_fidelity_metrics', 'predict_attributes', 'attribute_accuracy']
+           'extractor_info', 'register_reference_extractor', 'save_samples', 'iter_uint8_batches', 'FeatureSet',
+           'extract_features', 'metric_suffix', 'fidelity_metrics', 'Uint8Images', 'torch_fidelity_metrics',
+           'predict_attributes', 'attribute_accuracy']
 
 # %% ../nbs/08_fid.ipynb #563dc9a7
 REF_RES = 32
@@ -175,6 +177,8 @@ def make_extractor(name: str = 'shapes', weights_path=None, device='cpu', featur
                                     f"put {INCEPTION_FILE} at {where} (or set TORCH_HOME / VTP_INCEPTION_WEIGHTS)") from None
         fe.weights_path = local or Path(torch.hub.get_dir())/'checkpoints'/INCEPTION_FILE
     else:
+        if str(name).endswith('.safetensors'):                # a reference network trained on the user's data
+            name = register_reference_extractor(name)
         if name not in REFERENCE_EXTRACTORS:
             raise KeyError(f"unknown extractor {name!r}; expected one of {list(REFERENCE_EXTRACTORS) + [INCEPTION]}")
         cls = FEATURE_EXTRACTORS_REGISTRY[ref_extractor_name(name)]
@@ -187,6 +191,36 @@ def extractor_info(fe: FeatureExtractorBase) -> dict:
     ref = name.removeprefix('vtp-ref-')
     sha = REFERENCE_EXTRACTORS[ref][1] if ref in REFERENCE_EXTRACTORS else sha256_file(fe.weights_path)
     return dict(extractor=name, extractor_sha256=sha, feature_layers=list(fe.get_requested_features_list()))
+
+# %% ../nbs/08_fid.ipynb #d4a8c3b2
+def register_reference_extractor(path, name: str | None = None) -> str:
+    "Register a reference CNN trained on your data by `data_prep/train_reference_extractor.py`; returns its name."
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"reference extractor weights {path} not found; train them with "
+                                "`python data_prep/train_reference_extractor.py --dataset image_folder --root DIR`")
+    try:
+        with safe_open(str(path), 'pt') as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
+    if 'vtp_reference' not in meta:
+        raise ValueError(f"{path}: no 'vtp_reference' metadata; expected a file written by "
+                         "data_prep/train_reference_extractor.py")
+    info = json.loads(meta['vtp_reference'])
+    a = info['arch']
+    heads = tuple((k, n) for k, n in a['heads'])
+    arch = dict(widths=tuple(a['widths']), feat_dim=a['feat_dim'], heads=heads, res=a['res'])
+    name = name or info.get('dataset') or path.stem
+    old = REFERENCE_EXTRACTORS.get(name)
+    if old is not None and (repo_root()/old[0]).resolve() != path:
+        raise ValueError(f"reference extractor {name!r} already exists ({old[0]}); "
+                         f"pass name= to register {path} under another name")
+    REFERENCE_EXTRACTORS[name] = (str(path), sha256_file(path), arch)
+    if ref_extractor_name(name) not in FEATURE_EXTRACTORS_REGISTRY:
+        cls = type(f'RefFeatureExtractor_{name}', (RefFeatureExtractor,), dict(ref_name=name))
+        register_feature_extractor(ref_extractor_name(name), cls)
+    return name
 
 # %% ../nbs/08_fid.ipynb #b27f5da9
 def save_samples(images: torch.Tensor, folder, fmt: str = 'safetensors', start: int = 0, shard_size: int = 1000) -> list:

@@ -306,14 +306,14 @@ class ReconstructionLoss(nn.Module):
         self.perceptual_weight, self.lpips = perceptual_weight, None
         self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        if perceptual_weight > 0:
-            paths = [] if lpips_path is None else [lpips_path] if isinstance(lpips_path, (str, Path)) else list(lpips_path)
-            absent = [str(p) for p in paths if not Path(p).is_file()]
-            if not paths or absent:
-                _warn_once('lpips', "ReconstructionLoss: LPIPS disabled, training with the L1 pixel loss only: "
-                           + ("no lpips_path given" if not paths else f"weights file(s) {absent} not found")
-                           + ". Provide a local file with torchvision vgg16 + LPIPS lin weights to enable it.")
-            else: self.lpips = LPIPS(paths)
+        paths = [] if lpips_path is None else [lpips_path] if isinstance(lpips_path, (str, Path)) else list(lpips_path)
+        absent = [str(p) for p in paths if not Path(p).is_file()]
+        if not paths or absent:                                  # said once, whatever the weight (0 without a file)
+            _warn_once('lpips', "ReconstructionLoss: LPIPS disabled, training with the L1 pixel loss only: "
+                       + ("no lpips_path given" if not paths else f"weights file(s) {absent} not found")
+                       + ". Provide a local file with torchvision vgg16 + LPIPS lin weights to enable it.")
+        elif perceptual_weight > 0:
+            self.lpips = LPIPS(paths)
 
     @property
     def perceptual_enabled(self) -> bool:

@@ -5,24 +5,25 @@ Hugging Face checkpoint I/O with strict checking, and the training-only SSL head
 
 # %% ../nbs/03_tokenizer.ipynb #a119b1dd
 from __future__ import annotations
-import copy, json, math, os
+import copy, json, math, os, typing
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn.utils.parametrizations import weight_norm
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count, sdpa_backward_flop_count
 from open_clip.transformer import Transformer as OpenClipTransformer, LayerNorm as OpenClipLayerNorm, QuickGELU, text_global_pool
-from .config import neutral_field
+from .config import neutral_field, check_field_types
 from .layers import (PatchEmbed, RopePositionEmbedding, SelfAttentionBlock, init_weights_vit, get_layer,
                               NORM_LAYERS, FFN_LAYERS, ROPE_DTYPES)
 
 # %% auto #0
 __all__ = ['HF_CONFIG_KEYS', 'VISION_ARCHS', 'VTP_PRESETS', 'VTPConfig', 'vtp_config', 'VisionTrunk', 'PixelDecoder',
-           'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'CNNLevel', 'CNNEncoder', 'CNNDecoder',
+           'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'CNNLevel', 'CNNEncoder', 'CNNDecoder', 'check_images',
            'StateDictMismatchError', 'check_state_dict', 'count_params', 'VTPModel', 'flop_counter_mode',
            'vtp_forward_flops', 'DINOHead', 'make_teacher', 'ema_update', 'VTPPretrainModel']
 
@@ -89,6 +90,8 @@ class VTPConfig:
     cnn_channel_mult: tuple = neutral_field(())   # CNN: width multiplier of each resolution level (log2(patch) + 1 levels)
 
     def __post_init__(self):
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        check_field_types('VTPConfig', values, typing.get_type_hints(VTPConfig))
         self.cnn_channel_mult = tuple(self.cnn_channel_mult)   # a JSON list from config.json -> tuple
         self.validate()
 
@@ -440,6 +443,21 @@ class CNNDecoder(nn.Module):
         return self.proj_out(F.silu(self.norm(h)))                           # (B, 3, h*f, w*f)
 
 # %% ../nbs/03_tokenizer.ipynb #c1250b8a
+def check_images(images, patch_size: int, where: str = 'VTPModel'):
+    "Raise a clear error unless `images` is a float (B, 3, H, W) batch with H and W positive multiples of `patch_size`."
+    if not torch.is_tensor(images):
+        raise TypeError(f"{where}: expected a torch.Tensor of images (B, 3, H, W), got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"{where}: images of shape {tuple(images.shape)}; expected an RGB batch (B, 3, H, W) "
+                         "(grey images: x.expand(-1, 3, -1, -1); one image: x[None])")
+    if not images.is_floating_point():
+        raise TypeError(f"{where}: images of dtype {images.dtype}; expected ImageNet-normalised floats "
+                        "(uint8 pixels: vtp_nbdev.data.normalize(x / 255))")
+    H, W = images.shape[-2:]
+    if H < patch_size or W < patch_size or H % patch_size or W % patch_size:
+        raise ValueError(f"{where}: image size {(H, W)} is not divisible by patch size {patch_size}; "
+                         f"expected H and W positive multiples of {patch_size}")
+
 class StateDictMismatchError(ValueError):
     "A checkpoint's keys or shapes do not match the model."
 
@@ -549,6 +567,7 @@ class VTPModel(nn.Module):
     # ---- training entry points: one trunk pass shared by CLIP, SSL and reconstruction ----
     def forward_features(self, images: Tensor, masks: Tensor | None = None) -> tuple[Tensor, Tensor]:
         "Final-normed CLS (B, D) and patch tokens (B, N, D); `masks` (B, N) bool replace patches by the mask token."
+        check_images(images, self.config.vision_patch_size)
         return self.trunk.forward_features(images, masks)
 
     def bottleneck(self, t: Tensor) -> Tensor:
@@ -590,6 +609,7 @@ class VTPModel(nn.Module):
     def get_intermediate_layers_feature(self, images: Tensor, n: Union[int, Sequence[int]] = 1, reshape: bool = False,
                                         return_class_token: bool = False, norm: bool = True) -> tuple:
         "Last-`n` (or indexed) block outputs through the final norm: patch tokens, or (patch, cls) pairs."
+        check_images(images, self.config.vision_patch_size)
         return self.trunk.get_intermediate_layers(images, n, reshape, return_class_token, norm)
 
     def get_clip_image_feature(self, images: Tensor, normalize: bool = True) -> Tensor:
@@ -637,11 +657,24 @@ class VTPModel(nn.Module):
         folder = Path(folder)
         for f in ('config.json', 'model.safetensors'):
             if not (folder/f).is_file(): raise FileNotFoundError(f"VTP checkpoint folder {folder}: missing {f}")
-        d = json.loads((folder/'config.json').read_text())
-        cfg = VTPConfig.from_dict({**d, 'rope_dtype': rope_dtype or d.get('rope_dtype', 'bf16')})
+        cfg_file, weights = folder/'config.json', folder/'model.safetensors'
+        try:
+            d = json.loads(cfg_file.read_text(encoding='utf-8'))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{cfg_file}: not a JSON config ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{cfg_file}: expected a JSON object of VTPConfig fields, got {type(d).__name__}")
+        try:
+            cfg = VTPConfig.from_dict({**d, 'rope_dtype': rope_dtype or d.get('rope_dtype', 'bf16')})
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{cfg_file}: {e}") from None
         with torch.device('meta'): model = cls(cfg)
-        sd = load_file(folder/'model.safetensors', device=str(device))
-        model.load_checkpoint(sd, source=str(folder/'model.safetensors'))
+        try:
+            sd = load_file(weights, device=str(device))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"{weights}: unreadable safetensors file ({type(e).__name__}: {e}); "
+                             "expected the model.safetensors written by save_pretrained") from None
+        model.load_checkpoint(sd, source=str(weights))
         return model.eval()
 
     def load_checkpoint(self, sd: dict, source: str = 'checkpoint'):

@@ -1,0 +1,173 @@
+"""A user's own data, end to end: captioned images as tar shards and a CSV (with a few bad members) through
+pre-training, the GAN decoder stage, export, reload, evaluation (retrieval + reconstruction) and latent extraction;
+a labelled image folder through the scaling FLOP count, pre-training, latents and the DiT."""
+import csv, io, json, tarfile, time, warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vtp_nbdev import losses
+from vtp_nbdev.data import ShapesDataset, get_dataset
+from vtp_nbdev.eval_reconstruction import evaluate_tokenizer
+from vtp_nbdev.latents import extract_latents
+from vtp_nbdev.pretrain import PretrainConfig, GANFinetuneConfig, pretrain, finetune_decoder_gan
+from vtp_nbdev.tokenizer import VTPModel
+
+N = 40
+
+
+def _add(tf, name, data: bytes):
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    tf.addfile(ti, io.BytesIO(data))
+
+
+def build_user_data(root: Path, n: int = N) -> dict:
+    "What a user brings: `images/` with PNG and JPEG files, `pairs.csv` (paths relative to it) and `shards/*.tar`."
+    (root/'images').mkdir(parents=True)
+    (root/'shards').mkdir()
+    ds, rows = ShapesDataset('train', size=n, res=48), []                         # 48 px: resized to the model's 32
+    with tarfile.open(root/'shards'/'part-000.tar', 'w') as t0, tarfile.open(root/'shards'/'part-001.tar', 'w') as t1:
+        for i in range(n):
+            img, caption, _ = ds.raw(i)
+            ext = 'png' if i % 2 else 'jpg'
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format='PNG' if ext == 'png' else 'JPEG', quality=95)
+            (root/'images'/f'{i:03d}.{ext}').write_bytes(buf.getvalue())
+            rows.append((f'images/{i:03d}.{ext}', caption))
+            tf = t0 if i < n // 2 else t1
+            _add(tf, f'{i:03d}.{ext}', buf.getvalue())
+            _add(tf, f'{i:03d}.txt', caption.encode())
+        _add(t1, 'corrupt.jpg', b'\xff\xd8\xff\xe0 not really a jpeg')               # bad members
+        _add(t1, 'corrupt.txt', b'a broken picture')
+        _add(t1, 'lonely.png', buf.getvalue())                                       # no caption
+        _add(t1, 'blank.png', buf.getvalue())
+        _add(t1, 'blank.txt', b'   ')                                                 # empty caption
+    rows += [('images/missing.png', 'a file that is not there'), ('images/000.jpg', '')]
+    with open(root/'pairs.csv', 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['path', 'caption'])
+        w.writerows(rows)
+    return dict(csv=str(root/'pairs.csv'), shards=str(root/'shards'))
+
+
+@pytest.fixture(scope='module')
+def user_data(tmp_path_factory):
+    return build_user_data(tmp_path_factory.mktemp('own'))
+
+
+def test_both_sources_load_with_held_out_splits(user_data):
+    "CSV and a folder of shards read the same pairs; train / test are disjoint by key; bad members skipped or named."
+    for src, n_bad in ((user_data['csv'], 2), (user_data['shards'], 3)):
+        parts = {s: get_dataset('image_text', s, source=src, skip_bad=True, val_frac=0.15, test_frac=0.3)
+                 for s in ('train', 'val', 'test')}
+        assert sum(len(d) for d in parts.values()) == N + n_bad
+        assert parts['test'][0]['image'].shape == (3, 32, 32) and parts['test'][0]['label'] == -1
+    train = get_dataset('image_text', 'train', source=user_data['shards'])
+    test = get_dataset('image_text', 'test', source=user_data['shards'])
+    assert not {it[1] for it in train.items} & {it[1] for it in test.items}
+    strict = get_dataset('image_text', 'all', source=user_data['shards'])             # without skip_bad: named errors
+    errors = []
+    for i in range(len(strict)):
+        try:
+            strict[i]
+        except ValueError as e:
+            errors.append(str(e))
+    assert len(errors) == 3 and all('part-001.tar' in e for e in errors), errors
+    assert any('part-001.tar:corrupt: cannot read image' in e for e in errors)
+    assert any("'lonely' has no caption" in e for e in errors)
+
+
+def test_pretrain_evaluate_and_latents_end_to_end(user_data, tmp_path):
+    "Pre-training on the tar shards and the CSV, the GAN stage, export and reload, retrieval + reconstruction, latents."
+    t0 = time.perf_counter()
+    runs = tmp_path/'runs'
+    kw = dict(preset='tiny', steps=3, batch_clip=8, batch_ssl=4, batch_rec=4, n_local_crops=2, log_every=1,
+              ckpt_every=3)
+    losses._WARNED.discard('lpips')
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        shards = dict(source=user_data['shards'], skip_bad=True)
+        run = pretrain(PretrainConfig(dataset='image_text', dataset_kwargs=shards, **kw), runs_dir=runs, progress=False)
+    assert len([x for x in w if 'LPIPS disabled' in str(x.message)]) == 1             # the one-time message
+    run_csv = pretrain(PretrainConfig(dataset='image_text', dataset_kwargs=dict(source=user_data['csv'], skip_bad=True),
+                                      **dict(kw, steps=1)), runs_dir=runs, progress=False)
+    assert (run_csv/'final'/'model.safetensors').is_file() and run_csv != run
+    gan = finetune_decoder_gan(run, GANFinetuneConfig(steps=2, batch=4, disc_start=1), device='cpu', progress=False)
+    assert (gan/'model.safetensors').is_file()
+
+    model = VTPModel.from_pretrained(run/'final', rope_dtype='fp32')                  # export -> reload
+    model.save_pretrained(tmp_path/'exported')
+    again = VTPModel.from_pretrained(tmp_path/'exported', rope_dtype='fp32')
+    x = get_dataset('image_text', 'test', source=user_data['shards'], skip_bad=True)[0]['image'][None]
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+
+    ev = evaluate_tokenizer(tmp_path/'exported', 'image_text', n_rec=64, batch_size=32, out=tmp_path/'metrics.json',
+                            dataset_kwargs=dict(source=user_data['shards'], skip_bad=True, test_frac=0.3))
+    saved = json.loads((tmp_path/'metrics.json').read_text())
+    r = saved['retrieval']
+    n_test = saved['n_samples']['test']
+    assert r['n'] == n_test >= 8
+    assert 0 <= r['image_to_text_R@1'] <= r['image_to_text_R@5'] <= r['image_to_text_R@10'] <= 1
+    assert {'text_to_image_R@1', 'text_to_image_R@10'} <= set(r) and saved['labelled'] is False
+    rec = saved['reconstruction']
+    assert rec['n'] == n_test and rec['psnr'] > 5 and -1 <= rec['ssim'] <= 1
+    assert rec['rFID'] is None and 'train_reference_extractor' in rec['rFID_note']
+    assert saved['zero_shot'] is None and 'no class labels' in saved['notes']['zero_shot']
+    print({k: round(v, 3) for k, v in r.items() if 'R@' in k}, 'psnr', round(rec['psnr'], 2))
+
+    lat = extract_latents(run/'final', 'image_text', 'train', runs_dir=runs, batch_size=16, progress=False,
+                          dataset_kwargs=dict(source=user_data['csv'], skip_bad=True))
+    done = json.loads((lat/'done.json').read_text())
+    assert (lat/'latents_stats.safetensors').is_file() and done
+    print(f"end to end: {time.perf_counter() - t0:.1f} s")
+
+
+def test_pretrain_dataset_keys_named(user_data, tmp_path):
+    "A key no dataset takes is named before training starts; `size` is a subset for file datasets too."
+    with pytest.raises(ValueError, match=r"does not take \['colour'\]"):
+        pretrain(PretrainConfig(steps=1, dataset='image_text', dataset_kwargs=dict(source=user_data['csv'], colour=1)),
+                 runs_dir=tmp_path, progress=False)
+    assert len(get_dataset('image_text', 'train', source=user_data['csv'], size=5, seed=7)) == 5
+    with pytest.raises(ValueError, match='image_text needs source='):
+        get_dataset('image_text', 'train')
+
+
+def test_make_shards_from_csv(user_data, tmp_path):
+    "`data_prep/make_shards.py` packs the CSV's good rows into shards that read back as the same pairs."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('make_shards', Path(__file__).parents[1]/'data_prep'/'make_shards.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shards = mod.make_shards(user_data['csv'], tmp_path/'packed', per_shard=16)
+    assert len(shards) == 3
+    packed = get_dataset('image_text', 'all', source=tmp_path/'packed')
+    table = get_dataset('image_text', 'all', source=user_data['csv'], skip_bad=True)
+    assert len(packed) == N
+    assert [packed[i]['caption'] for i in range(N)] == [table.load(i)[1] for i in range(N)]
+    assert torch.equal(packed[5]['image'], table[5]['image'])
+
+
+def test_image_folder_through_scaling_latents_and_dit(tmp_path):
+    "A labelled folder goes through the scaling code's FLOP count, pre-training, latents and class-conditional DiT."
+    from vtp_nbdev.flow import DiTTrainConfig, train_dit
+    from vtp_nbdev.scaling import flops_per_step
+    ds = ShapesDataset('train', size=40)
+    for i in range(40):
+        img, _, label = ds.raw(i)
+        d = tmp_path/'pets'/('reddish' if label % 4 == 0 else 'other')
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d/f'{i}.png')
+    data = dict(root=str(tmp_path/'pets'))
+    cfg = PretrainConfig(preset='tiny', steps=2, batch_clip=8, batch_ssl=4, batch_rec=4, n_local_crops=2, log_every=1,
+                         ckpt_every=2, dataset='image_folder', dataset_kwargs=data)
+    assert flops_per_step(cfg) > 0                                                  # passes `size` and `seed`
+    run = pretrain(cfg, runs_dir=tmp_path/'runs', progress=False)
+    lat = extract_latents(run/'final', 'image_folder', 'train', dataset_kwargs=data, runs_dir=tmp_path/'runs',
+                          progress=False)
+    dit = train_dit(DiTTrainConfig(steps=2, batch=8, log_every=1, ckpt_every=2, model={'depth': 1}), lat,
+                    tmp_path/'runs', 'cpu', progress=False)
+    assert (dit/'final').is_dir()

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 from vtp_nbdev.config import config_hash
-from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, pretrain, batch_indices, accumulate_grads
+from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, pretrain, accumulate_grads
+from vtp_nbdev.runs import batch_indices
 from vtp_nbdev.flow import DiTTrainConfig, train_dit
 from vtp_nbdev.data import ShapesDataset, TarShardDataset, ShardedStream
 
@@ -249,7 +250,7 @@ def test_fsdp_tokenizer_two_ranks_match_one_and_resume(tmp_path, spawn_ranks, ac
 
 # ---- the deferred NaN check (CUDA's path: no host sync per step), exercised on CPU ---------------------------------
 def test_deferred_nan_check_stops_before_the_next_checkpoint(tmp_path, monkeypatch):
-    import vtp_nbdev.pretrain as P
+    import vtp_nbdev.runs as R
     cfg = small_cfg(steps=6, ckpt_every=2, log_every=2, losses='AE', batch_rec=8)
     run = pretrain(cfg, runs_dir=tmp_path, device='cpu', max_steps=2, progress=False)
     orig = VTPPretrainer.forward
@@ -257,9 +258,9 @@ def test_deferred_nan_check_stops_before_the_next_checkpoint(tmp_path, monkeypat
         loss, terms = orig(self, batch, step, micro)
         return loss * float('nan') if step == 2 else loss, terms
     monkeypatch.setattr(VTPPretrainer, 'forward', poisoned)
-    monkeypatch.setattr(P, '_defer_finite_check', lambda device: True)
+    monkeypatch.setattr(R, 'defer_finite_check', lambda device: True)
     with pytest.raises(FloatingPointError, match='non-finite loss at step 2 \\(checked at step 4'):
         pretrain(cfg, runs_dir=tmp_path, device='cpu', progress=False)
-    from vtp_nbdev.pretrain import read_checkpoint
+    from vtp_nbdev.runs import read_checkpoint
     tensors, meta = read_checkpoint(next((run/'checkpoints').glob('last-*')))
     assert meta['step'] == '2' and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())

@@ -5,7 +5,7 @@ LightningDiT (JingfengYao/LightningDiT) so that its state dicts load with strict
 
 # %% ../nbs/10_dit.ipynb #50768ac4
 from __future__ import annotations
-import inspect, json, math, os
+import inspect, json, math
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -15,13 +15,13 @@ from safetensors.torch import load_file
 from timm.layers import PatchEmbed, Mlp
 from .layers import RMSNorm, sdpa
 from .tokenizer import check_state_dict, StateDictMismatchError, count_params, flop_counter_mode
-from .pretrain import atomic_save
+from .runs import atomic_save, atomic_write
 
 # %% auto #0
 __all__ = ['DIT_ARGS', 'DIT_PRESETS', 'TRANSPORT_KEYS', 'sincos_pos_embed_2d', 'rotate_pairs', 'VisionRotaryEmbeddingFast',
            'TimestepEmbedder', 'LabelEmbedder', 'modulate', 'SwiGLUFFN', 'Attention', 'LightningDiTBlock', 'FinalLayer',
-           'LightningDiT', 'dit_config', 'build_dit', 'split_dit_config', 'read_dit_state_dict', 'load_lightningdit',
-           'save_lightningdit', 'dit_forward_flops']
+           'LightningDiT', 'check_dit_args', 'dit_config', 'build_dit', 'split_dit_config', 'read_dit_state_dict',
+           'load_lightningdit', 'save_lightningdit', 'dit_forward_flops']
 
 # %% ../nbs/10_dit.ipynb #6256935e
 def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
@@ -178,7 +178,7 @@ class LightningDiT(nn.Module):
                  use_rope: bool = False, use_rmsnorm: bool = False, wo_shift: bool = False, use_checkpoint: bool = False):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k in DIT_ARGS}
-        _check_dit_args(self.config)
+        check_dit_args(self.config)
         self.in_channels, self.learn_sigma = in_channels, learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size, self.num_heads, self.num_classes = patch_size, num_heads, num_classes
@@ -228,17 +228,33 @@ class LightningDiT(nn.Module):
 
 DIT_ARGS = tuple(inspect.signature(LightningDiT.__init__).parameters)[1:]
 
-def _check_dit_args(a: dict):
-    "Clear errors for impossible constructor arguments."
+def _arg_type_ok(v, default) -> bool:
+    "Whether `v` has the type of the constructor default `default` (an int is a valid float; a bool is no number)."
+    if isinstance(default, bool):
+        return isinstance(v, bool)
+    if isinstance(default, int):
+        return isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(default, float):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return True
+
+def check_dit_args(a: dict, where: str = 'LightningDiT'):
+    "Clear errors for constructor arguments of the wrong type or impossible value (`where` names them)."
+    defaults = {k: p.default for k, p in inspect.signature(LightningDiT.__init__).parameters.items() if k in DIT_ARGS}
+    for k, v in a.items():
+        if k in defaults and not _arg_type_ok(v, defaults[k]):
+            raise TypeError(f"{where}: {k}={v!r} must be {type(defaults[k]).__name__}, got {type(v).__name__}")
     for k in ('patch_size', 'input_size', 'in_channels', 'hidden_size', 'num_heads', 'depth', 'num_classes'):
         lo = 0 if k in ('depth', 'num_classes') else 1
-        if a[k] < lo: raise ValueError(f"LightningDiT: {k}={a[k]} must be a {'positive' if lo else 'non-negative'} integer")
+        if a[k] < lo:
+            raise ValueError(f"{where}: {k}={a[k]} must be a {'positive' if lo else 'non-negative'} integer")
     if a['input_size'] % a['patch_size']:
-        raise ValueError(f"LightningDiT: input_size={a['input_size']} is not divisible by patch_size={a['patch_size']}")
+        raise ValueError(f"{where}: input_size={a['input_size']} is not divisible by patch_size={a['patch_size']}")
     if a['hidden_size'] % a['num_heads']:
-        raise ValueError(f"LightningDiT: hidden_size={a['hidden_size']} is not divisible by num_heads={a['num_heads']}")
+        raise ValueError(f"{where}: hidden_size={a['hidden_size']} is not divisible by num_heads={a['num_heads']}")
     if a['use_rope'] and (a['hidden_size'] // a['num_heads']) % 4:
-        raise ValueError(f"LightningDiT: RoPE needs head_dim = hidden_size/num_heads divisible by 4, got {a['hidden_size'] // a['num_heads']}")
+        raise ValueError(f"{where}: RoPE needs head_dim = hidden_size/num_heads divisible by 4, "
+                         f"got {a['hidden_size'] // a['num_heads']}")
 
 # %% ../nbs/10_dit.ipynb #e01cb47f
 _FLAGS = dict(use_swiglu=True, use_rope=True, use_rmsnorm=True, use_qknorm=False, wo_shift=False, class_dropout_prob=0.1)
@@ -301,10 +317,9 @@ def load_lightningdit(folder, device='cpu', weights: str = 'model.safetensors') 
 
 def save_lightningdit(model: LightningDiT, folder, transport: dict | None = None, weights: str = 'model.safetensors') -> Path:
     "Write `config.json` (constructor arguments + transport settings) and the weights, each atomically."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
     atomic_save(model.state_dict(), folder/weights, metadata={'format': 'pt'})
-    tmp = folder/f'.config.json.{os.getpid()}.tmp'
-    tmp.write_text(json.dumps({**model.config, **(transport or {})}, indent=1, sort_keys=True) + '\n'); os.replace(tmp, folder/'config.json')
+    atomic_write(folder/'config.json', json.dumps({**model.config, **(transport or {})}, indent=1, sort_keys=True) + '\n')
     return folder
 
 # %% ../nbs/10_dit.ipynb #fe9f7377

@@ -10,15 +10,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from .config import config_hash, get_device, get_settings, project_root, environment_info, SCALES
-from .pretrain import PretrainConfig, VTPPretrainer, pretrain, run_dir_for, log_spaced_steps, count_step_flops, _load_batch
+from .pretrain import PretrainConfig, VTPPretrainer, pretrain, run_dir_for, count_step_flops, load_batch
+from .runs import log_spaced_steps, read_jsonl, write_json, run_lock as file_lock
 from .data import get_dataset
 from .eval_reconstruction import evaluate_tokenizer
 from .generate import GenerationEvalConfig, generation_metrics
 
 # %% auto #0
 __all__ = ['SCALE_SETTINGS', 'scale_settings', 'flops_per_step', 'scaling_config', 'export_checkpoint', 'results_dir',
-           'point_key', 'point_path', 'score_point', 'run_lock', 'run_series', 'final_seed_spread', 'load_results',
-           'guided_point']
+           'point_key', 'point_path', 'flops_at', 'write_record', 'score_point', 'run_lock', 'run_series',
+           'final_seed_spread', 'load_results', 'guided_point']
 
 # %% ../nbs/13_scaling.ipynb #09a45397
 _GEN_SMOKE = dict(n_latents=256, dit=dict(preset='tiny', steps=30, batch=32, lr=1e-3, log_every=10, ckpt_every=30),
@@ -65,7 +66,7 @@ def flops_per_step(cfg: PretrainConfig) -> int:
         mc = trainer.model.config
         ds = get_dataset(cfg.dataset, 'train', res=mc.image_size, patch_size=mc.vision_patch_size, context_length=mc.text_context_length,
                          **{'seed': cfg.seed, **cfg.dataset_kwargs, 'size': cfg.batch_clip})
-        _FLOPS_CACHE[key] = count_step_flops(trainer, _load_batch(ds, list(range(cfg.batch_clip)), 'cpu'))
+        _FLOPS_CACHE[key] = count_step_flops(trainer, load_batch(ds, list(range(cfg.batch_clip)), 'cpu'))
     return _FLOPS_CACHE[key]
 
 def scaling_config(scale: str, losses: str, seed: int = 0, flops: float | None = None, **overrides) -> PretrainConfig:
@@ -99,21 +100,21 @@ def results_dir(scale: str, root=None) -> Path:
 def point_key(cfg: PretrainConfig, step: int, scale: str, gen: dict | None = None) -> dict:
     "Everything that determines a point's scores (its hash names the record)."
     s = scale_settings(scale)
-    return dict(pretrain=cfg.to_dict(), step=step, eval=s['eval'], gen=gen if gen is not None else s['gen'])
+    pre = {'num_workers': cfg.num_workers, **cfg.to_dict()}      # the store's record names cover num_workers
+    return dict(pretrain=pre, step=step, eval=s['eval'], gen=gen if gen is not None else s['gen'])
 
 def point_path(cfg: PretrainConfig, step: int, scale: str, gen: dict | None = None, root=None) -> Path:
     "Where the record of a point lives in the results store."
     name = f"{cfg.losses.replace('+', '-')}_{cfg.preset}_s{cfg.seed}_step{step:06d}_{config_hash(point_key(cfg, step, scale, gen))}.json"
     return results_dir(scale, root)/name
 
-def _flops_at(run: Path, step: int) -> float:
-    rows = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines() if l.strip()]
-    return float(rows[0]['flops_per_step']) * step
+def flops_at(run: Path, step: int) -> float:
+    "Training FLOPs of a tokenizer run up to `step` (from its logged FLOPs per step)."
+    return float(read_jsonl(run/'metrics.jsonl')[0]['flops_per_step']) * step
 
-def _write_record(path: Path, rec: dict) -> dict:
-    "Write a store record atomically (temp file + rename); returns it."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp'); tmp.write_text(json.dumps(rec, indent=1, default=str) + '\n'); os.replace(tmp, path)
+def write_record(path: Path, rec: dict) -> dict:
+    "Write a store record atomically; returns it."
+    write_json(path, rec)
     return rec
 
 def _encoder_params(folder) -> int:
@@ -141,7 +142,7 @@ def score_point(run, step: int, scale: str, gen: dict | None = None, device=None
     g = generation_metrics(folder, GenerationEvalConfig.from_dict({**gen, 'dataset': cfg.dataset, 'seed': cfg.seed}), device=device, progress=progress)
     zs, lp, rc = ev['zero_shot'], ev['linear_probe'], ev['reconstruction']
     rec = dict(scale=scale, method=cfg.losses, preset=cfg.preset, seed=cfg.seed, dataset=cfg.dataset,
-               data_size=cfg.dataset_kwargs.get('size'), step=step, steps_total=cfg.steps, flops=_flops_at(run, step),
+               data_size=cfg.dataset_kwargs.get('size'), step=step, steps_total=cfg.steps, flops=flops_at(run, step),
                params_encoder=ev['params_encoder'], bottleneck=ev['config']['vision_feature_bottleneck'],
                zero_shot_top1=_pick(zs, 'zero_shot_top1_train'), zero_shot_top1_heldout=_pick(zs, 'zero_shot_top1_heldout'),
                probe_bottleneck=_pick(lp, 'linear_probe_bottleneck_top1'), probe_last=_pick(lp, 'linear_probe_last_top1'),
@@ -150,20 +151,12 @@ def score_point(run, step: int, scale: str, gen: dict | None = None, device=None
                recall=g.get(f'recall_{cfg.dataset}'), config_hash=run.name, point_hash=path.stem.rsplit('_', 1)[-1],
                dit_proxy=g['dit_proxy'], generation_config=g['generation_config'], gen_hash=config_hash(gen), eval_hash=config_hash(s['eval']),
                seconds=dict(evaluate=t1 - t0, generation=time.time() - t1), environment=environment_info())
-    return _write_record(path, rec)
+    return write_record(path, rec)
 
 # %% ../nbs/13_scaling.ipynb #e5902a2d
-from contextlib import contextmanager
-import fcntl
-
-@contextmanager
 def run_lock(cfg: PretrainConfig, runs_dir=None):
     "Hold the exclusive lock of `cfg`'s tokenizer run (blocks while another process holds it)."
-    d = Path(runs_dir or get_settings()['runs_dir'])/'locks'; d.mkdir(parents=True, exist_ok=True)
-    with open(d/f'{config_hash(cfg.to_dict())}.lock', 'w') as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(Path(runs_dir or get_settings()['runs_dir'])/'locks'/f'{config_hash(cfg.to_dict())}.lock')
 
 # %% ../nbs/13_scaling.ipynb #1f953e75
 def run_series(scale: str, losses: str, seed: int = 0, flops: float | None = None, points=None, gen: dict | None = None,
@@ -213,4 +206,4 @@ def guided_point(scale: str, losses: str, seed: int = 0, cfg_scale: float = 1.5,
     rec = dict(scale=scale, method=cfg.losses, preset=cfg.preset, seed=seed, step=cfg.steps, cfg_scale=cfg_scale, cfg_interval=list(cfg_interval),
                gFD=g[f'FD_{d}'], IS=g.get(f'IS_{d}_mean'), precision=g.get(f'precision_{d}'), recall=g.get(f'recall_{d}'),
                config_hash=config_hash(cfg.to_dict()), generation_config=g['generation_config'])
-    return _write_record(path, rec)
+    return write_record(path, rec)

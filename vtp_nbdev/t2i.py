@@ -5,7 +5,7 @@ the caption, and prompt-following metrics read by the project's reference networ
 
 # %% ../nbs/15_t2i.ipynb #acfb5b8c
 from __future__ import annotations
-import copy, json, math, re, time
+import json, math, re, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -19,20 +19,21 @@ from .data import (tokenize, get_text_tokenizer, shapes_sample, shapes_attribute
                             SPLIT_OFFSETS, SHAPE_KINDS, COLOURS, SIZES, COUNTS, POSITIONS)
 from .layers import RMSNorm
 from .tokenizer import VTPModel, check_state_dict
-from .pretrain import atomic_save, log_spaced_steps
-from .latents import LatentDataset, extract_latents, load_latents_stats, destandardize, tokenizer_folder, tokenizer_hash
+from .runs import fit, training_cli, atomic_save, atomic_write, write_json, log_spaced_steps
+from .latents import (LatentDataset, extract_latents, load_latents_stats, destandardize, tokenizer_folder,
+                               tokenizer_hash)
 from .dit import LightningDiT, LightningDiTBlock, Attention, SwiGLUFFN, dit_config, DIT_ARGS
-from .flow import (DiTTrainConfig, DiTTrainer, DiTRecipe, dit_run_dir, train_dit, ode_sample, sample_noise,
-                            guided_velocity)
+from .flow import (DiTTrainConfig, DiTTrainer, DiTRecipe, dit_run_dir, ode_sample, sample_noise,
+                            guided_velocity, decode_latents)
 from .fid import attribute_accuracy, fidelity_metrics, REF_RES, ATTRIBUTE_VALUES
 from .pretrain import pretrain
-from .scaling import scaling_config, point_key, results_dir, run_lock, export_checkpoint, _write_record, _flops_at
+from .scaling import scaling_config, point_key, results_dir, run_lock, export_checkpoint, write_record, flops_at
 
 # %% auto #0
-__all__ = ['NULL_CAPTION', 'TEXT_ARGS', 'TEXT_DEFAULTS', 'T2I_SCALE_SETTINGS', 'T2I_POINTS', 'flip_caption', 'flip_attributes',
-           'latents_captions', 'MaskedAttention', 'TextBlock', 'TextEncoder', 'CrossAttention', 'T2IBlock', 'T2IDiT',
-           'T2ITrainConfig', 't2i_model_args', 'T2ITrainer', 'save_t2i', 'load_t2i', 't2i_run_dir',
-           'caption_token_table', 'T2IRecipe', 'train_t2i', 'sample_t2i', 'decode_latents', 'eval_prompts', 'T2IConfig',
+__all__ = ['NULL_CAPTION', 'TEXT_ARGS', 'TEXT_DEFAULTS', 'main', 'T2I_SCALE_SETTINGS', 'T2I_POINTS', 'flip_caption',
+           'flip_attributes', 'latents_captions', 'MaskedAttention', 'TextBlock', 'TextEncoder', 'CrossAttention',
+           'T2IBlock', 'T2IDiT', 'T2ITrainConfig', 't2i_model_args', 'T2ITrainer', 'save_t2i', 'load_t2i',
+           't2i_run_dir', 'caption_token_table', 'T2IRecipe', 'train_t2i', 'sample_t2i', 'eval_prompts', 'T2IConfig',
            't2i_metrics', 't2i_settings', 't2i_param_count', 't2i_point']
 
 # %% ../nbs/15_t2i.ipynb #0bf73e05
@@ -225,46 +226,49 @@ class T2ITrainConfig(DiTTrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if bad := sorted(set(self.text) - set(TEXT_DEFAULTS)): raise ValueError(f"T2ITrainConfig.text: unknown keys {bad}; expected some of {list(TEXT_DEFAULTS)}")
+        if bad := sorted(set(self.text) - set(TEXT_DEFAULTS)):
+            raise ValueError(f"T2ITrainConfig.text: unknown keys {bad}; expected some of {list(TEXT_DEFAULTS)}")
         if bad := sorted(set(self.model) & {'num_classes', 'class_dropout_prob'}):
             raise ValueError(f"T2ITrainConfig.model: {bad} do not apply to text conditioning (use caption_dropout)")
-        if not 0 <= self.caption_dropout < 1: raise ValueError(f"T2ITrainConfig.caption_dropout={self.caption_dropout}; expected [0, 1)")
-        if self.eval_points < 1: raise ValueError(f"T2ITrainConfig.eval_points={self.eval_points}; expected >= 1")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"T2ITrainConfig.caption_dropout={self.caption_dropout}; expected [0, 1)")
+        if self.eval_points < 1:
+            raise ValueError(f"T2ITrainConfig.eval_points={self.eval_points}; expected >= 1")
 
 def t2i_model_args(cfg: T2ITrainConfig, shape) -> dict:
     "T2IDiT arguments: the DiT preset + overrides, latent geometry from `shape` (C, H, W), the text encoder settings."
     C, H, W = shape
-    if H != W: raise ValueError(f"T2IDiT needs square latents, got {H}x{W}")
+    if H != W:
+        raise ValueError(f"T2IDiT needs square latents, got {H}x{W}")
     d = {k: v for k, v in dit_config(cfg.preset, **{**cfg.model, 'in_channels': C, 'input_size': H}).items()
          if k not in ('num_classes', 'class_dropout_prob')}
     t = {**TEXT_DEFAULTS, **cfg.text}
-    return dict(d, text_width=t['width'], text_depth=t['depth'], text_heads=t['heads'], context_length=t['context_length'],
-                text_seed=t['seed'], caption_dropout_prob=cfg.caption_dropout)
+    return dict(d, text_width=t['width'], text_depth=t['depth'], text_heads=t['heads'],
+                context_length=t['context_length'], text_seed=t['seed'], caption_dropout_prob=cfg.caption_dropout)
 
 class T2ITrainer(DiTTrainer):
     "`DiTTrainer` (flow-matching loss, EMA) around a `T2IDiT`; `y` is the batch's caption ids."
-    def __init__(self, model_args: dict, cfg: T2ITrainConfig):
-        nn.Module.__init__(self)
-        self.cfg, self.model = cfg, T2IDiT(**model_args)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+    model_class = T2IDiT
 
 # %% ../nbs/15_t2i.ipynb #cb7bca8f
 def save_t2i(model: T2IDiT, folder, transport: dict | None = None, weights: str = 'model.safetensors') -> Path:
     "Write `config.json` (T2IDiT arguments + transport settings) and the weights."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
     atomic_save(model.state_dict(), folder/weights, metadata={'format': 'pt'})
-    tmp = folder/'.config.json.tmp'; tmp.write_text(json.dumps({**model.t2i_config, **(transport or {})}, indent=1, sort_keys=True))
-    tmp.replace(folder/'config.json')
+    atomic_write(folder/'config.json', json.dumps({**model.t2i_config, **(transport or {})}, indent=1, sort_keys=True))
     return folder
 
 def load_t2i(folder, weights='model.safetensors', device='cpu') -> tuple[T2IDiT, dict]:
     "A saved T2IDiT (strict keys; `weights` a file name in `folder` or a path) in eval mode, and its transport settings."
     folder = Path(folder)
-    if not (folder/'config.json').is_file(): raise FileNotFoundError(f"T2I model folder {folder}: missing config.json")
+    if not (folder/'config.json').is_file():
+        raise FileNotFoundError(f"T2I model folder {folder}: missing config.json")
     d = json.loads((folder/'config.json').read_text())
     model = T2IDiT(**{k: v for k, v in d.items() if k in DIT_ARGS or k in TEXT_ARGS})
     w = Path(weights) if Path(weights).is_absolute() else folder/weights
-    sd = load_file(str(w)); check_state_dict(model, sd, str(w)); model.load_state_dict(sd, strict=True)
+    sd = load_file(str(w))
+    check_state_dict(model, sd, str(w))
+    model.load_state_dict(sd, strict=True)
     return model.to(device).eval(), {k: v for k, v in d.items() if k not in DIT_ARGS and k not in TEXT_ARGS}
 
 # %% ../nbs/15_t2i.ipynb #28e76375
@@ -278,28 +282,41 @@ def caption_token_table(latents_dir, context_length: int) -> Tensor:
     return tokenize(c['captions'] + c['flipped'], context_length).view(2, len(c['captions']), context_length)
 
 class T2IRecipe(DiTRecipe):
-    "`train_dit` on captions: a `T2IDiT`, `y` = caption ids of the drawn latents (flip-aware), EMA snapshots for convergence."
-    kind, name, label = 't2i', 'train_t2i', 'T2I DiT'
+    "The DiT recipe on captions: a `T2IDiT`, `y` = caption ids of the drawn latents (flip-aware), EMA snapshots."
+    kind, name, model_label = 't2i', 'train_t2i', 'T2I DiT'
+    trainer_class = T2ITrainer
 
-    def model_args(self, cfg: T2ITrainConfig, ds: LatentDataset) -> dict:
-        args = t2i_model_args(cfg, ds.shape)
+    def build_args(self, ds: LatentDataset) -> dict:
+        args = t2i_model_args(self.cfg, ds.shape)
         self.tokens = caption_token_table(ds.run, args['context_length'])   # (2, n, L); raises for non-shapes latents
         return args
-    def trainer(self, model_args: dict, cfg: T2ITrainConfig) -> T2ITrainer: return T2ITrainer(model_args, cfg)
-    def build(self, model_args: dict) -> T2IDiT: return T2IDiT(**model_args)
-    def p_drop(self, trainer, cfg: T2ITrainConfig) -> float: return cfg.caption_dropout
-    def batch(self, ds: LatentDataset, idx, flip: Tensor) -> tuple[Tensor, Tensor]:
-        x1, _ = ds.get_batch(idx, flip)
-        return x1, self.tokens[(flip & ds.has_flips).long(), torch.as_tensor(idx)]   # (B, L): the flipped latent's caption when flipped
-    def snapshots(self, cfg: T2ITrainConfig) -> set: return set(log_spaced_steps(cfg.steps, cfg.eval_points))
-    def save(self, model: T2IDiT, folder, cfg: T2ITrainConfig) -> Path: return save_t2i(model, folder, cfg.transport())
-    def done_info(self, ds: LatentDataset) -> dict: return {}
+
+    def drop_prob(self, trainer: T2ITrainer) -> float:
+        return self.cfg.caption_dropout
+
+    def condition(self, idx: list, flip: Tensor) -> tuple[Tensor, Tensor]:
+        "(x1, y): y the caption ids (B, L), the flipped latent's caption where flipped."
+        x1, _ = self.ds.get_batch(idx, flip)
+        return x1, self.tokens[(flip & self.ds.has_flips).long(), torch.as_tensor(idx)]
+
+    def snapshot_steps(self) -> set:
+        return set(log_spaced_steps(self.cfg.steps, self.cfg.eval_points))
+
+    def save_model(self, model: T2IDiT, folder: Path) -> Path:
+        return save_t2i(model, folder, self.cfg.transport())
+
+    def done_info(self) -> dict:
+        return {}
 
 def train_t2i(cfg: T2ITrainConfig | dict, latents_dir, runs_dir=None, device=None, max_steps: int | None = None,
               progress: bool = True, fsdp: bool = False) -> Path:
     "Train (or resume) the T2I DiT of `cfg` on a `shapes` latents run; returns `runs/t2i/<hash>/` (final/ = EMA)."
     cfg = T2ITrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    return train_dit(cfg, latents_dir, runs_dir, device, max_steps, progress, fsdp, recipe=T2IRecipe())
+    return fit(T2IRecipe(cfg, latents_dir), runs_dir, device, max_steps, progress, fsdp)
+
+main = training_cli(train_t2i, T2ITrainConfig, 'Train a caption-conditioned LightningDiT on a `shapes` latents run.',
+                    inputs=(('--latents-dir', 'a runs/latents/<hash> directory of `shapes` (extract_latents)'),),
+                    fsdp_help='shard the model and its EMA (FSDP2)')
 
 # %% ../nbs/15_t2i.ipynb #136dcaed
 @torch.no_grad()
@@ -313,13 +330,6 @@ def sample_t2i(model: T2IDiT, tokens: Tensor, seed: int = 0, batch_size: int = 2
         x = sample_noise(len(y), (model.in_channels, size, size), seed, s).to(dev)    # (b, C, H, W)
         out.append(ode_sample(model, x, y, **sampler_kw).float().cpu())
     return torch.cat(out)
-
-@torch.no_grad()
-def decode_latents(tok: VTPModel, z: Tensor, stats: dict, multiplier: float = 1.0, batch_size: int = 256) -> Tensor:
-    "uint8 images (n, 3, H, W) of standardised latents `z` decoded by tokenizer `tok`."
-    dev = next(tok.parameters()).device
-    return torch.cat([to_uint8(tok.get_latents_decoded_images(destandardize(z[s:s + batch_size].to(dev), stats, multiplier)).float()).cpu()
-                      for s in range(0, len(z), batch_size)])
 
 # %% ../nbs/15_t2i.ipynb #092922db
 def eval_prompts(n: int, seed: int = 0, split: str = 'test', res: int = 32, max_scan: int | None = None) -> dict:
@@ -409,7 +419,7 @@ def t2i_metrics(tokenizer, cfg: T2IConfig | None = None, runs_dir=None, device=N
              t2i_config=cfg.to_dict(), samples=str(out.with_name(f't2i_samples_{config_hash(key)}.pt')),
              seconds=dict(latents_and_training=t1 - t0, sampling_and_metrics=t2 - t1))
     torch.save(dict(images=imgs[:keep_samples], captions=P['captions'][:keep_samples], real=real[:keep_samples]), m['samples'])
-    tmp_ = out.with_suffix('.tmp'); tmp_.write_text(json.dumps(m, indent=1, default=str)); tmp_.replace(out)
+    write_json(out, m)
     return m
 
 # %% ../nbs/15_t2i.ipynb #fbdc23f1
@@ -452,7 +462,8 @@ def t2i_point(scale: str, losses: str, seed: int = 0, step: int | None = None, r
         run = pretrain(cfg, progress=False)
         folder = export_checkpoint(run, step)
         m = t2i_metrics(folder, t, progress=progress)
-    rec = dict(scale=scale, method=cfg.losses, preset=cfg.preset, seed=seed, step=step, steps_total=cfg.steps, flops=_flops_at(run, step), point_hash=config_hash(key), config_hash=run.name,
+    rec = dict(scale=scale, method=cfg.losses, preset=cfg.preset, seed=seed, step=step, steps_total=cfg.steps, flops=flops_at(run, step),
+               point_hash=config_hash(key), config_hash=run.name,
                **{k: v for k, v in m.items() if k not in ('tokenizer', 'latents_dir', 't2i_run', 'samples')},
                samples=m['samples'])
-    return _write_record(path, rec)
+    return write_record(path, rec)

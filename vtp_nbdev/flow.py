@@ -51,13 +51,15 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
 
 def time_grid(num_steps: int, timestep_shift: float = 0.) -> Tensor:
     "The `num_steps` integration points: `linspace(0, 1, num_steps)`, shifted."
-    if num_steps < 2: raise ValueError(f"num_steps={num_steps}: the grid needs at least 2 points (num_steps - 1 steps)")
+    if num_steps < 2:
+        raise ValueError(f"num_steps={num_steps}: the grid needs at least 2 points (num_steps - 1 steps)")
     return shift_time(torch.linspace(0, 1, num_steps), timestep_shift)
 
 def guided_velocity(model: nn.Module, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float = 1.0, cfg_interval=(0., 1.),
                     guide_channels: int | None = None, null_class: int | None = None) -> Tensor:
     "Model velocity with classifier-free guidance (one batched call on [cond; uncond]) inside `cfg_interval`."
-    if cfg_scale == 1.0: return model(x, t, y)                           # (B, C, H, W)
+    if cfg_scale == 1.0:
+        return model(x, t, y)                           # (B, C, H, W)
     null = model.num_classes if null_class is None else null_class
     cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)])).chunk(2)
     k = cond.shape[1] if guide_channels is None else guide_channels
@@ -66,29 +68,38 @@ def guided_velocity(model: nn.Module, x: Tensor, t: Tensor, y: Tensor, cfg_scale
     return torch.cat([torch.where(on, g, cond[:, :k]), cond[:, k:]], dim=1)
 
 @torch.no_grad()
-def ode_sample(model: nn.Module, x: Tensor, y: Tensor, num_steps: int = 250, sampler: str = 'euler', timestep_shift: float = 0.,
-               cfg_scale: float = 1.0, cfg_interval=(0., 1.), guide_channels: int | None = None, trajectory: bool = False):
+def ode_sample(model: nn.Module, x: Tensor, y: Tensor, num_steps: int = 250, sampler: str = 'euler',
+               timestep_shift: float = 0.,
+               cfg_scale: float = 1.0, cfg_interval=(0., 1.), guide_channels: int | None = None,
+               trajectory: bool = False):
     "Integrate noise `x` (B, C, H, W) to data with labels `y`; the final state, or all grid states if `trajectory`."
-    if sampler not in SAMPLERS: raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     grid = time_grid(num_steps, timestep_shift).to(x.device)
-    f = lambda z, t: guided_velocity(model, z, torch.ones(z.shape[0], device=z.device) * t, y, cfg_scale, cfg_interval, guide_channels)
+    f = lambda z, t: guided_velocity(model, z, torch.ones(z.shape[0], device=z.device) * t, y, cfg_scale, cfg_interval,
+                                     guide_channels)
     xs = [x]
     for t0, t1 in zip(grid[:-1], grid[1:]):
         dt, v = t1 - t0, f(x, t0)
-        if sampler == 'euler': x = x + dt * v
-        else: x = x + dt * 0.5 * (v + f(x + dt * v, t1))
-        if trajectory: xs.append(x)
+        if sampler == 'euler':
+            x = x + dt * v
+        else:
+            x = x + dt * 0.5 * (v + f(x + dt * v, t1))
+        if trajectory:
+            xs.append(x)
     return xs if trajectory else x
 
 # %% ../nbs/11_flow.ipynb #c5b6ec68
 def balanced_labels(n: int, num_classes: int) -> Tensor:
     "`n` labels cycling 0, 1, ..., num_classes − 1 (class counts differ by at most one)."
-    if num_classes <= 0: raise ValueError(f"num_classes={num_classes}: class-balanced sampling needs at least one class")
+    if num_classes <= 0:
+        raise ValueError(f"num_classes={num_classes}: class-balanced sampling needs at least one class")
     return torch.arange(n) % num_classes
 
 def sample_noise(n: int, shape, seed: int = 0, start: int = 0) -> Tensor:
     "Noise (n, *shape) where sample i is drawn from a generator seeded by (seed, start + i)."
-    return torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i)) for i in range(n)])
+    gen = lambda i: torch.Generator().manual_seed(seed * 1_000_003 + start + i)
+    return torch.stack([torch.randn(*shape, generator=gen(i)) for i in range(n)])
 
 @torch.no_grad()
 def sample_latents(model: LightningDiT, n: int, labels: Tensor | None = None, seed: int = 0, batch_size: int = 256,
@@ -97,9 +108,11 @@ def sample_latents(model: LightningDiT, n: int, labels: Tensor | None = None, se
     device = get_device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
     labels = balanced_labels(n, model.num_classes) if labels is None else torch.as_tensor(labels, dtype=torch.long)
-    if len(labels) != n: raise ValueError(f"sample_latents: {len(labels)} labels for n={n} samples")
+    if len(labels) != n:
+        raise ValueError(f"sample_latents: {len(labels)} labels for n={n} samples")
     if len(bad := labels[(labels < 0) | (labels >= model.num_classes)]):
-        raise ValueError(f"sample_latents: label {bad[0].item()} is outside [0, {model.num_classes}) (the model's num_classes)")
+        raise ValueError(f"sample_latents: label {bad[0].item()} is outside [0, {model.num_classes}) "
+                         "(the model's num_classes)")
     size = model.grid * model.patch_size
     out = []
     for s in range(0, n, batch_size):
@@ -121,7 +134,7 @@ class DiTTrainConfig(PlainConfig):
     weight_decay: float = 0.0
     grad_clip: float = 0.0               # 0 = off (official)
     ema_decay: float = 0.9999
-    ema_warmup: bool = True              # decay min(ema_decay, (1+s)/(10+s)): short runs' EMA forgets the zero-init model
+    ema_warmup: bool = True   # decay min(ema_decay, (1+s)/(10+s)): short runs' EMA forgets the zero-init model
     use_lognorm: bool = True             # else t ~ U(0, 1)
     lognorm_mu: float = -0.75
     lognorm_sigma: float = 1.0
@@ -153,7 +166,8 @@ class DiTTrainConfig(PlainConfig):
     def check_model(self):
         "Clear errors for unknown presets, arguments, wrong types and impossible sizes (input size: from the latents)."
         a = dit_config(self.preset, **self.model)
-        check_dit_args({**a, 'input_size': self.model.get('input_size', a['patch_size'])}, f"{type(self).__name__}.model")
+        check_dit_args({**a, 'input_size': self.model.get('input_size', a['patch_size'])},
+                       f"{type(self).__name__}.model")
 
 
     def transport(self) -> dict:
@@ -174,7 +188,7 @@ class DiTTrainer(nn.Module):
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
 
     def loss(self, net: nn.Module, x1: Tensor, y: Tensor, t: Tensor, x0: Tensor, drop: Tensor) -> tuple[Tensor, dict]:
-        "Flow-matching loss of `net` (the model or its DDP wrapper) on data x1, labels y, times t, noise x0, label drops."
+        "Flow-matching loss of `net` (model or DDP wrapper) on data x1, labels y, times t, noise x0, label drops."
         xt, ut = linear_path(t, x0, x1)                                    # (B, C, H, W) x 2
         v = net(xt, t, y, force_drop_ids=drop)                             # (B, C, H, W)
         mse, cos = velocity_losses(v.float(), ut.float())                  # (B,) x 2
@@ -204,7 +218,7 @@ def step_draws(cfg: DiTTrainConfig, step: int, batch: int, shape, p_drop: float,
     return dict(flip=flip[sl], t=to_device(t[sl], device), drop=to_device(drop[sl], device), noise=noise[sl])
 
 def dit_accumulate(trainer: DiTTrainer, net: nn.Module, batch: dict, k: int, amp=None) -> tuple[Tensor, dict]:
-    "Forward + backward of `batch` as `k` micro-batches (rows j::k) into `.grad` (DDP syncs on the last); (loss, terms)."
+    "Forward + backward of `batch` as `k` micro-batches (rows j::k) into `.grad` (DDP syncs on the last)."
     amp, loss, terms = amp or contextlib.nullcontext(), 0., {}
     ddp = isinstance(net, nn.parallel.DistributedDataParallel)
     for j in range(k):
@@ -355,7 +369,7 @@ def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=Non
 
 # %% ../nbs/11_flow.ipynb #73c85bc1
 def shard_dit(trainer: DiTTrainer, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    "Shard the online and EMA models with FSDP2 (per block, then the rest) in place; returns `opt` rebuilt on the shards."
+    "Shard the online and EMA models with FSDP2 (per block, then the rest) in place; returns `opt` on the shards."
     from torch.distributed.fsdp import fully_shard
     old = list(trainer.model.parameters())
     for m in (trainer.model, trainer.ema):
@@ -377,7 +391,8 @@ def decode_latents(tok: VTPModel, z: Tensor, stats: dict, multiplier: float = 1.
 
 @torch.no_grad()
 def sample_images(dit_run, tokenizer, n: int = 100, cfg_scale: float = 1.0, steps: int = 250, sampler: str = 'euler',
-                  seed: int = 0, timestep_shift: float = 0.075, cfg_interval=(0., 1.), guide_channels: int | None = None,
+                  seed: int = 0, timestep_shift: float = 0.075, cfg_interval=(0., 1.),
+                  guide_channels: int | None = None,
                   labels=None, batch_size: int = 256, device=None, ema: bool = True) -> tuple[Tensor, Tensor]:
     "`n` class-balanced samples of a DiT run decoded by `tokenizer` (VTPModel or folder): (uint8 images, labels)."
     device = get_device(device)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 from .config import PlainConfig, neutral_field, get_device, seed_everything, setup_threads
-from .data import get_dataset, MemoDataset, multicrop, block_masks
+from .data import get_dataset, MemoDataset, multicrop, block_masks, DATASETS
 from .tokenizer import VTPModel, VTPPretrainModel, vtp_config, flop_counter_mode, VTP_PRESETS
 from .losses import (ClipLoss, SigLipLoss, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT, DINOLoss,
                               iBOTPatchLoss, KoLeoLoss, ReconstructionLoss, loss_weights, total_loss,
@@ -60,57 +60,92 @@ class PretrainConfig(PlainConfig):
     log_every: int = 10
     ckpt_every: int = 100                # rolling checkpoint for resume
     ckpt_log_points: int = 0             # extra checkpoints at this many log-spaced steps (scaling curves)
-    num_workers: int = neutral_field(0)  # prefetching processes: identical batches (0: collated here; not hashed while 0)
+    # prefetching processes: identical batches (0: collated here; not hashed while 0)
+    num_workers: int = neutral_field(0)
     grad_accum: int = neutral_field(1)   # micro-batches per step (same global batch; not hashed while 1)
     compile: bool = neutral_field(False) # torch.compile each transformer block (not hashed while off)
 
     def __post_init__(self):
-        for k in ('mask_ratio', 'teacher_temp', 'ema_momentum', 'betas'): setattr(self, k, tuple(getattr(self, k)))
+        for k in ('mask_ratio', 'teacher_temp', 'ema_momentum', 'betas'):
+            setattr(self, k, tuple(getattr(self, k)))
         self.validate()
 
     def validate(self):
         "Clear errors for impossible settings."
-        if self.losses not in LOSS_PRESETS: raise ValueError(f"losses={self.losses!r}; expected one of {list(LOSS_PRESETS)}")
+        if self.losses not in LOSS_PRESETS:
+            raise ValueError(f"losses={self.losses!r}; expected one of {list(LOSS_PRESETS)}")
         for k in ('steps', 'batch_clip', 'batch_ssl', 'batch_rec', 'log_every', 'ckpt_every', 'grad_accum'):
             v = getattr(self, k)
-            if not isinstance(v, int) or v <= 0: raise ValueError(f"PretrainConfig.{k}={v!r}; expected a positive integer")
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"PretrainConfig.{k}={v!r}; expected a positive integer")
         if (self.uses_ssl and self.batch_ssl > self.batch_clip) or self.batch_rec > self.batch_clip:
-            raise ValueError(f"batch_ssl={self.batch_ssl} and batch_rec={self.batch_rec} must be <= batch_clip={self.batch_clip} (subsets of the batch)")
-        if self.clip_loss not in ('softmax', 'siglip'): raise ValueError(f"clip_loss={self.clip_loss!r}; expected 'softmax' or 'siglip'")
-        if self.dino_mode not in ('centering', 'sinkhorn_knopp'): raise ValueError(f"dino_mode={self.dino_mode!r}; expected 'centering' or 'sinkhorn_knopp'")
+            raise ValueError(f"batch_ssl={self.batch_ssl} and batch_rec={self.batch_rec} must be <= "
+                             f"batch_clip={self.batch_clip} (subsets of the batch)")
+        if self.clip_loss not in ('softmax', 'siglip'):
+            raise ValueError(f"clip_loss={self.clip_loss!r}; expected 'softmax' or 'siglip'")
+        if self.dino_mode not in ('centering', 'sinkhorn_knopp'):
+            raise ValueError(f"dino_mode={self.dino_mode!r}; expected 'centering' or 'sinkhorn_knopp'")
         if {**VTP_PRESETS.get(self.preset, {}), **self.model}.get('vision_arch') == 'cnn' and self.losses != 'AE':
-            raise ValueError(f"losses={self.losses!r} needs a ViT tokenizer (CLIP and DINO/iBOT read its CLS, mask and patch tokens); "
-                             f"preset={self.preset!r} is the CNN auto-encoder (vision_arch='cnn'), which trains only with losses='AE'")
+            raise ValueError(f"losses={self.losses!r} needs a ViT tokenizer (CLIP and DINO/iBOT read its CLS, "
+                             f"mask and patch tokens); preset={self.preset!r} is the CNN auto-encoder "
+                             "(vision_arch='cnn'), which trains only with losses='AE'")
         vtp_config(self.preset, **self.model_overrides())   # raises on unknown presets / bad model fields
-        if self.grad_accum > 1: self.check_accumulation()
+        self.check_dataset()
+        if self.grad_accum > 1:
+            self.check_accumulation()
+
+    def check_dataset(self):
+        "Clear errors for unknown datasets and missing required `dataset_kwargs`."
+        if self.dataset not in DATASETS:
+            raise ValueError(f"PretrainConfig.dataset={self.dataset!r}; expected one of {list(DATASETS)}")
+        need = dict(image_text='source', image_folder='root').get(self.dataset)
+        if need and need not in self.dataset_kwargs:
+            raise ValueError(f"PretrainConfig.dataset={self.dataset!r} needs dataset_kwargs[{need!r}] "
+                             "(the data on disk)")
+
+    def data_kwargs(self) -> dict:
+        "Keyword arguments of `get_dataset`: `dataset_kwargs`, plus the run's seed for the datasets that draw with one."
+        seeded = self.dataset in ('shapes', 'fashion_mnist', 'image_folder')
+        return {'seed': self.seed, **self.dataset_kwargs} if seeded else dict(self.dataset_kwargs)
 
     def check_accumulation(self, world: int = 1):
         "Clear errors for gradient accumulation settings that cannot reproduce the full-batch step."
         k, n = self.grad_accum, self.grad_accum * world
-        subsets = ('batch_clip', *(('batch_ssl',) if self.uses_ssl else ()), *(('batch_rec',) if self.losses != 'AE' else ()))
+        subsets = ('batch_clip', *(('batch_ssl',) if self.uses_ssl else ()), *(('batch_rec',
+                                                                                ) if self.losses != 'AE' else ()))
         if bad := [f'{b}={getattr(self, b)}' for b in subsets if getattr(self, b) % n]:
-            raise ValueError(f"grad_accum={k} x world size {world}: {', '.join(bad)} must be divisible by {n} (every micro-batch takes its share of each subset)")
-        if self.weights.get('koleo', 0) > 0: raise ValueError(f"grad_accum={k} does not support the KoLeo term (nearest neighbours within the whole batch)")
+            raise ValueError(f"grad_accum={k} x world size {world}: {', '.join(bad)} must be divisible by {n} "
+                             "(every micro-batch takes its share of each subset)")
+        if self.weights.get('koleo', 0) > 0:
+            raise ValueError(f"grad_accum={k} does not support the KoLeo term "
+                             "(nearest neighbours within the whole batch)")
         if self.uses_clip and self.drop_path_main > 0:
-            raise ValueError(f"grad_accum={k} with CLIP needs drop_path_main=0: the cached features of the other micro-batches must equal their recomputation")
+            raise ValueError(f"grad_accum={k} with CLIP needs drop_path_main=0: the cached features of the other "
+                             "micro-batches must equal their recomputation")
 
     @property
-    def weights(self) -> dict: return loss_weights(self.losses, **self.loss_weights)
+    def weights(self) -> dict:
+        return loss_weights(self.losses, **self.loss_weights)
     @property
-    def uses_clip(self) -> bool: return self.weights['clip'] > 0
+    def uses_clip(self) -> bool:
+        return self.weights['clip'] > 0
     @property
-    def uses_ssl(self) -> bool: return self.weights['ssl'] > 0
+    def uses_ssl(self) -> bool:
+        return self.weights['ssl'] > 0
 
     def model_overrides(self) -> dict:
         "Model fields implied by the losses (no text tower without CLIP) plus the user's overrides."
         w = loss_weights(self.losses, **self.loss_weights)
-        siglip = dict(init_logit_scale=SIGLIP_LOGIT_SCALE_INIT, init_logit_bias=SIGLIP_LOGIT_BIAS_INIT) if self.clip_loss == 'siglip' else {}
+        siglip = dict(init_logit_scale=SIGLIP_LOGIT_SCALE_INIT,
+                      init_logit_bias=SIGLIP_LOGIT_BIAS_INIT) if self.clip_loss == 'siglip' else {}
         return {'train_clip': w['clip'] > 0, **siglip, **self.model}
 
 # %% ../nbs/05_pretrain.ipynb #97e3c9a0
-def cosine_schedule(step: int, total: int, start: float, end: float, warmup: int = 0, warmup_start: float = 0.) -> float:
+def cosine_schedule(step: int, total: int, start: float, end: float, warmup: int = 0,
+                    warmup_start: float = 0.) -> float:
     "Linear warm-up from `warmup_start` to `start` over `warmup` steps, then cosine from `start` to `end`."
-    if step < warmup: return warmup_start + (start - warmup_start) * step / warmup
+    if step < warmup:
+        return warmup_start + (start - warmup_start) * step / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -126,7 +161,7 @@ def indices_on(mask: torch.Tensor, device) -> torch.Tensor:
     return mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
 
 def masked_tokens(tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    "The tokens (B, N, D) where `masks` (B, N) is True, as (M, D) in row-major order (boolean indexing without its sync)."
+    "The tokens (B, N, D) where `masks` (B, N) is True, as (M, D) in row-major order (no host sync)."
     return tokens.flatten(0, 1).index_select(0, indices_on(masks, tokens.device))     # (M, D)
 
 # %% ../nbs/05_pretrain.ipynb #963fa668
@@ -145,7 +180,8 @@ class VTPPretrainer(nn.Module):
         self.rec_loss = ReconstructionLoss(cfg.lpips_path, perceptual_weight=1.0 if cfg.lpips_path else 0.0)
 
     @property
-    def model(self) -> VTPModel: return self.net.model
+    def model(self) -> VTPModel:
+        return self.net.model
 
     def forward(self, batch: dict, step: int, micro: MicroBatch | None = None):
         cfg, m, terms = self.cfg, self.net.model, {}
@@ -164,8 +200,11 @@ class VTPPretrainer(nn.Module):
         p = m.config.vision_patch_size
         z = m.tokens_to_latents(patch[:b_rec], (images.shape[-2] // p, images.shape[-1] // p))   # (b_rec, d, h, w)
         terms['rec'] = self.rec_loss(m.get_latents_decoded_images(z), images[:b_rec])
-        if cfg.uses_ssl: terms.update(self.ssl_terms(images[:b_ssl], step) if micro is None else self.ssl_student(micro.ssl_targets()))
-        if micro is not None: terms = {k: v if k == 'clip' else v / micro.k for k, v in terms.items()}   # means over the whole batch
+        if cfg.uses_ssl:
+            terms.update(self.ssl_terms(images[:b_ssl],
+                                        step) if micro is None else self.ssl_student(micro.ssl_targets()))
+        if micro is not None:
+            terms = {k: v if k == 'clip' else v / micro.k for k, v in terms.items()}   # means over the whole batch
         total = total_loss(terms, self.weights)
         return total, {k: v.detach() for k, v in terms.items()}
 
@@ -180,19 +219,21 @@ class VTPPretrainer(nn.Module):
     def ssl_targets(self, images, step) -> dict:
         "Multi-crops and iBOT masks of `images` with the EMA teacher's DINO and iBOT targets (no gradient)."
         cfg, net, m = self.cfg, self.net, self.net.model
-        rank, world = rank_world()                                                 # draws for the global batch, our rows kept
+        rank, world = rank_world()   # draws for the global batch, our rows kept
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         crops = multicrop(images, 2, cfg.n_local_crops, m.config.vision_patch_size, generator=g, rank=rank, world=world)
         glob, loc = torch.cat(crops[:2]), crops[2:]                                # (2b, 3, H, W), [(b, 3, l, l)]
         b = images.shape[0]
-        gh = glob.shape[-2] // m.config.vision_patch_size; gw = glob.shape[-1] // m.config.vision_patch_size
+        gh = glob.shape[-2] // m.config.vision_patch_size
+        gw = glob.shape[-1] // m.config.vision_patch_size
         masks = block_masks(2 * b * world, (gh, gw), cfg.mask_ratio, cfg.mask_prob, generator=g)           # (2bW, N)
-        masks = masks.view(2, b * world, -1)[:, rank::world].reshape(2 * b, -1)                          # (2b, N), on the CPU
+        masks = masks.view(2, b * world, -1)[:, rank::world].reshape(2 * b, -1)   # (2b, N), on the CPU
         temp = step_schedules(cfg, step)['teacher_temp']
         with torch.no_grad():
             t_cls, t_patch = net.teacher.trunk.forward_features(glob)              # (2b, D), (2b, N, D)
             t_sem = lambda t: t if m.config.vision_bottleneck_ae_only else net.teacher.trunk.bottleneck(t)
-            t_logits = net.teacher.dino_head(t_sem(torch.cat([t_cls, masked_tokens(t_patch, masks)])))   # (2b + M, K): one head call
+            # (2b + M, K): one head call
+            t_logits = net.teacher.dino_head(t_sem(torch.cat([t_cls, masked_tokens(t_patch, masks)])))
             t_cls_logits, t_patch_logits = t_logits[:2 * b], t_logits[2 * b:]     # (2b, K), (M, K)
             pd = self._teacher(self.dino_loss, t_cls_logits.view(2, b, -1), temp)  # (2, b, K)
             pi = self._teacher(self.ibot_loss, t_patch_logits, temp)               # (M, K)
@@ -203,20 +244,26 @@ class VTPPretrainer(nn.Module):
         cfg, net, m = self.cfg, self.net, self.net.model
         glob, loc, masks, pd, pi = t['glob'], t['loc'], t['masks'], t['pd'], t['pi']
         m.trunk.set_drop_path(cfg.drop_path_ssl)
-        s_cls, s_patch = m.forward_features(glob, masks.to(glob.device, non_blocking=True))   # student on masked global crops
-        cls = [s_cls] + ([m.forward_features(torch.cat(loc))[0]] if loc else [])   # (2b, D) + (n_local*b, D): one pass for all local crops
+        # student on masked global crops
+        s_cls, s_patch = m.forward_features(glob, masks.to(glob.device, non_blocking=True))
+        # (2b, D) + (n_local*b, D): one pass for all local crops
+        cls = [s_cls] + ([m.forward_features(torch.cat(loc))[0]] if loc else [])
         s_tok = torch.cat(cls + [masked_tokens(s_patch, masks)])                  # (2b + n_local*b + M, D)
         s_out = net.dino_head(m.semantic_features(s_tok))                         # one head call for DINO and iBOT
         n_cls = sum(c.shape[0] for c in cls)
         s_logits = s_out[:n_cls].chunk(2 + len(loc))                               # (2 + n_local) x (b, K)
         out = dict(dino=self.dino_loss(list(s_logits), list(pd)))
-        if masks.any(): out['ibot'] = self.ibot_loss(s_out[n_cls:], pi, masks)     # masks on the CPU: no host sync
-        else: out['ibot'] = s_patch.sum() * 0                                      # no masked token in this batch
-        if self.koleo_loss is not None: out['koleo'] = sum(self.koleo_loss(c) for c in s_cls.chunk(2)) / 2
+        if masks.any():
+            out['ibot'] = self.ibot_loss(s_out[n_cls:], pi, masks)     # masks on the CPU: no host sync
+        else:
+            out['ibot'] = s_patch.sum() * 0                                      # no masked token in this batch
+        if self.koleo_loss is not None:
+            out['koleo'] = sum(self.koleo_loss(c) for c in s_cls.chunk(2)) / 2
         return out
 
     def _teacher(self, loss, logits, temp):
-        return loss.teacher_probs(logits, temp, mode=self.cfg.dino_mode, update_center=self.cfg.dino_mode == 'centering')
+        return loss.teacher_probs(logits, temp, mode=self.cfg.dino_mode,
+                                  update_center=self.cfg.dino_mode == 'centering')
 
 # %% ../nbs/05_pretrain.ipynb #c536b478
 def _grad_scaled(x: torch.Tensor, w: float) -> torch.Tensor:
@@ -244,7 +291,7 @@ class MicroBatch:
         keep = torch.arange(b) % k == j                                             # (b,), on the CPU like the masks
         rows = keep.repeat(2)                                                       # (2b,): both global crops
         tok_rows = t['masks'].nonzero()[:, 0]                                       # (M,): the row of each masked token
-        on = lambda i: indices_on(i, t['glob'].device)                              # bool (CPU) -> indices on the device
+        on = lambda i: indices_on(i, t['glob'].device)   # bool (CPU) -> indices on the device
         return dict(glob=t['glob'][on(rows)], loc=[l[on(keep)] for l in t['loc']], masks=t['masks'][rows],
                     pd=t['pd'][:, on(keep)], pi=t['pi'][on(rows[tok_rows])])
 
@@ -259,21 +306,27 @@ def micro_batches(trainer: VTPPretrainer, batch: dict, step: int, k: int) -> lis
         m.trunk.set_drop_path(cfg.drop_path_main)
         cls, patch = m.forward_features(images)                                     # (B, D), (B, N, D)
         clip = (m.clip_image_feature_from_tokens(cls, patch), m.get_clip_text_feature(tokens))
-    if cfg.uses_ssl: ssl = trainer.ssl_targets(images[:max(2, B * cfg.batch_ssl // cfg.batch_clip)], step)
+    if cfg.uses_ssl:
+        ssl = trainer.ssl_targets(images[:max(2, B * cfg.batch_ssl // cfg.batch_clip)], step)
     return [MicroBatch(j, k, clip, ssl) for j in range(k)]
 
-def accumulate_grads(trainer: VTPPretrainer, batch: dict, step: int, k: int, ddp: nn.Module | None = None, amp=None) -> tuple:
-    "Forward + backward of `batch` as `k` micro-batches into `.grad` (DDP syncs on the last); (loss, terms) of the batch."
+def accumulate_grads(trainer: VTPPretrainer, batch: dict, step: int, k: int, ddp: nn.Module | None = None,
+                     amp=None) -> tuple:
+    "Forward + backward of `batch` as `k` micro-batches into `.grad` (DDP syncs on the last); (loss, terms)."
     ddp, amp = ddp or trainer, amp or contextlib.nullcontext()
-    with amp: micro = trainer.micro_batches(batch, step, k)
+    with amp:
+        micro = trainer.micro_batches(batch, step, k)
     terms = {}
     for mb in micro:
         part = {key: v[mb.j::k] for key, v in batch.items()}
-        sync = ddp.no_sync() if mb.j < k - 1 and isinstance(ddp, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+        defer_sync = mb.j < k - 1 and isinstance(ddp, nn.parallel.DistributedDataParallel)
+        sync = ddp.no_sync() if defer_sync else contextlib.nullcontext()
         with sync:
-            with amp: loss, t = ddp(part, step, mb)
+            with amp:
+                loss, t = ddp(part, step, mb)
             loss.backward()
-        for name, v in t.items(): terms[name] = v if name == 'clip' else terms.get(name, 0) + v   # clip: the whole batch's value
+        for name, v in t.items():
+            terms[name] = v if name == 'clip' else terms.get(name, 0) + v   # clip: the whole batch's value
     return total_loss(terms, trainer.weights).detach(), terms
 
 # %% ../nbs/05_pretrain.ipynb #efe542c8
@@ -283,7 +336,8 @@ def count_step_flops(trainer: VTPPretrainer, batch: dict, step: int = 0) -> int:
     with flop_counter_mode() as fc:
         loss, _ = trainer(batch, step)
         loss.backward()
-    trainer.zero_grad(set_to_none=True); trainer.load_state_dict(state)
+    trainer.zero_grad(set_to_none=True)
+    trainer.load_state_dict(state)
     return int(fc.get_total_flops())
 
 # %% ../nbs/05_pretrain.ipynb #2d740075
@@ -302,7 +356,7 @@ def run_dir_for(cfg: PretrainConfig, runs_dir=None) -> Path:
     return run_dir('tokenizer', cfg.to_dict(), runs_dir)
 
 def load_batch(ds, idx: list, device) -> dict:
-    "Collate the samples `idx` of `ds` and move the tensors to `device` (CUDA: from pinned memory, without a host sync)."
+    "Collate the samples `idx` of `ds` and move the tensors to `device` (CUDA: pinned memory, no host sync)."
     return batch_to(torch.utils.data.default_collate([ds[i] for i in idx]), device)
 
 def step_batches(ds, indices, num_workers: int, device):
@@ -316,7 +370,7 @@ def step_batches(ds, indices, num_workers: int, device):
 
 # %% ../nbs/05_pretrain.ipynb #011e3574
 def compile_blocks(module: nn.Module) -> int:
-    "`torch.compile` every member of every `nn.ModuleList` of `module` in place (its transformer blocks); returns how many."
+    "`torch.compile` in place every member of every `nn.ModuleList` of `module` (its blocks); returns how many."
     blocks = [b for m in module.modules() if isinstance(m, nn.ModuleList) for b in m]
     for b in blocks:
         b.compile()
@@ -324,7 +378,7 @@ def compile_blocks(module: nn.Module) -> int:
 
 # %% ../nbs/05_pretrain.ipynb #b367e887
 def shard_tokenizer(trainer: VTPPretrainer, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    "Shard `trainer` with FSDP2 in place (blocks, then the rest; 0-d parameters as `(1,)`); returns `opt` on the shards."
+    "Shard `trainer` with FSDP2 in place (blocks, then the rest; 0-d parameters as `(1,)`); returns `opt` sharded."
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     old = list(trainer.parameters())
     trainer._fsdp_shapes = {}
@@ -339,7 +393,7 @@ def shard_tokenizer(trainer: VTPPretrainer, opt: torch.optim.Optimizer) -> torch
     for b in reversed(units):                                             # reversed pre-order: children before parents
         fully_shard(b)
     fully_shard(trainer)
-    register_fsdp_forward_method(trainer, 'micro_batches')              # gradient accumulation runs it outside `forward`
+    register_fsdp_forward_method(trainer, 'micro_batches')   # gradient accumulation runs it outside `forward`
     return shard_optimizer(opt, old, list(trainer.parameters()))
 
 # %% ../nbs/05_pretrain.ipynb #3e9bd125
@@ -359,7 +413,7 @@ class PretrainRecipe(Recipe):
             cfg.check_accumulation(world)
         mc = vtp_config(cfg.preset, **cfg.model_overrides())
         ds = get_dataset(cfg.dataset, 'train', res=mc.image_size, patch_size=mc.vision_patch_size,
-                         context_length=mc.text_context_length, **{'seed': cfg.seed, **cfg.dataset_kwargs})
+                         context_length=mc.text_context_length, **cfg.data_kwargs())
         self.ds = MemoDataset(ds)
 
     def trainer(self) -> VTPPretrainer:
@@ -427,7 +481,8 @@ class PretrainRecipe(Recipe):
         final.save_pretrained(run/'final')
         return dict(perceptual_loss=trainer.rec_loss.perceptual_enabled)
 
-def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: int | None = None, progress: bool = True,
+def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: int | None = None,
+             progress: bool = True,
              fsdp: bool = False) -> Path:
     "Train (or resume) the tokenizer run of `cfg`; returns its run directory. `max_steps` stops early; `fsdp` shards."
     cfg = PretrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
@@ -475,7 +530,7 @@ def finetune_decoder_gan(run, cfg: GANFinetuneConfig | None = None, device=None,
     c = model.config
     ds = get_dataset(pcfg.dataset, 'train', res=c.image_size, patch_size=c.vision_patch_size,
                      context_length=c.text_context_length if c.train_clip else 77,
-                     **{'seed': pcfg.seed, **pcfg.dataset_kwargs})
+                     **pcfg.data_kwargs())
     last = model.pixel_decoder.proj_out.weight
     rows = []
     for step in tqdm(range(cfg.steps), disable=not progress, desc='stage-2 GAN'):

@@ -27,7 +27,8 @@ from .flow import (DiTTrainConfig, DiTTrainer, DiTRecipe, dit_run_dir, ode_sampl
                             guided_velocity, decode_latents)
 from .fid import attribute_accuracy, fidelity_metrics, REF_RES, ATTRIBUTE_VALUES
 from .pretrain import pretrain
-from .scaling import scaling_config, point_key, results_dir, run_lock, export_checkpoint, write_record, flops_at
+from .scaling import (scaling_config, point_key, results_dir, run_lock, export_checkpoint, write_record,
+                               flops_at)
 
 # %% auto #0
 __all__ = ['NULL_CAPTION', 'TEXT_ARGS', 'TEXT_DEFAULTS', 'main', 'T2I_SCALE_SETTINGS', 'T2I_POINTS', 'flip_caption',
@@ -37,7 +38,7 @@ __all__ = ['NULL_CAPTION', 'TEXT_ARGS', 'TEXT_DEFAULTS', 'main', 'T2I_SCALE_SETT
            't2i_metrics', 't2i_settings', 't2i_param_count', 't2i_point']
 
 # %% ../nbs/15_t2i.ipynb #0bf73e05
-NULL_CAPTION = -1                      # a token row of -1 = the null (empty) caption; `model.num_classes` of a T2I model
+NULL_CAPTION = -1   # a token row of -1 = the null (empty) caption; `model.num_classes` of a T2I model
 _LR = re.compile(r'\b(left|right)\b')
 
 def flip_caption(caption: str) -> str:
@@ -52,16 +53,19 @@ def flip_attributes(attrs: dict) -> dict:
 def _shapes_source(latents_dir) -> dict:
     "The `shapes` split/seed/size of a latents run (clear error for other datasets: captions need the generator)."
     p = Path(latents_dir)/'config.json'
-    if not p.is_file(): raise FileNotFoundError(f"{latents_dir}: no config.json (not a latents run from extract_latents)")
+    if not p.is_file():
+        raise FileNotFoundError(f"{latents_dir}: no config.json (not a latents run from extract_latents)")
     c = json.loads(p.read_text())
     if c['dataset'] != 'shapes':
         raise ValueError(f"{latents_dir}: latents of dataset {c['dataset']!r}; the text-to-image metrics need `shapes` "
                          "(captions rebuilt from sample indices, attribute labels read by its reference network)")
     done = Path(latents_dir)/'done.json'
-    if not done.is_file(): raise FileNotFoundError(f"{latents_dir}: no done.json (an unfinished latents run)")
+    if not done.is_file():
+        raise FileNotFoundError(f"{latents_dir}: no done.json (an unfinished latents run)")
     tok = Path(json.loads(done.read_text())['tokenizer_folder'])/'config.json'
-    if not tok.is_file(): raise FileNotFoundError(f"{latents_dir}: its tokenizer {tok.parent} is gone; the image size (which the "
-                                                  "captions depend on: the generator draws the caption after the pixels) is unknown")
+    if not tok.is_file():
+        raise FileNotFoundError(f"{latents_dir}: its tokenizer {tok.parent} is gone; the image size (which the "
+                                "captions depend on: the generator draws the caption after the pixels) is unknown")
     return dict(split=c['split'], seed=int(c['dataset_kwargs'].get('seed', 0)), flips=c['flips'],
                 res=int(json.loads(tok.read_text())['image_size']))
 
@@ -69,12 +73,13 @@ def latents_captions(latents_dir) -> dict:
     "Captions of a `shapes` latents run by latent index: `captions`, `flipped` (left/right swapped), `attrs`."
     src, ds = _shapes_source(latents_dir), LatentDataset(latents_dir, standardize=False)
     off = SPLIT_OFFSETS[src['split']]
-    samples = [shapes_sample(off + i, src['seed'], src['res'])[1:] for i in range(len(ds))]   # the caption is drawn after the pixels: same res
+    # the caption is drawn after the pixels: same res
+    samples = [shapes_sample(off + i, src['seed'], src['res'])[1:] for i in range(len(ds))]
     labels = torch.tensor([s[1] for s in samples])
     if not torch.equal(labels, ds.labels):
         bad = int((labels != ds.labels).nonzero()[0])
-        raise RuntimeError(f"{latents_dir}: stored label {int(ds.labels[bad])} of latent {bad} differs from shapes sample "
-                           f"{off + bad} (label {int(labels[bad])}): the latents are not in dataset-index order")
+        raise RuntimeError(f"{latents_dir}: stored label {int(ds.labels[bad])} of latent {bad} differs from shapes "
+                           f"sample {off + bad} (label {int(labels[bad])}): the latents are not in dataset-index order")
     caps = [s[0] for s in samples]
     return dict(captions=caps, flipped=[flip_caption(c) for c in caps], attrs=[s[2] for s in samples])
 
@@ -83,10 +88,13 @@ class MaskedAttention(Attention):
     "`dit.Attention` (fused qkv, optional RoPE) with a key padding mask (B, N), True = attend."
     def forward(self, x: Tensor, rope: nn.Module | None = None, mask: Tensor | None = None) -> Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
+        # (B, H, N, Dh)
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None: q, k = rope(q), rope(k)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])  # (B, H, N, Dh)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        # (B, H, N, Dh)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
         return self.proj(x.transpose(1, 2).reshape(B, N, C))            # (B, N, D)
 
 class TextBlock(nn.Module):
@@ -103,20 +111,25 @@ class TextBlock(nn.Module):
 
 class TextEncoder(nn.Module):
     "BPE ids (B, L) -> token features (B, L, W), key mask (B, L) (pad id 0 masked) and mean-pooled (B, W)."
-    def __init__(self, width: int = 64, depth: int = 2, heads: int = 4, context_length: int = 32, vocab_size: int = 49408):
+    def __init__(self, width: int = 64, depth: int = 2, heads: int = 4, context_length: int = 32,
+                 vocab_size: int = 49408):
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.zeros(context_length, width))
         self.blocks = nn.ModuleList([TextBlock(width, heads) for _ in range(depth)])
         self.norm = RMSNorm(width, eps=1e-6)
-        nn.init.normal_(self.token_embedding.weight, std=0.02); nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
         for m in self.blocks.modules():
-            if isinstance(m, nn.Linear): nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mask = tokens != 0                                               # (B, L)
         x = self.token_embedding(tokens) + self.positional_embedding    # (B, L, W)
-        for b in self.blocks: x = b(x, mask)
+        for b in self.blocks:
+            x = b(x, mask)
         x = self.norm(x)                                                 # (B, L, W)
         pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)   # (B, W)
         return x, mask, pooled
@@ -126,7 +139,8 @@ class CrossAttention(nn.Module):
     "Image tokens (B, N, D) attend to text tokens (B, L, W) (qk RMSNorm, key padding mask)."
     def __init__(self, dim: int, num_heads: int, ctx_dim: int):
         super().__init__()
-        if dim % num_heads: raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(ctx_dim, 2 * dim), nn.Linear(dim, dim)
         self.q_norm, self.k_norm = RMSNorm(self.head_dim, eps=1e-6), RMSNorm(self.head_dim, eps=1e-6)
@@ -134,13 +148,16 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, ctx: Tensor, mask: Tensor | None = None) -> Tensor:
         B, N, D = x.shape
         q = self.q_norm(self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2))            # (B, H, N, Dh)
-        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, Dh)
-        x = F.scaled_dot_product_attention(q, self.k_norm(k), v, attn_mask=None if mask is None else mask[:, None, None, :])
+        # (B, H, L, Dh)
+        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, self.k_norm(k), v, attn_mask=None if mask is None else mask[:, None, None,
+                                                                                                          :])
         return self.proj(x.transpose(1, 2).reshape(B, N, D))             # (B, N, D)
 
 class T2IBlock(LightningDiTBlock):
     "A `LightningDiTBlock` preceded by cross-attention to the caption: `x + xattn(norm(x), text)` then the block."
-    def __init__(self, hidden_size: int, num_heads: int, text_width: int, mlp_ratio: float = 4.0, use_qknorm: bool = False,
+    def __init__(self, hidden_size: int, num_heads: int, text_width: int, mlp_ratio: float = 4.0,
+                 use_qknorm: bool = False,
                  use_swiglu: bool = False, use_rmsnorm: bool = False, wo_shift: bool = False):
         super().__init__(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift)
         self.norm_cross = RMSNorm(hidden_size, eps=1e-6) if use_rmsnorm else nn.LayerNorm(hidden_size, eps=1e-6)
@@ -152,7 +169,8 @@ class T2IBlock(LightningDiTBlock):
         return super().forward(x, c, feat_rope)                          # (B, N, D)
 
 # %% ../nbs/15_t2i.ipynb #c87794f1
-TEXT_ARGS = ('text_width', 'text_depth', 'text_heads', 'context_length', 'vocab_size', 'text_seed', 'caption_dropout_prob')
+TEXT_ARGS = ('text_width', 'text_depth', 'text_heads', 'context_length', 'vocab_size', 'text_seed',
+             'caption_dropout_prob')
 
 def _null_tokens(context_length: int) -> Tensor:
     "The BPE ids of the empty caption, `[SOT, EOT, 0, ...]` (built without `tokenize`, so it works on the meta device)."
@@ -166,18 +184,22 @@ class T2IDiT(LightningDiT):
         if bad := sorted(set(dit_args) - set(DIT_ARGS) | set(dit_args) & {'num_classes', 'class_dropout_prob'}):
             raise ValueError(f"T2IDiT: unexpected arguments {bad} (no class labels: the caption is the condition; "
                              f"caption_dropout_prob replaces class_dropout_prob)")
-        if context_length < 2 or text_width % text_heads: raise ValueError(
-            f"T2IDiT: context_length={context_length} (>= 2) and text_width={text_width} divisible by text_heads={text_heads} required")
+        if context_length < 2 or text_width % text_heads:
+            raise ValueError(f"T2IDiT: context_length={context_length} (>= 2) and text_width={text_width} divisible "
+                             f"by text_heads={text_heads} required")
         super().__init__(**dit_args, num_classes=1, class_dropout_prob=0.)
         self.t2i_config = dict({k: v for k, v in self.config.items() if k not in ('num_classes', 'class_dropout_prob')},
-                               text_width=text_width, text_depth=text_depth, text_heads=text_heads, context_length=context_length,
+                               text_width=text_width, text_depth=text_depth, text_heads=text_heads,
+                               context_length=context_length,
                                vocab_size=vocab_size, text_seed=text_seed, caption_dropout_prob=caption_dropout_prob)
         a = self.t2i_config
         self.y_embedder = None                                           # no label table
-        self.num_classes = NULL_CAPTION                                  # guided_velocity's unconditional half: rows of -1
-        self.caption_dropout_prob, self.context_length, self.vocab_size = caption_dropout_prob, context_length, vocab_size
+        self.num_classes = NULL_CAPTION   # guided_velocity's unconditional half: rows of -1
+        self.caption_dropout_prob = caption_dropout_prob
+        self.context_length, self.vocab_size = context_length, vocab_size
         D = a['hidden_size']
-        self.blocks = nn.ModuleList([T2IBlock(D, a['num_heads'], text_width, a['mlp_ratio'], a['use_qknorm'], a['use_swiglu'],
+        self.blocks = nn.ModuleList([T2IBlock(D, a['num_heads'], text_width, a['mlp_ratio'], a['use_qknorm'],
+                                              a['use_swiglu'],
                                               a['use_rmsnorm'], a['wo_shift']) for _ in range(a['depth'])])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(text_seed)
@@ -185,21 +207,28 @@ class T2IDiT(LightningDiT):
         self.text_pool = nn.Linear(text_width, D)                          # pooled caption -> adaLN condition
         self.register_buffer('null_tokens', _null_tokens(context_length), persistent=False)
         for m in self.blocks.modules():
-            if isinstance(m, nn.Linear): nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
-        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [b.cross_attn.proj for b in self.blocks] + [self.text_pool]:
-            nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)               # adaLN-Zero; caption paths start closed
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        zeroed = [b.adaLN_modulation[-1] for b in self.blocks] + [b.cross_attn.proj for b in self.blocks]
+        for m in zeroed + [self.text_pool]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)               # adaLN-Zero; caption paths start closed
 
     def caption_tokens(self, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
-        "Token ids (B, L) with null rows (all −1), forced drops and training-time dropout replaced by the empty caption."
+        "Token ids (B, L) with null rows (all −1), forced drops and training dropout replaced by the empty caption."
         if y.dim() != 2 or y.shape[1] != self.context_length or y.dtype != torch.long:
             raise ValueError(f"T2IDiT: captions must be int64 token ids (B, {self.context_length}) from "
                              f"vtp_nbdev.data.tokenize(..., {self.context_length}); got {tuple(y.shape)} {y.dtype}")
         drop = (y == NULL_CAPTION).all(1)
-        if force_drop_ids is not None: drop = drop | (force_drop_ids == 1)
-        elif self.training and self.caption_dropout_prob > 0: drop = drop | (torch.rand(len(y), device=y.device) < self.caption_dropout_prob)
+        if force_drop_ids is not None:
+            drop = drop | (force_drop_ids == 1)
+        elif self.training and self.caption_dropout_prob > 0:
+            drop = drop | (torch.rand(len(y), device=y.device) < self.caption_dropout_prob)
         y = torch.where(drop[:, None], self.null_tokens, y)
         if (y < 0).any() or (y >= self.vocab_size).any():
-            raise ValueError(f"T2IDiT: token ids outside [0, {self.vocab_size}) (only whole rows of {NULL_CAPTION} mean the null caption)")
+            raise ValueError(f"T2IDiT: token ids outside [0, {self.vocab_size}) (only whole rows of {NULL_CAPTION} "
+                             "mean the null caption)")
         return y
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
@@ -210,7 +239,8 @@ class T2IDiT(LightningDiT):
         for block in self.blocks:
             if self.use_checkpoint and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, c, self.feat_rope, ctx, mask, use_reentrant=False)
-            else: x = block(x, c, self.feat_rope, ctx, mask)             # (B, T, D)
+            else:
+                x = block(x, c, self.feat_rope, ctx, mask)             # (B, T, D)
         x = self.unpatchify(self.final_layer(x, c))                       # (B, out_C, H, W)
         return x[:, :self.in_channels] if self.learn_sigma else x
 
@@ -259,7 +289,7 @@ def save_t2i(model: T2IDiT, folder, transport: dict | None = None, weights: str 
     return folder
 
 def load_t2i(folder, weights='model.safetensors', device='cpu') -> tuple[T2IDiT, dict]:
-    "A saved T2IDiT (strict keys; `weights` a file name in `folder` or a path) in eval mode, and its transport settings."
+    "A saved T2IDiT (strict keys; `weights` a file name in `folder` or a path) in eval mode, and its transport."
     folder = Path(folder)
     if not (folder/'config.json').is_file():
         raise FileNotFoundError(f"T2I model folder {folder}: missing config.json")
@@ -318,6 +348,9 @@ main = training_cli(train_t2i, T2ITrainConfig, 'Train a caption-conditioned Ligh
                     inputs=(('--latents-dir', 'a runs/latents/<hash> directory of `shapes` (extract_latents)'),),
                     fsdp_help='shard the model and its EMA (FSDP2)')
 
+if __name__ == '__main__' and '__file__' in globals():
+    raise SystemExit(main())
+
 # %% ../nbs/15_t2i.ipynb #136dcaed
 @torch.no_grad()
 def sample_t2i(model: T2IDiT, tokens: Tensor, seed: int = 0, batch_size: int = 256, **sampler_kw) -> Tensor:
@@ -333,8 +366,9 @@ def sample_t2i(model: T2IDiT, tokens: Tensor, seed: int = 0, batch_size: int = 2
 
 # %% ../nbs/15_t2i.ipynb #092922db
 def eval_prompts(n: int, seed: int = 0, split: str = 'test', res: int = 32, max_scan: int | None = None) -> dict:
-    "`n` attribute-balanced `shapes` prompts of `split`: indices, captions, attrs and the real images (n, 3, res, res) uint8."
-    if n <= 0: raise ValueError(f"eval_prompts: n={n}; expected a positive number of prompts")
+    "`n` attribute-balanced `shapes` prompts of `split`: indices, captions, attrs, real images (n, 3, res, res) uint8."
+    if n <= 0:
+        raise ValueError(f"eval_prompts: n={n}; expected a positive number of prompts")
     quota = {k: math.ceil(n / len(v)) for k, v in ATTRIBUTE_VALUES.items()}
     counts = {k: {v: 0 for v in vals} for k, vals in ATTRIBUTE_VALUES.items()}
     off, picked = SPLIT_OFFSETS[split], []
@@ -342,16 +376,21 @@ def eval_prompts(n: int, seed: int = 0, split: str = 'test', res: int = 32, max_
         a = shapes_attributes(np.random.default_rng([seed, off + i]))     # what shapes_sample draws first
         if all(counts[k][a[k]] < quota[k] for k in quota):
             picked.append(i)
-            for k in quota: counts[k][a[k]] += 1
-            if len(picked) == n: break
-    else: raise RuntimeError(f"eval_prompts: found only {len(picked)} balanced prompts of {n} in the first {i + 1} samples")
+            for k in quota:
+                counts[k][a[k]] += 1
+            if len(picked) == n:
+                break
+    else:
+        raise RuntimeError(f"eval_prompts: found only {len(picked)} balanced prompts of {n} in the first {i + 1} "
+                           "samples")
     s = [shapes_sample(off + i, seed, res) for i in picked]
     return dict(indices=picked, captions=[x[1] for x in s], attrs=[x[3] for x in s],
                 images=torch.stack([torch.from_numpy(x[0]).permute(2, 0, 1) for x in s]))
 
 def _ref_res(imgs: Tensor) -> Tensor:
     "uint8 images at the reference network's resolution (area-downsampled when larger)."
-    if imgs.shape[-1] == REF_RES: return imgs
+    if imgs.shape[-1] == REF_RES:
+        return imgs
     return F.interpolate(imgs.float(), size=(REF_RES, REF_RES), mode='area').round().clamp(0, 255).to(torch.uint8)
 
 # %% ../nbs/15_t2i.ipynb #dcab07fa
@@ -359,8 +398,9 @@ def _ref_res(imgs: Tensor) -> Tensor:
 class T2IConfig(PlainConfig):
     "The text-to-image measurement of one tokenizer: latents, T2I DiT training, fixed prompts, sampler, metrics."
     dataset: str = 'shapes'
-    n_latents: int = 10_000              # training images encoded (+ flips); same as the class-conditional proxy: shared
-    train: dict = field(default_factory=lambda: dict(preset='S', steps=1500, batch=64, lr=1e-3, ema_decay=0.999, log_every=100, ckpt_every=500))
+    n_latents: int = 10_000   # training images encoded (+ flips); same as the class-conditional proxy: shared
+    train: dict = field(default_factory=lambda: dict(preset='S', steps=1500, batch=64, lr=1e-3, ema_decay=0.999,
+                                                     log_every=100, ckpt_every=500))
     text: dict = field(default_factory=lambda: dict(TEXT_DEFAULTS))
     caption_dropout: float = 0.1
     eval_points: int = 2                 # T2I training checkpoints scored (log-spaced; convergence)
@@ -373,25 +413,28 @@ class T2IConfig(PlainConfig):
 
     def train_config(self) -> T2ITrainConfig:
         "The T2I DiT training config (seeded by `seed`)."
-        return T2ITrainConfig.from_dict({'seed': self.seed, **self.train, 'text': dict(self.text), 'caption_dropout': self.caption_dropout,
+        return T2ITrainConfig.from_dict({'seed': self.seed, **self.train, 'text': dict(self.text),
+                                         'caption_dropout': self.caption_dropout,
                                          'eval_points': self.eval_points})
 
 def t2i_metrics(tokenizer, cfg: T2IConfig | None = None, runs_dir=None, device=None, progress: bool = True,
                 keep_samples: int = 16) -> dict:
-    "Prompt following and FD of a tokenizer (VTP folder or run): latents -> T2I DiT -> fixed prompts -> reference network."
+    "Prompt following and FD of a tokenizer (folder or run): latents -> T2I DiT -> fixed prompts -> reference network."
     cfg = cfg or T2IConfig()
     if cfg.dataset != 'shapes':
-        raise ValueError(f"t2i_metrics: dataset {cfg.dataset!r}; this metric needs `shapes` (captions rebuilt from indices, "
-                         "attribute labels read by its reference network)")
+        raise ValueError(f"t2i_metrics: dataset {cfg.dataset!r}; this metric needs `shapes` (captions rebuilt from "
+                         "indices, attribute labels read by its reference network)")
     device, t0 = get_device(device), time.time()
     lat = extract_latents(tokenizer, 'shapes', 'train', cfg.n_latents, flips=True, runs_dir=runs_dir, device=device,
                           seed=cfg.seed, progress=progress)
     tcfg = cfg.train_config()
     run = train_t2i(tcfg, lat, runs_dir, device, progress=progress)
-    key = dict(eval={k: v for k, v in cfg.to_dict().items() if k not in ('train', 'text', 'n_latents', 'caption_dropout')},
+    key = dict(eval={k: v for k, v in cfg.to_dict().items() if k not in ('train', 'text', 'n_latents',
+                                                                         'caption_dropout')},
                tokenizer=tokenizer_hash(tokenizer))
     out = run/f't2i_eval_{config_hash(key)}.json'
-    if out.exists(): return json.loads(out.read_text())
+    if out.exists():
+        return json.loads(out.read_text())
     t1 = time.time()
     tok = VTPModel.from_pretrained(tokenizer_folder(tokenizer), device=str(device)).eval()
     P = eval_prompts(cfg.n_prompts, seed=0, res=tok.config.image_size)
@@ -404,7 +447,8 @@ def t2i_metrics(tokenizer, cfg: T2IConfig | None = None, runs_dir=None, device=N
     curve = []
     for snap in sorted((run/'snapshots').glob('ema-*.safetensors')):
         model.load_state_dict(load_file(str(snap), device=str(device)))
-        z = sample_t2i(model, tokens, cfg.seed, num_steps=cfg.steps, sampler=cfg.sampler, timestep_shift=cfg.timestep_shift,
+        z = sample_t2i(model, tokens, cfg.seed, num_steps=cfg.steps, sampler=cfg.sampler,
+                       timestep_shift=cfg.timestep_shift,
                        cfg_scale=cfg.cfg_scale)
         imgs = decode_latents(tok, z, stats, mult)
         acc = attribute_accuracy(_ref_res(imgs), P['attrs'], device=device)
@@ -418,51 +462,64 @@ def t2i_metrics(tokenizer, cfg: T2IConfig | None = None, runs_dir=None, device=N
              tokenizer=str(tokenizer), tokenizer_hash=tokenizer_hash(tokenizer), latents_dir=str(lat), t2i_run=str(run),
              t2i_config=cfg.to_dict(), samples=str(out.with_name(f't2i_samples_{config_hash(key)}.pt')),
              seconds=dict(latents_and_training=t1 - t0, sampling_and_metrics=t2 - t1))
-    torch.save(dict(images=imgs[:keep_samples], captions=P['captions'][:keep_samples], real=real[:keep_samples]), m['samples'])
+    torch.save(dict(images=imgs[:keep_samples], captions=P['captions'][:keep_samples], real=real[:keep_samples]),
+               m['samples'])
     write_json(out, m)
     return m
 
 # %% ../nbs/15_t2i.ipynb #fbdc23f1
 T2I_SCALE_SETTINGS = {
     'smoke': dict(n_latents=256, train=dict(preset='tiny', steps=20, batch=16, lr=1e-3, log_every=10, ckpt_every=20),
-                  text=dict(width=32, depth=1, heads=2, context_length=32, seed=0), eval_points=2, n_prompts=32, steps=6, cfg_scale=3.0),
-    'cpu': dict(n_latents=10_000, train=dict(preset='S', steps=600, batch=64, lr=1e-3, ema_decay=0.999, log_every=100, ckpt_every=300),
-                text=dict(width=64, depth=2, heads=4, context_length=32, seed=0), eval_points=2, n_prompts=300, steps=25, cfg_scale=3.0),
-    'paper': dict(n_latents=1_281_167, train=dict(preset='B/1', steps=400_000, batch=256, lr=2e-4, ema_decay=0.9999, log_every=100, ckpt_every=5000),
-                  text=dict(width=768, depth=12, heads=12, context_length=77, seed=0), eval_points=5, n_prompts=10_000, steps=250,
+                  text=dict(width=32, depth=1, heads=2, context_length=32, seed=0), eval_points=2, n_prompts=32,
+                  steps=6, cfg_scale=3.0),
+    'cpu': dict(n_latents=10_000, train=dict(preset='S', steps=600, batch=64, lr=1e-3, ema_decay=0.999, log_every=100,
+                                             ckpt_every=300),
+                text=dict(width=64, depth=2, heads=4, context_length=32, seed=0), eval_points=2, n_prompts=300,
+                steps=25, cfg_scale=3.0),
+    'paper': dict(n_latents=1_281_167, train=dict(preset='B/1', steps=400_000, batch=256, lr=2e-4, ema_decay=0.9999,
+                                                  log_every=100, ckpt_every=5000),
+                  text=dict(width=768, depth=12, heads=12, context_length=77, seed=0), eval_points=5, n_prompts=10_000,
+                  steps=250,
                   cfg_scale=3.0, timestep_shift=0.075),
 }
 
-T2I_POINTS = {'smoke': None, 'cpu': (0, 5), 'paper': None}   # scaling checkpoints (indices) given a T2I point; None: the scale's own
+# scaling checkpoints (indices) given a T2I point; None: the scale's own
+T2I_POINTS = {'smoke': None, 'cpu': (0, 5), 'paper': None}
 
 def t2i_settings(scale: str, seed: int = 0) -> T2IConfig:
     "The `T2IConfig` of `scale` (seed = the tokenizer run's seed)."
-    if scale not in T2I_SCALE_SETTINGS: raise ValueError(f"unknown scale {scale!r}; expected one of {list(T2I_SCALE_SETTINGS)}")
+    if scale not in T2I_SCALE_SETTINGS:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {list(T2I_SCALE_SETTINGS)}")
     return T2IConfig.from_dict({**T2I_SCALE_SETTINGS[scale], 'seed': seed})
 
 def t2i_param_count(scale: str, latent_shape=(64, 16, 16)) -> dict:
     "Parameters of the scale's T2IDiT (built on the meta device: no memory, no compute): total, text encoder, DiT."
     c = t2i_settings(scale).train_config()
-    with torch.device('meta'): m = T2IDiT(**t2i_model_args(c, latent_shape))
+    with torch.device('meta'):
+        m = T2IDiT(**t2i_model_args(c, latent_shape))
     n = lambda mod: sum(p.numel() for p in mod.parameters())
     return dict(total=n(m), text=n(m.text), dit=n(m) - n(m.text))
 
 # %% ../nbs/15_t2i.ipynb #0df24241
 def t2i_point(scale: str, losses: str, seed: int = 0, step: int | None = None, root=None, progress: bool = False,
               store_only: bool = False, **overrides) -> dict | None:
-    "T2I metrics of the checkpoint `step` (default: last) of a scaling run, stored in `results/<scale>/t2i/` (None if absent and `store_only`)."
+    "T2I metrics of checkpoint `step` (default: last) of a scaling run, in `results/<scale>/t2i/` (or None)."
     cfg = scaling_config(scale, losses, seed, **overrides)
     step = cfg.steps if step is None else step
     t = t2i_settings(scale, seed)
     key = dict(point=point_key(cfg, step, scale), t2i=t.to_dict())
-    path = results_dir(scale, root)/'t2i'/f"{cfg.losses.replace('+', '-')}_{cfg.preset}_s{seed}_step{step:06d}_{config_hash(key)}.json"
-    if path.exists(): return json.loads(path.read_text())
-    if store_only: return None
+    name = f"{cfg.losses.replace('+', '-')}_{cfg.preset}_s{seed}_step{step:06d}_{config_hash(key)}.json"
+    path = results_dir(scale, root)/'t2i'/name
+    if path.exists():
+        return json.loads(path.read_text())
+    if store_only:
+        return None
     with run_lock(cfg):
         run = pretrain(cfg, progress=False)
         folder = export_checkpoint(run, step)
         m = t2i_metrics(folder, t, progress=progress)
-    rec = dict(scale=scale, method=cfg.losses, preset=cfg.preset, seed=seed, step=step, steps_total=cfg.steps, flops=flops_at(run, step),
+    rec = dict(scale=scale, method=cfg.losses, preset=cfg.preset, seed=seed, step=step, steps_total=cfg.steps,
+               flops=flops_at(run, step),
                point_hash=config_hash(key), config_hash=run.name,
                **{k: v for k, v in m.items() if k not in ('tokenizer', 'latents_dir', 't2i_run', 'samples')},
                samples=m['samples'])

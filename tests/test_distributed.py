@@ -61,34 +61,44 @@ def _grads(cfg, batch, k=1, world=1):
     torch.manual_seed(0)
     tr = VTPPretrainer(cfg)
     ddp = torch.nn.parallel.DistributedDataParallel(tr, find_unused_parameters=True, broadcast_buffers=False) if world > 1 else tr
-    if k == 1: loss, _ = ddp(batch, 5); loss.backward()
-    else: loss, _ = accumulate_grads(tr, batch, 5, k, ddp)
-    return loss.detach(), {n: p.grad.clone() for n, p in tr.named_parameters() if p.grad is not None}
+    if k == 1:
+        loss, _ = ddp(batch, 5)
+        loss.backward()
+    else:
+        loss, _ = accumulate_grads(tr, batch, 5, k, ddp)
+    grads = {n: p.grad.clone() for n, p in tr.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, {n: v.clone() for n, v in tr.state_dict().items() if 'center' in n}
 
 
-def _worker(rank, world, port, cfg, batch, out):
+def _worker(rank, world, port, cfg, batch, out, k):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)                      # two processes on two cores: no oversubscription
     torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
-    loss, grads = _grads(cfg, {k: v[rank::world] for k, v in batch.items()}, k=2, world=world)
+    loss, grads, centres = _grads(cfg, {n: v[rank::world] for n, v in batch.items()}, k=k, world=world)
     losses = [torch.zeros(()) for _ in range(world)]
     torch.distributed.all_gather(losses, loss)
-    if rank == 0: torch.save(dict(loss=torch.stack(losses).mean(), grads=grads), out)
+    if rank == 0:
+        torch.save(dict(loss=torch.stack(losses).mean(), grads=grads, centres=centres), out)
     torch.distributed.destroy_process_group()
 
 
-def test_two_ranks_with_accumulation_match_one_process(tmp_path, spawn_ranks):
+@pytest.mark.parametrize('k', [1, 2])
+def test_two_ranks_match_one_process(tmp_path, spawn_ranks, k):
+    "DDP over 2 gloo processes (k = 2: with gradient accumulation) == 1 process on the whole batch."
     cfg = small_cfg(batch_clip=8, batch_ssl=4, batch_rec=4)
     ds = ShapesDataset(size=16, context_length=32)
     batch = torch.utils.data.default_collate([ds[i] for i in batch_indices(0, 8, 16)])
-    batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+    batch = {n: v for n, v in batch.items() if torch.is_tensor(v)}
     out = tmp_path/'rank0.pt'
-    spawn_ranks(_worker, cfg, batch, out)
+    spawn_ranks(_worker, cfg, batch, out, k)
     got = torch.load(out, weights_only=True)
-    loss, grads = _grads(cfg, batch)
+    loss, grads, centres = _grads(cfg, batch)
     assert torch.allclose(got['loss'], loss, atol=1e-5), (got['loss'], loss)
     assert grads.keys() == got['grads'].keys() and len(grads) > 20
-    for n in grads: assert torch.allclose(got['grads'][n], grads[n], atol=2e-5, rtol=1e-3), n
+    for n in grads:
+        assert torch.allclose(got['grads'][n], grads[n], atol=2e-5, rtol=1e-3), n
+    for n in centres:
+        assert torch.allclose(got['centres'][n], centres[n], atol=1e-6), n
 
 
 # ---- sharded streaming: 2 ranks x 2 DataLoader workers read every sample exactly once per epoch ----------------------

@@ -73,8 +73,8 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size,
-                                                                                                        hidden_size))
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
 
     @staticmethod
     def timestep_embedding(t: Tensor, dim: int, max_period: int = 10000) -> Tensor:
@@ -167,9 +167,9 @@ class LightningDiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, feat_rope: nn.Module | None = None) -> Tensor:
         m = self.adaLN_modulation(c).chunk(4 if self.wo_shift else 6, dim=1)   # each (B, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (None, *m[:2], None,
-                                                                          *m[2:]) if self.wo_shift else m
-        # (B, N, D)
+        if self.wo_shift:
+            m = (None, *m[:2], None, *m[2:])
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = m
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=feat_rope)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))   # (B, N, D)
 
@@ -177,9 +177,10 @@ class FinalLayer(nn.Module):
     "Modulated final norm and linear projection to p²·C per token."
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, use_rmsnorm: bool = False):
         super().__init__()
-        self.norm_final = RMSNorm(hidden_size, eps=1e-6) if use_rmsnorm else nn.LayerNorm(hidden_size,
-                                                                                          elementwise_affine=False,
-                                                                                          eps=1e-6)
+        if use_rmsnorm:
+            self.norm_final = RMSNorm(hidden_size, eps=1e-6)
+        else:
+            self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
@@ -201,6 +202,7 @@ class LightningDiT(nn.Module):
         self.in_channels, self.learn_sigma = in_channels, learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size, self.num_heads, self.num_classes = patch_size, num_heads, num_classes
+        self.null_label = num_classes              # the null class: the unconditional label of guidance
         self.use_checkpoint = use_checkpoint
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)

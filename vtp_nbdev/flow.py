@@ -60,7 +60,7 @@ def guided_velocity(model: nn.Module, x: Tensor, t: Tensor, y: Tensor, cfg_scale
     "Model velocity with classifier-free guidance (one batched call on [cond; uncond]) inside `cfg_interval`."
     if cfg_scale == 1.0:
         return model(x, t, y)                           # (B, C, H, W)
-    null = model.num_classes if null_class is None else null_class
+    null = model.null_label if null_class is None else null_class
     cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)])).chunk(2)
     k = cond.shape[1] if guide_channels is None else guide_channels
     g = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])       # (B, k, H, W)

@@ -111,8 +111,7 @@ class PretrainConfig(PlainConfig):
     def check_accumulation(self, world: int = 1):
         "Clear errors for gradient accumulation settings that cannot reproduce the full-batch step."
         k, n = self.grad_accum, self.grad_accum * world
-        subsets = ('batch_clip', *(('batch_ssl',) if self.uses_ssl else ()), *(('batch_rec',
-                                                                                ) if self.losses != 'AE' else ()))
+        subsets = ['batch_clip'] + ['batch_ssl'] * self.uses_ssl + ['batch_rec'] * (self.losses != 'AE')
         if bad := [f'{b}={getattr(self, b)}' for b in subsets if getattr(self, b) % n]:
             raise ValueError(f"grad_accum={k} x world size {world}: {', '.join(bad)} must be divisible by {n} "
                              "(every micro-batch takes its share of each subset)")

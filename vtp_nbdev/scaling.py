@@ -24,30 +24,25 @@ __all__ = ['SCALE_SETTINGS', 'scale_settings', 'flops_per_step', 'scaling_config
 # %% ../nbs/13_scaling.ipynb #09a45397
 _GEN_SMOKE = dict(n_latents=256, dit=dict(preset='tiny', steps=30, batch=32, lr=1e-3, log_every=10, ckpt_every=30),
                   n_samples=200, n_ref=200, steps=10)
+_EVAL = lambda n, probe: dict(n_zero_shot=n, n_probe_train=probe, n_probe_test=n, n_rec=n)
 SCALE_SETTINGS = {
-    'smoke': dict(tokenizer=dict(preset='tiny', batch_clip=32, batch_ssl=8, batch_ssl_rec=8, n_local_crops=2, lr=2e-3,
-                                 warmup=0.1,
-                                 log_every=5, dataset_kwargs={'size': 512}),
-                  flops=1.2e11, n_ckpts=2, seeds=(0,), eval=dict(n_zero_shot=200, n_probe_train=200, n_probe_test=200,
-                                                                 n_rec=200),
-                  gen=_GEN_SMOKE),
-    'cpu': dict(tokenizer=dict(preset='tiny', batch_clip=64, batch_ssl=16, batch_ssl_rec=16, n_local_crops=2, lr=2e-3,
-                               warmup=0.1,
-                               log_every=20, dataset_kwargs={'size': 20_000}),
-                flops=2.0e13, n_ckpts=6, points=(0, 2, 5), seeds=(0, 1), eval=dict(n_zero_shot=1000, n_probe_train=2000,
-                                                                                   n_probe_test=1000, n_rec=1000),
-                gen=dict(n_latents=10_000, dit=dict(preset='S', steps=800, batch=64, lr=1e-3, ema_decay=0.999,
-                                                    log_every=100, ckpt_every=400),
+    'smoke': dict(tokenizer=dict(preset='tiny', batch_clip=32, batch_ssl=8, batch_ssl_rec=8, n_local_crops=2,
+                                 lr=2e-3, warmup=0.1, log_every=5, dataset_kwargs={'size': 512}),
+                  flops=1.2e11, n_ckpts=2, seeds=(0,), eval=_EVAL(200, 200), gen=_GEN_SMOKE),
+    'cpu': dict(tokenizer=dict(preset='tiny', batch_clip=64, batch_ssl=16, batch_ssl_rec=16, n_local_crops=2,
+                               lr=2e-3, warmup=0.1, log_every=20, dataset_kwargs={'size': 20_000}),
+                flops=2.0e13, n_ckpts=6, points=(0, 2, 5), seeds=(0, 1), eval=_EVAL(1000, 2000),
+                gen=dict(n_latents=10_000,
+                         dit=dict(preset='S', steps=800, batch=64, lr=1e-3, ema_decay=0.999, log_every=100,
+                                  ckpt_every=400),
                          n_samples=1000, n_ref=2000, steps=25)),
 }
 SCALE_SETTINGS['paper'] = dict(tokenizer=dict(preset='paper_L', batch_clip=16384, batch_ssl=4096, batch_ssl_rec=2048,
-                                              n_local_crops=8,
-                                              lr=1e-3, warmup=0.05, log_every=100, num_workers=8,
-                                              dataset_kwargs={}),   # GPU: workers prefetch batches
-                               flops=1.9e20, n_ckpts=8, seeds=(0,), eval=dict(n_zero_shot=50_000, n_probe_train=100_000,
-                                                                              n_probe_test=50_000, n_rec=50_000),
-                               gen=dict(n_latents=1_281_167, dit=dict(preset='B/1', steps=400_000, batch=256, lr=2e-4,
-                                                                      ema_decay=0.9999),
+                                              n_local_crops=8, lr=1e-3, warmup=0.05, log_every=100,
+                                              num_workers=8, dataset_kwargs={}),   # GPU: workers prefetch batches
+                               flops=1.9e20, n_ckpts=8, seeds=(0,), eval=_EVAL(50_000, 100_000),
+                               gen=dict(n_latents=1_281_167,
+                                        dit=dict(preset='B/1', steps=400_000, batch=256, lr=2e-4, ema_decay=0.9999),
                                         n_samples=10_000, n_ref=50_000, steps=250))
 
 def scale_settings(scale: str) -> dict:
@@ -167,10 +162,10 @@ def score_point(run, step: int, scale: str, gen: dict | None = None, device=None
     rec = dict(scale=scale, method=cfg.losses, preset=cfg.preset, seed=cfg.seed, dataset=cfg.dataset,
                data_size=cfg.dataset_kwargs.get('size'), step=step, steps_total=cfg.steps, flops=flops_at(run, step),
                params_encoder=ev['params_encoder'], bottleneck=ev['config']['vision_feature_bottleneck'],
-               zero_shot_top1=_pick(zs, 'zero_shot_top1_train'), zero_shot_top1_heldout=_pick(zs,
-                                                                                              'zero_shot_top1_heldout'),
-               probe_bottleneck=_pick(lp, 'linear_probe_bottleneck_top1'), probe_last=_pick(lp,
-                                                                                            'linear_probe_last_top1'),
+               zero_shot_top1=_pick(zs, 'zero_shot_top1_train'),
+               zero_shot_top1_heldout=_pick(zs, 'zero_shot_top1_heldout'),
+               probe_bottleneck=_pick(lp, 'linear_probe_bottleneck_top1'),
+               probe_last=_pick(lp, 'linear_probe_last_top1'),
                psnr=_pick(rc, 'psnr'), ssim=_pick(rc, 'ssim'), rFD=_pick(rc, 'rFID'),
                gFD=g[f'FD_{cfg.dataset}'], IS=g.get(f'IS_{cfg.dataset}_mean'),
                precision=g.get(f'precision_{cfg.dataset}'),

@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 from .config import PlainConfig, get_device, config_hash
 from .data import (tokenize, get_text_tokenizer, shapes_sample, shapes_attributes, shapes_label, to_uint8,
                             SPLIT_OFFSETS, SHAPE_KINDS, COLOURS, SIZES, COUNTS, POSITIONS)
-from .layers import RMSNorm
-from .tokenizer import VTPModel, check_state_dict
-from .runs import fit, training_cli, atomic_save, atomic_write, write_json, log_spaced_steps
+from .tokenizer import VTPModel
+from .runs import fit, training_cli, write_json, log_spaced_steps
 from .latents import (LatentDataset, extract_latents, load_latents_stats, destandardize, tokenizer_folder,
                                tokenizer_hash)
-from .dit import LightningDiT, LightningDiTBlock, Attention, SwiGLUFFN, dit_config, DIT_ARGS
+from .dit import dit_config
+from .t2i_model import NULL_CAPTION, TEXT_ARGS, T2IDiT, save_t2i, load_t2i
 from .flow import (DiTTrainConfig, DiTTrainer, DiTRecipe, dit_run_dir, ode_sample, sample_noise,
                             guided_velocity, decode_latents)
 from .fid import attribute_accuracy, fidelity_metrics, REF_RES, ATTRIBUTE_VALUES
@@ -31,14 +31,12 @@ from .scaling import (scaling_config, point_key, results_dir, run_lock, export_c
                                flops_at)
 
 # %% auto #0
-__all__ = ['NULL_CAPTION', 'TEXT_ARGS', 'TEXT_DEFAULTS', 'main', 'T2I_SCALE_SETTINGS', 'T2I_POINTS', 'flip_caption',
-           'flip_attributes', 'latents_captions', 'MaskedAttention', 'TextBlock', 'TextEncoder', 'CrossAttention',
-           'T2IBlock', 'T2IDiT', 'T2ITrainConfig', 't2i_model_args', 'T2ITrainer', 'save_t2i', 'load_t2i',
-           't2i_run_dir', 'caption_token_table', 'T2IRecipe', 'train_t2i', 'sample_t2i', 'eval_prompts', 'T2IConfig',
-           't2i_metrics', 't2i_settings', 't2i_param_count', 't2i_point']
+__all__ = ['TEXT_DEFAULTS', 'main', 'T2I_SCALE_SETTINGS', 'T2I_POINTS', 'flip_caption', 'flip_attributes', 'latents_captions',
+           'T2ITrainConfig', 't2i_model_args', 'T2ITrainer', 't2i_run_dir', 'caption_token_table', 'T2IRecipe',
+           'train_t2i', 'sample_t2i', 'eval_prompts', 'T2IConfig', 't2i_metrics', 't2i_settings', 't2i_param_count',
+           't2i_point']
 
 # %% ../nbs/15_t2i.ipynb #0bf73e05
-NULL_CAPTION = -1   # a token row of -1 = the null (empty) caption; `model.num_classes` of a T2I model
 _LR = re.compile(r'\b(left|right)\b')
 
 def flip_caption(caption: str) -> str:
@@ -83,167 +81,6 @@ def latents_captions(latents_dir) -> dict:
     caps = [s[0] for s in samples]
     return dict(captions=caps, flipped=[flip_caption(c) for c in caps], attrs=[s[2] for s in samples])
 
-# %% ../nbs/15_t2i.ipynb #bc3bd1a5
-class MaskedAttention(Attention):
-    "`dit.Attention` (fused qkv, optional RoPE) with a key padding mask (B, N), True = attend."
-    def forward(self, x: Tensor, rope: nn.Module | None = None, mask: Tensor | None = None) -> Tensor:
-        B, N, C = x.shape
-        # (B, H, N, Dh)
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = rope(q), rope(k)
-        # (B, H, N, Dh)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))            # (B, N, D)
-
-class TextBlock(nn.Module):
-    "Pre-norm bidirectional transformer block (RMSNorm, masked attention, SwiGLU) of the text encoder."
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1, self.norm2 = RMSNorm(width, eps=1e-6), RMSNorm(width, eps=1e-6)
-        self.attn = MaskedAttention(width, heads, qkv_bias=True)
-        self.mlp = SwiGLUFFN(width, int(2 / 3 * width * mlp_ratio))
-
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x), mask=mask)                     # (B, L, W)
-        return x + self.mlp(self.norm2(x))                              # (B, L, W)
-
-class TextEncoder(nn.Module):
-    "BPE ids (B, L) -> token features (B, L, W), key mask (B, L) (pad id 0 masked) and mean-pooled (B, W)."
-    def __init__(self, width: int = 64, depth: int = 2, heads: int = 4, context_length: int = 32,
-                 vocab_size: int = 49408):
-        super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.positional_embedding = nn.Parameter(torch.zeros(context_length, width))
-        self.blocks = nn.ModuleList([TextBlock(width, heads) for _ in range(depth)])
-        self.norm = RMSNorm(width, eps=1e-6)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mask = tokens != 0                                               # (B, L)
-        x = self.token_embedding(tokens) + self.positional_embedding    # (B, L, W)
-        for b in self.blocks:
-            x = b(x, mask)
-        x = self.norm(x)                                                 # (B, L, W)
-        pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)   # (B, W)
-        return x, mask, pooled
-
-# %% ../nbs/15_t2i.ipynb #33f8174d
-class CrossAttention(nn.Module):
-    "Image tokens (B, N, D) attend to text tokens (B, L, W) (qk RMSNorm, key padding mask)."
-    def __init__(self, dim: int, num_heads: int, ctx_dim: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(ctx_dim, 2 * dim), nn.Linear(dim, dim)
-        self.q_norm, self.k_norm = RMSNorm(self.head_dim, eps=1e-6), RMSNorm(self.head_dim, eps=1e-6)
-
-    def forward(self, x: Tensor, ctx: Tensor, mask: Tensor | None = None) -> Tensor:
-        B, N, D = x.shape
-        q = self.q_norm(self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2))            # (B, H, N, Dh)
-        # (B, H, L, Dh)
-        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, self.k_norm(k), v, attn_mask=None if mask is None else mask[:, None, None,
-                                                                                                          :])
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))             # (B, N, D)
-
-class T2IBlock(LightningDiTBlock):
-    "A `LightningDiTBlock` preceded by cross-attention to the caption: `x + xattn(norm(x), text)` then the block."
-    def __init__(self, hidden_size: int, num_heads: int, text_width: int, mlp_ratio: float = 4.0,
-                 use_qknorm: bool = False,
-                 use_swiglu: bool = False, use_rmsnorm: bool = False, wo_shift: bool = False):
-        super().__init__(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift)
-        self.norm_cross = RMSNorm(hidden_size, eps=1e-6) if use_rmsnorm else nn.LayerNorm(hidden_size, eps=1e-6)
-        self.cross_attn = CrossAttention(hidden_size, num_heads, text_width)
-
-    def forward(self, x: Tensor, c: Tensor, feat_rope: nn.Module | None = None, text: Tensor | None = None,
-                text_mask: Tensor | None = None) -> Tensor:
-        x = x + self.cross_attn(self.norm_cross(x), text, text_mask)      # (B, N, D)
-        return super().forward(x, c, feat_rope)                          # (B, N, D)
-
-# %% ../nbs/15_t2i.ipynb #c87794f1
-TEXT_ARGS = ('text_width', 'text_depth', 'text_heads', 'context_length', 'vocab_size', 'text_seed',
-             'caption_dropout_prob')
-
-def _null_tokens(context_length: int) -> Tensor:
-    "The BPE ids of the empty caption, `[SOT, EOT, 0, ...]` (built without `tokenize`, so it works on the meta device)."
-    t = get_text_tokenizer()
-    return torch.tensor([t.sot_token_id, t.eot_token_id] + [0] * (context_length - 2), dtype=torch.long)
-
-class T2IDiT(LightningDiT):
-    "Caption-conditioned LightningDiT: `forward(x, t, tokens (B, L), force_drop_ids)` -> velocity (B, C, H, W)."
-    def __init__(self, text_width: int = 64, text_depth: int = 2, text_heads: int = 4, context_length: int = 32,
-                 vocab_size: int = 49408, text_seed: int = 0, caption_dropout_prob: float = 0.1, **dit_args):
-        if bad := sorted(set(dit_args) - set(DIT_ARGS) | set(dit_args) & {'num_classes', 'class_dropout_prob'}):
-            raise ValueError(f"T2IDiT: unexpected arguments {bad} (no class labels: the caption is the condition; "
-                             f"caption_dropout_prob replaces class_dropout_prob)")
-        if context_length < 2 or text_width % text_heads:
-            raise ValueError(f"T2IDiT: context_length={context_length} (>= 2) and text_width={text_width} divisible "
-                             f"by text_heads={text_heads} required")
-        super().__init__(**dit_args, num_classes=1, class_dropout_prob=0.)
-        self.t2i_config = dict({k: v for k, v in self.config.items() if k not in ('num_classes', 'class_dropout_prob')},
-                               text_width=text_width, text_depth=text_depth, text_heads=text_heads,
-                               context_length=context_length,
-                               vocab_size=vocab_size, text_seed=text_seed, caption_dropout_prob=caption_dropout_prob)
-        a = self.t2i_config
-        self.y_embedder = None                                           # no label table
-        self.num_classes = NULL_CAPTION   # guided_velocity's unconditional half: rows of -1
-        self.caption_dropout_prob = caption_dropout_prob
-        self.context_length, self.vocab_size = context_length, vocab_size
-        D = a['hidden_size']
-        self.blocks = nn.ModuleList([T2IBlock(D, a['num_heads'], text_width, a['mlp_ratio'], a['use_qknorm'],
-                                              a['use_swiglu'],
-                                              a['use_rmsnorm'], a['wo_shift']) for _ in range(a['depth'])])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(text_seed)
-            self.text = TextEncoder(text_width, text_depth, text_heads, context_length, vocab_size)
-        self.text_pool = nn.Linear(text_width, D)                          # pooled caption -> adaLN condition
-        self.register_buffer('null_tokens', _null_tokens(context_length), persistent=False)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        zeroed = [b.adaLN_modulation[-1] for b in self.blocks] + [b.cross_attn.proj for b in self.blocks]
-        for m in zeroed + [self.text_pool]:
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)               # adaLN-Zero; caption paths start closed
-
-    def caption_tokens(self, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
-        "Token ids (B, L) with null rows (all −1), forced drops and training dropout replaced by the empty caption."
-        if y.dim() != 2 or y.shape[1] != self.context_length or y.dtype != torch.long:
-            raise ValueError(f"T2IDiT: captions must be int64 token ids (B, {self.context_length}) from "
-                             f"vtp_nbdev.data.tokenize(..., {self.context_length}); got {tuple(y.shape)} {y.dtype}")
-        drop = (y == NULL_CAPTION).all(1)
-        if force_drop_ids is not None:
-            drop = drop | (force_drop_ids == 1)
-        elif self.training and self.caption_dropout_prob > 0:
-            drop = drop | (torch.rand(len(y), device=y.device) < self.caption_dropout_prob)
-        y = torch.where(drop[:, None], self.null_tokens, y)
-        if (y < 0).any() or (y >= self.vocab_size).any():
-            raise ValueError(f"T2IDiT: token ids outside [0, {self.vocab_size}) (only whole rows of {NULL_CAPTION} "
-                             "mean the null caption)")
-        return y
-
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
-        "Velocity (B, C, H, W) for latents x (B, C, H, W), times t (B,) in [0, 1], caption ids y (B, L)."
-        ctx, mask, pooled = self.text(self.caption_tokens(y, force_drop_ids))   # (B, L, W), (B, L), (B, W)
-        x = self.x_embedder(x) + self.pos_embed                          # (B, T, D)
-        c = self.t_embedder(t) + self.text_pool(pooled)                  # (B, D)
-        for block in self.blocks:
-            if self.use_checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, c, self.feat_rope, ctx, mask, use_reentrant=False)
-            else:
-                x = block(x, c, self.feat_rope, ctx, mask)             # (B, T, D)
-        x = self.unpatchify(self.final_layer(x, c))                       # (B, out_C, H, W)
-        return x[:, :self.in_channels] if self.learn_sigma else x
-
 # %% ../nbs/15_t2i.ipynb #ef25ed09
 TEXT_DEFAULTS = dict(width=64, depth=2, heads=4, context_length=32, seed=0)
 
@@ -279,27 +116,6 @@ def t2i_model_args(cfg: T2ITrainConfig, shape) -> dict:
 class T2ITrainer(DiTTrainer):
     "`DiTTrainer` (flow-matching loss, EMA) around a `T2IDiT`; `y` is the batch's caption ids."
     model_class = T2IDiT
-
-# %% ../nbs/15_t2i.ipynb #cb7bca8f
-def save_t2i(model: T2IDiT, folder, transport: dict | None = None, weights: str = 'model.safetensors') -> Path:
-    "Write `config.json` (T2IDiT arguments + transport settings) and the weights."
-    folder = Path(folder)
-    atomic_save(model.state_dict(), folder/weights, metadata={'format': 'pt'})
-    atomic_write(folder/'config.json', json.dumps({**model.t2i_config, **(transport or {})}, indent=1, sort_keys=True))
-    return folder
-
-def load_t2i(folder, weights='model.safetensors', device='cpu') -> tuple[T2IDiT, dict]:
-    "A saved T2IDiT (strict keys; `weights` a file name in `folder` or a path) in eval mode, and its transport."
-    folder = Path(folder)
-    if not (folder/'config.json').is_file():
-        raise FileNotFoundError(f"T2I model folder {folder}: missing config.json")
-    d = json.loads((folder/'config.json').read_text())
-    model = T2IDiT(**{k: v for k, v in d.items() if k in DIT_ARGS or k in TEXT_ARGS})
-    w = Path(weights) if Path(weights).is_absolute() else folder/weights
-    sd = load_file(str(w))
-    check_state_dict(model, sd, str(w))
-    model.load_state_dict(sd, strict=True)
-    return model.to(device).eval(), {k: v for k, v in d.items() if k not in DIT_ARGS and k not in TEXT_ARGS}
 
 # %% ../nbs/15_t2i.ipynb #28e76375
 def t2i_run_dir(cfg: T2ITrainConfig, latents_dir, runs_dir=None) -> Path:
@@ -429,9 +245,8 @@ def t2i_metrics(tokenizer, cfg: T2IConfig | None = None, runs_dir=None, device=N
                           seed=cfg.seed, progress=progress)
     tcfg = cfg.train_config()
     run = train_t2i(tcfg, lat, runs_dir, device, progress=progress)
-    key = dict(eval={k: v for k, v in cfg.to_dict().items() if k not in ('train', 'text', 'n_latents',
-                                                                         'caption_dropout')},
-               tokenizer=tokenizer_hash(tokenizer))
+    skip = ('train', 'text', 'n_latents', 'caption_dropout')
+    key = dict(eval={k: v for k, v in cfg.to_dict().items() if k not in skip}, tokenizer=tokenizer_hash(tokenizer))
     out = run/f't2i_eval_{config_hash(key)}.json'
     if out.exists():
         return json.loads(out.read_text())

@@ -14,7 +14,7 @@ from torch import Tensor
 from safetensors.torch import load_file
 from timm.layers import PatchEmbed, Mlp
 from .layers import RMSNorm, sdpa
-from .tokenizer import check_state_dict, StateDictMismatchError, count_params, flop_counter_mode
+from .tokenizer import check_state_dict, flop_counter_mode
 from .runs import atomic_save, atomic_write
 
 # %% auto #0

@@ -10,21 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from safetensors.torch import load_file
 from .config import PlainConfig, get_device, config_hash
-from .data import (tokenize, get_text_tokenizer, shapes_sample, shapes_attributes, shapes_label, to_uint8,
-                            SPLIT_OFFSETS, SHAPE_KINDS, COLOURS, SIZES, COUNTS, POSITIONS)
+from .data import tokenize, shapes_sample, shapes_attributes, SPLIT_OFFSETS
 from .tokenizer import VTPModel
 from .runs import fit, training_cli, write_json, log_spaced_steps
-from .latents import (LatentDataset, extract_latents, load_latents_stats, destandardize, tokenizer_folder,
-                               tokenizer_hash)
+from .latents import LatentDataset, extract_latents, load_latents_stats, tokenizer_folder, tokenizer_hash
 from .dit import dit_config
-from .t2i_model import NULL_CAPTION, TEXT_ARGS, T2IDiT, save_t2i, load_t2i
+from .t2i_model import NULL_CAPTION, T2IDiT, save_t2i, load_t2i
 from .flow import (DiTTrainConfig, DiTTrainer, DiTRecipe, dit_run_dir, ode_sample, sample_noise,
-                            guided_velocity, decode_latents)
+                            decode_latents)
 from .fid import attribute_accuracy, fidelity_metrics, REF_RES, ATTRIBUTE_VALUES
 from .pretrain import pretrain
 from .scaling import (scaling_config, point_key, results_dir, run_lock, export_checkpoint, write_record,

@@ -567,6 +567,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'vtp_nbdev.runs.read_checkpoint': ('runs.html#read_checkpoint', 'vtp_nbdev/runs.py'),
                                 'vtp_nbdev.runs.read_config_file': ('runs.html#read_config_file', 'vtp_nbdev/runs.py'),
                                 'vtp_nbdev.runs.read_jsonl': ('runs.html#read_jsonl', 'vtp_nbdev/runs.py'),
+                                'vtp_nbdev.runs.remove_stale_temps': ('runs.html#remove_stale_temps', 'vtp_nbdev/runs.py'),
                                 'vtp_nbdev.runs.restore_checkpoint': ('runs.html#restore_checkpoint', 'vtp_nbdev/runs.py'),
                                 'vtp_nbdev.runs.resume_rows': ('runs.html#resume_rows', 'vtp_nbdev/runs.py'),
                                 'vtp_nbdev.runs.rewrite_jsonl': ('runs.html#rewrite_jsonl', 'vtp_nbdev/runs.py'),

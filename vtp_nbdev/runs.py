@@ -16,11 +16,11 @@ from .config import get_settings, get_device, config_hash, seed_everything, setu
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'atomic_write', 'write_json', 'atomic_save', 'read_jsonl', 'append_jsonl', 'rewrite_jsonl',
-           'resume_rows', 'run_dir', 'prepare_run_dir', 'is_finished', 'run_lock', 'CheckpointError',
-           'checkpoint_state', 'read_checkpoint', 'restore_checkpoint', 'latest_checkpoint', 'log_spaced_steps',
-           'save_rolling', 'batch_indices', 'to_device', 'batch_to', 'defer_finite_check', 'rank_world',
-           'init_distributed', 'full_tensor', 'gathered', 'shard_optimizer', 'Recipe', 'fit', 'parse_overrides',
-           'read_config_file', 'training_cli']
+           'resume_rows', 'run_dir', 'prepare_run_dir', 'remove_stale_temps', 'is_finished', 'run_lock',
+           'CheckpointError', 'checkpoint_state', 'read_checkpoint', 'restore_checkpoint', 'latest_checkpoint',
+           'log_spaced_steps', 'save_rolling', 'batch_indices', 'to_device', 'batch_to', 'defer_finite_check',
+           'rank_world', 'init_distributed', 'full_tensor', 'gathered', 'shard_optimizer', 'Recipe', 'fit',
+           'parse_overrides', 'read_config_file', 'training_cli']
 
 # %% ../nbs/04a_runs.ipynb #de3ddc61
 @contextlib.contextmanager
@@ -115,10 +115,13 @@ def prepare_run_dir(run: Path, key: dict, rank: int = 0):
     for d in (run, run/'checkpoints'):                             # every call, resumes too: before any model is built
         if not os.access(d, os.W_OK):
             raise PermissionError(f"run directory {d} is not writable")
-    for stale in run.glob('checkpoints/.*.tmp'):                   # a write cut short by a crash: never a checkpoint
-        stale.unlink()
     if not (run/'config.json').exists():
         atomic_write(run/'config.json', text)
+
+def remove_stale_temps(run: Path):
+    "Remove the temporary files of checkpoint writes cut short by a crash (call while holding the run's lock)."
+    for stale in run.glob('checkpoints/.*.tmp'):
+        stale.unlink()
 
 def is_finished(run: Path) -> bool:
     "Whether a run finished (its `final/` weights and `done.json` written)."
@@ -429,6 +432,8 @@ def fit(recipe: Recipe, runs_dir=None, device=None, max_steps: int | None = None
     with run_lock(run/'.lock') if rank == 0 else contextlib.nullcontext():
         if world == 1 and is_finished(run):                             # another process finished it while we waited
             return run
+        if rank == 0:
+            remove_stale_temps(run)
         # --- model, optimiser, resume
         seed_everything(cfg.seed)
         trainer = recipe.trainer().to(device)

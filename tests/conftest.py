@@ -5,13 +5,13 @@ import pytest
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent/'shared'/'fixtures'
+FIXTURES = ROOT/'tests'/'fixtures'/'official'
 
 
 @pytest.fixture
 def fixtures_dir():
-    "The official-implementation fixtures (shared/ beside the repository); skip when absent."
-    if not FIXTURES.is_dir(): pytest.skip(f"official fixtures not found at {FIXTURES}")
+    "The official-implementation fixtures kept with the project (tests/fixtures/official); a missing one fails."
+    assert FIXTURES.is_dir(), f"official fixtures not found at {FIXTURES}"
     return FIXTURES
 
 

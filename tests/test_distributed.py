@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 from vtp_nbdev.config import config_hash
-from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, pretrain, batch_indices, accumulate_grads
+from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, pretrain, accumulate_grads
+from vtp_nbdev.runs import batch_indices
 from vtp_nbdev.flow import DiTTrainConfig, train_dit
 from vtp_nbdev.data import ShapesDataset, TarShardDataset, ShardedStream
 
@@ -25,8 +26,10 @@ def _rows(run):
 
 
 def test_new_fields_leave_existing_hashes_alone():
-    # the committed results store is keyed by these hashes: a new execution option must not change them
-    assert config_hash(PretrainConfig().to_dict()) == '63b13edf54de'
+    # the committed results store names its records by these hashes: a new execution option must not change them
+    from vtp_nbdev.scaling import point_key
+    assert config_hash(point_key(PretrainConfig(), 1, 'smoke')['pretrain']) == '63b13edf54de'
+    assert 'num_workers' not in PretrainConfig().to_dict()                   # the tokenizer run: not hashed while 0
     assert config_hash(DiTTrainConfig().to_dict()) == '94fd705024f9'
     assert 'grad_accum' not in PretrainConfig().to_dict() and PretrainConfig(grad_accum=2).to_dict()['grad_accum'] == 2
     assert config_hash(DiTTrainConfig(grad_accum=2).to_dict()) != config_hash(DiTTrainConfig().to_dict())
@@ -60,34 +63,44 @@ def _grads(cfg, batch, k=1, world=1):
     torch.manual_seed(0)
     tr = VTPPretrainer(cfg)
     ddp = torch.nn.parallel.DistributedDataParallel(tr, find_unused_parameters=True, broadcast_buffers=False) if world > 1 else tr
-    if k == 1: loss, _ = ddp(batch, 5); loss.backward()
-    else: loss, _ = accumulate_grads(tr, batch, 5, k, ddp)
-    return loss.detach(), {n: p.grad.clone() for n, p in tr.named_parameters() if p.grad is not None}
+    if k == 1:
+        loss, _ = ddp(batch, 5)
+        loss.backward()
+    else:
+        loss, _ = accumulate_grads(tr, batch, 5, k, ddp)
+    grads = {n: p.grad.clone() for n, p in tr.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, {n: v.clone() for n, v in tr.state_dict().items() if 'center' in n}
 
 
-def _worker(rank, world, port, cfg, batch, out):
+def _worker(rank, world, port, cfg, batch, out, k):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)                      # two processes on two cores: no oversubscription
     torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
-    loss, grads = _grads(cfg, {k: v[rank::world] for k, v in batch.items()}, k=2, world=world)
+    loss, grads, centres = _grads(cfg, {n: v[rank::world] for n, v in batch.items()}, k=k, world=world)
     losses = [torch.zeros(()) for _ in range(world)]
     torch.distributed.all_gather(losses, loss)
-    if rank == 0: torch.save(dict(loss=torch.stack(losses).mean(), grads=grads), out)
+    if rank == 0:
+        torch.save(dict(loss=torch.stack(losses).mean(), grads=grads, centres=centres), out)
     torch.distributed.destroy_process_group()
 
 
-def test_two_ranks_with_accumulation_match_one_process(tmp_path, spawn_ranks):
+@pytest.mark.parametrize('k', [1, 2])
+def test_two_ranks_match_one_process(tmp_path, spawn_ranks, k):
+    "DDP over 2 gloo processes (k = 2: with gradient accumulation) == 1 process on the whole batch."
     cfg = small_cfg(batch_clip=8, batch_ssl=4, batch_rec=4)
     ds = ShapesDataset(size=16, context_length=32)
     batch = torch.utils.data.default_collate([ds[i] for i in batch_indices(0, 8, 16)])
-    batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+    batch = {n: v for n, v in batch.items() if torch.is_tensor(v)}
     out = tmp_path/'rank0.pt'
-    spawn_ranks(_worker, cfg, batch, out)
+    spawn_ranks(_worker, cfg, batch, out, k)
     got = torch.load(out, weights_only=True)
-    loss, grads = _grads(cfg, batch)
+    loss, grads, centres = _grads(cfg, batch)
     assert torch.allclose(got['loss'], loss, atol=1e-5), (got['loss'], loss)
     assert grads.keys() == got['grads'].keys() and len(grads) > 20
-    for n in grads: assert torch.allclose(got['grads'][n], grads[n], atol=2e-5, rtol=1e-3), n
+    for n in grads:
+        assert torch.allclose(got['grads'][n], grads[n], atol=2e-5, rtol=1e-3), n
+    for n in centres:
+        assert torch.allclose(got['centres'][n], centres[n], atol=1e-6), n
 
 
 # ---- sharded streaming: 2 ranks x 2 DataLoader workers read every sample exactly once per epoch ----------------------
@@ -249,7 +262,7 @@ def test_fsdp_tokenizer_two_ranks_match_one_and_resume(tmp_path, spawn_ranks, ac
 
 # ---- the deferred NaN check (CUDA's path: no host sync per step), exercised on CPU ---------------------------------
 def test_deferred_nan_check_stops_before_the_next_checkpoint(tmp_path, monkeypatch):
-    import vtp_nbdev.pretrain as P
+    import vtp_nbdev.runs as R
     cfg = small_cfg(steps=6, ckpt_every=2, log_every=2, losses='AE', batch_rec=8)
     run = pretrain(cfg, runs_dir=tmp_path, device='cpu', max_steps=2, progress=False)
     orig = VTPPretrainer.forward
@@ -257,9 +270,9 @@ def test_deferred_nan_check_stops_before_the_next_checkpoint(tmp_path, monkeypat
         loss, terms = orig(self, batch, step, micro)
         return loss * float('nan') if step == 2 else loss, terms
     monkeypatch.setattr(VTPPretrainer, 'forward', poisoned)
-    monkeypatch.setattr(P, '_defer_finite_check', lambda device: True)
+    monkeypatch.setattr(R, 'defer_finite_check', lambda device: True)
     with pytest.raises(FloatingPointError, match='non-finite loss at step 2 \\(checked at step 4'):
         pretrain(cfg, runs_dir=tmp_path, device='cpu', progress=False)
-    from vtp_nbdev.pretrain import read_checkpoint
+    from vtp_nbdev.runs import read_checkpoint
     tensors, meta = read_checkpoint(next((run/'checkpoints').glob('last-*')))
     assert meta['step'] == '2' and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())

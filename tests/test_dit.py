@@ -9,14 +9,14 @@ from vtp_nbdev.dit import (LightningDiT, load_lightningdit, save_lightningdit, r
 from vtp_nbdev.tokenizer import StateDictMismatchError, count_params
 from vtp_nbdev.flow import linear_path, velocity_losses, ode_sample
 
-FIXTURES = Path(__file__).parents[1].parent/'shared'/'fixtures'
+FIXTURES = Path(__file__).parent/'fixtures'/'official'
 FX = FIXTURES/'lightningdit_official_tiny_a'
 ATOL = 1e-5
 
 
 @pytest.fixture(scope='module')
 def official():
-    if not FX.is_dir(): pytest.skip(f"official LightningDiT fixture not found at {FX}")
+    assert FX.is_dir(), f"official LightningDiT fixture not found at {FX}"
     model, transport = load_lightningdit(FX)
     return model, transport, load_file(FX/'inputs.safetensors'), load_file(FX/'outputs.safetensors')
 

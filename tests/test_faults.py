@@ -47,13 +47,13 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
     assert run.name == ref_run.name                                     # same config, same hash
     a, b = load_file(ref_run/'final'/'model.safetensors'), load_file(run/'final'/'model.safetensors')
     assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != 'time_s'} for l in (p/'metrics.jsonl').read_text().splitlines()]
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in ('time_s', 'samples_per_s')} for l in (p/'metrics.jsonl').read_text().splitlines()]
     assert strip(run) == strip(ref_run)
     assert not list((run/'checkpoints').glob('*.tmp'))                # no temp file is ever taken for a checkpoint
 
 
 def test_truncated_checkpoint_is_named_and_skipped(tmp_path):
-    from vtp_nbdev.pretrain import latest_checkpoint, atomic_save, CheckpointError, read_checkpoint
+    from vtp_nbdev.runs import latest_checkpoint, atomic_save, CheckpointError, read_checkpoint
     good = atomic_save({'x': torch.ones(3)}, tmp_path/'last-00000001.safetensors', {'format': 'vtp_nbdev.pretrain.v1', 'step': '1'})
     newer = tmp_path/'last-00000002.safetensors'; newer.write_bytes(good.read_bytes()[:-5])
     with pytest.raises(CheckpointError, match='last-00000002.safetensors'): read_checkpoint(newer)
@@ -66,12 +66,13 @@ def test_truncated_checkpoint_is_named_and_skipped(tmp_path):
 # ---- DiT training killed anywhere (forked child: same process image and thread count, no re-import) -------------------
 import errno
 import multiprocessing
-from vtp_nbdev import pretrain as pretrain_mod
-from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, pretrain, read_checkpoint, latest_checkpoint
+from vtp_nbdev import runs as runs_mod
+from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, pretrain
+from vtp_nbdev.runs import read_checkpoint, latest_checkpoint
 from vtp_nbdev.tokenizer import VTPModel, vtp_config
 from vtp_nbdev.flow import DiTTrainConfig, DiTTrainer, train_dit
 
-DIT_STRIP = ('time_s', 'samples_per_s')
+STRIP = ('time_s', 'samples_per_s')
 
 
 @pytest.fixture
@@ -88,7 +89,7 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def _rows(run, strip=DIT_STRIP):
+def _rows(run, strip=STRIP):
     return [{k: v for k, v in json.loads(l).items() if k not in strip} for l in (run/'metrics.jsonl').read_text().splitlines()]
 
 
@@ -206,13 +207,13 @@ def test_unwritable_existing_run_dir_is_refused_on_resume(kind, dit_latents, tmp
 # ---- disk full while writing a checkpoint ---------------------------------------------------------------------------
 def _disk_full_after(monkeypatch, n_ok):
     "safetensors writes succeed `n_ok` times, then write part of the file and fail with ENOSPC (as a full disk does)."
-    real, calls = pretrain_mod.save_file, {'n': 0}
+    real, calls = runs_mod.save_file, {'n': 0}
     def save_file(tensors, filename, metadata=None):
         calls['n'] += 1
         if calls['n'] <= n_ok: return real(tensors, filename, metadata=metadata)
         with open(filename, 'wb') as f: f.write(b'\x00' * 200)             # the part that fitted
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(pretrain_mod, 'save_file', save_file)
+    monkeypatch.setattr(runs_mod, 'save_file', save_file)
     return calls
 
 
@@ -236,7 +237,7 @@ def test_disk_full_on_second_checkpoint_keeps_the_first(kind, dit_latents, tmp_p
     monkeypatch.undo()                                                          # space freed: the run resumes at step 1
     torch.set_num_threads(1)
     assert _train(kind, tmp_path/'full', dit_latents) == run
-    strip = DIT_STRIP if kind == 'dit' else ('time_s',)
+    strip = STRIP
     assert _rows(run, strip) == _rows(ref, strip)
     assert _same_files(ref/'final'/'model.safetensors', run/'final'/'model.safetensors')
 
@@ -253,10 +254,10 @@ def test_same_config_and_seed_twice_is_identical(tmp_path, one_thread):
     cfg = pt_cfg(steps=5, ckpt_every=5)
     a = pretrain(cfg, runs_dir=tmp_path/'a', device='cpu', progress=False)
     b = pretrain(cfg, runs_dir=tmp_path/'b', device='cpu', progress=False)
-    ra, rb = _rows(a, ('time_s',)), _rows(b, ('time_s',))
+    ra, rb = _rows(a, STRIP), _rows(b, STRIP)
     assert [r['step'] for r in ra] == [1, 2, 3, 4, 5]
     assert ra == rb                                                             # every logged loss term, bit for bit
     assert _same_files(a/'final'/'model.safetensors', b/'final'/'model.safetensors')
     assert _same_files(next((a/'checkpoints').glob('last-*')), next((b/'checkpoints').glob('last-*')))   # + optimiser, RNG
     c = pretrain(pt_cfg(steps=5, ckpt_every=5, seed=1), runs_dir=tmp_path/'c', device='cpu', progress=False)
-    assert _rows(c, ('time_s',))[0]['loss'] != ra[0]['loss']                    # and the seed matters
+    assert _rows(c, STRIP)[0]['loss'] != ra[0]['loss']                    # and the seed matters

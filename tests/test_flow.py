@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from vtp_nbdev.tokenizer import VTPModel, vtp_config
 from vtp_nbdev.latents import LatentDataset
-from vtp_nbdev.pretrain import read_checkpoint
+from vtp_nbdev.runs import read_checkpoint
 from vtp_nbdev.flow import DiTTrainConfig, DiTTrainer, train_dit, sample_images, sample_latents, step_draws
 from vtp_nbdev.dit import load_lightningdit
 

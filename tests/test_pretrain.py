@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, pretrain, batch_indices, CheckpointError, read_checkpoint
-from vtp_nbdev.data import ShapesDataset
+from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, pretrain
+from vtp_nbdev.runs import batch_indices, CheckpointError, read_checkpoint
 
 SMALL = dict(vision_depth=2, decoder_depth=1, text_depth=1, dino_out_dim=256, dino_hidden_dim=64, dino_bottleneck_dim=32)
 
@@ -27,7 +27,7 @@ def test_resume_is_bit_identical(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra = [json.loads(l) for l in (full/'metrics.jsonl').read_text().splitlines()]
     rb = [json.loads(l) for l in (part/'metrics.jsonl').read_text().splitlines()]
-    strip = lambda rows: [{k: v for k, v in r.items() if k != 'time_s'} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ('time_s', 'samples_per_s')} for r in rows]
     assert strip(ra) == strip(rb)
     ta, _ = read_checkpoint(next((full/'checkpoints').glob('last-*')))
     tb, _ = read_checkpoint(next((part/'checkpoints').glob('last-*')))
@@ -107,45 +107,7 @@ def test_cli(tmp_path):
     assert bad.returncode == 2 and "unknown PretrainConfig keys ['stepz']" in bad.stderr
 
 
-# ---- DDP: 2 gloo processes == 1 process on the concatenated batch --------------------------------------------------
-def _step_grads(cfg, batch, world=1, rank=0):
-    torch.manual_seed(0)
-    tr = VTPPretrainer(cfg)
-    model = torch.nn.parallel.DistributedDataParallel(tr, find_unused_parameters=True, broadcast_buffers=False) if world > 1 else tr
-    loss, terms = model(batch, 5)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in tr.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, {k: v.clone() for k, v in tr.state_dict().items() if 'center' in k}
-
-
-def _worker(rank, world, port, cfg, batch, out):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)                      # two processes on two cores: no oversubscription
-    torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
-    local = {k: v[rank::world] for k, v in batch.items() if torch.is_tensor(v)}
-    loss, grads, centres = _step_grads(cfg, local, world, rank)
-    losses = [torch.zeros(()) for _ in range(world)]
-    torch.distributed.all_gather(losses, loss)
-    if rank == 0: torch.save(dict(loss=torch.stack(losses).mean(), grads=grads, centres=centres), out)
-    torch.distributed.destroy_process_group()
-
-
-def test_ddp_two_processes_match_one(tmp_path, spawn_ranks):
-    cfg = small_cfg(batch_clip=8, batch_ssl=4, batch_rec=4)
-    ds = ShapesDataset(size=16, context_length=32)
-    batch = torch.utils.data.default_collate([ds[i] for i in batch_indices(0, 8, 16)])
-    batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
-    out = tmp_path/'rank0.pt'
-    spawn_ranks(_worker, cfg, batch, out)
-    ddp = torch.load(out, weights_only=True)
-    loss, grads, centres = _step_grads(cfg, batch)
-    assert torch.allclose(ddp['loss'], loss, atol=1e-5), (ddp['loss'], loss)
-    assert grads.keys() == ddp['grads'].keys() and len(grads) > 20
-    for n in grads:
-        assert torch.allclose(ddp['grads'][n], grads[n], atol=2e-5, rtol=1e-3), n
-    for k in centres: assert torch.allclose(ddp['centres'][k], centres[k], atol=1e-6), k
-
-
+# ---- a checkpoint written by 2 gloo ranks resumes on 1 process and back --------------------------------------------
 def _pretrain_worker(rank, world, port, cfg, runs, max_steps):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     pretrain(cfg, runs_dir=runs, device='cpu', max_steps=max_steps, progress=False)

@@ -117,7 +117,7 @@ def test_resume_bit_identical(tiny_latents, tmp_path):
         a, b = load_file(full/'final'/n), load_file(part/'final'/n)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     model, transport = load_t2i(full/'final')
-    assert model.num_classes == NULL_CAPTION and transport['use_cosine_loss']
+    assert model.null_label == NULL_CAPTION and transport['use_cosine_loss']
 
 
 def test_grad_accum_matches_full_batch(tiny_latents, tmp_path):

@@ -5,7 +5,7 @@ LightningDiT (JingfengYao/LightningDiT) so that its state dicts load with strict
 
 # %% ../nbs/10_dit.ipynb #50768ac4
 from __future__ import annotations
-import inspect, json, math, os
+import inspect, json, math
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -14,14 +14,14 @@ from torch import Tensor
 from safetensors.torch import load_file
 from timm.layers import PatchEmbed, Mlp
 from .layers import RMSNorm, sdpa
-from .tokenizer import check_state_dict, StateDictMismatchError, count_params, flop_counter_mode
-from .pretrain import atomic_save
+from .tokenizer import check_state_dict, flop_counter_mode
+from .runs import atomic_save, atomic_write
 
 # %% auto #0
 __all__ = ['DIT_ARGS', 'DIT_PRESETS', 'TRANSPORT_KEYS', 'sincos_pos_embed_2d', 'rotate_pairs', 'VisionRotaryEmbeddingFast',
            'TimestepEmbedder', 'LabelEmbedder', 'modulate', 'SwiGLUFFN', 'Attention', 'LightningDiTBlock', 'FinalLayer',
-           'LightningDiT', 'dit_config', 'build_dit', 'split_dit_config', 'read_dit_state_dict', 'load_lightningdit',
-           'save_lightningdit', 'dit_forward_flops']
+           'LightningDiT', 'check_dit_args', 'dit_config', 'build_dit', 'split_dit_config', 'read_dit_state_dict',
+           'load_lightningdit', 'save_lightningdit', 'dit_forward_flops']
 
 # %% ../nbs/10_dit.ipynb #6256935e
 def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
@@ -32,7 +32,8 @@ def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
     "Fixed (grid², dim) sin-cos table: column code then row code for the row-major token order (DiT/MAE layout)."
-    if dim % 4: raise ValueError(f"sin-cos position embedding needs hidden_size divisible by 4, got {dim}")
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs hidden_size divisible by 4, got {dim}")
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing='ij')
     return torch.cat([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], dim=1).float()   # (G², dim)
 
@@ -46,7 +47,8 @@ class VisionRotaryEmbeddingFast(nn.Module):
     "2D RoPE for a G x G grid: `forward(t)` rotates (..., G², Dh) by row (first Dh/2) and column (last Dh/2) angles."
     def __init__(self, dim: int, pt_seq_len: int = 16, theta: float = 10000.):
         super().__init__()
-        if dim % 2: raise ValueError(f"RoPE needs an even half head dim, got {dim} (head_dim must be divisible by 4)")
+        if dim % 2:
+            raise ValueError(f"RoPE needs an even half head dim, got {dim} (head_dim must be divisible by 4)")
         freqs = 1. / (theta ** (torch.arange(0, dim, 2)[:dim // 2].float() / dim))          # (dim/2,)
         t = torch.arange(pt_seq_len) / pt_seq_len * pt_seq_len                                # official rounding
         f = (t[:, None] * freqs[None]).repeat_interleave(2, dim=-1)                           # (G, dim) pairs share θ
@@ -56,13 +58,14 @@ class VisionRotaryEmbeddingFast(nn.Module):
         self.register_buffer('freqs_sin', f.sin().reshape(G * G, 2 * dim))
 
     def forward(self, t: Tensor) -> Tensor:
-        "`t·cos + rotate_pairs(t)·sin` as one complex product per channel pair (~3x faster on CPU; equal up to float rounding)."
+        "`t·cos + rotate_pairs(t)·sin` as one complex product per channel pair (~3x faster on CPU)."
         c, s = self.freqs_cos[:, ::2], self.freqs_sin[:, ::2]                                 # (N, Dh/2) pairs share θ
-        t = t.to(torch.promote_types(t.dtype, c.dtype))          # bf16 (autocast) has no complex type: fp32, as t·cos is
-        if torch.compiler.is_compiling():                        # Inductor has no complex codegen: the same product in reals, fused
+        t = t.to(torch.promote_types(t.dtype, c.dtype))   # bf16 (autocast) has no complex type: fp32, as t·cos is
+        if torch.compiler.is_compiling():   # Inductor has no complex codegen: the same product in reals, fused
             x0, x1 = t.unflatten(-1, (-1, 2)).unbind(-1)                                     # (..., N, Dh/2) x 2
             return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)       # (..., N, Dh)
-        return torch.view_as_real(torch.view_as_complex(t.unflatten(-1, (-1, 2))) * torch.complex(c, s)).flatten(-2)   # (..., N, Dh)
+        # (..., N, Dh)
+        return torch.view_as_real(torch.view_as_complex(t.unflatten(-1, (-1, 2))) * torch.complex(c, s)).flatten(-2)
 
 # %% ../nbs/10_dit.ipynb #be0a1632
 class TimestepEmbedder(nn.Module):
@@ -70,7 +73,8 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
 
     @staticmethod
     def timestep_embedding(t: Tensor, dim: int, max_period: int = 10000) -> Tensor:
@@ -82,7 +86,8 @@ class TimestepEmbedder(nn.Module):
         return torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1) if dim % 2 else emb
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))  # (N, D)
+        # (N, D)
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
 
 class LabelEmbedder(nn.Module):
     "Class labels -> (N, D) with label dropout to the null class `num_classes` (classifier-free guidance)."
@@ -93,11 +98,13 @@ class LabelEmbedder(nn.Module):
 
     def token_drop(self, labels: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
         "Replace dropped labels by the null class (random with `dropout_prob`, or where `force_drop_ids == 1`)."
-        drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob if force_drop_ids is None else force_drop_ids == 1
+        drop = torch.rand(labels.shape[0],
+                          device=labels.device) < self.dropout_prob if force_drop_ids is None else force_drop_ids == 1
         return torch.where(drop, self.num_classes, labels)
 
     def forward(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None: labels = self.token_drop(labels, force_drop_ids)
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)                             # (N, D)
 
 # %% ../nbs/10_dit.ipynb #498340e0
@@ -119,9 +126,11 @@ class SwiGLUFFN(nn.Module):
 
 class Attention(nn.Module):
     "Multi-head self-attention (fused qkv with bias, optional qk-norm) with 2D RoPE on q, k; SDPA kernel."
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, qk_norm: bool = False, use_rmsnorm: bool = False):
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, qk_norm: bool = False,
+                 use_rmsnorm: bool = False):
         super().__init__()
-        if dim % num_heads: raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         norm = (lambda d: RMSNorm(d, eps=1e-6)) if use_rmsnorm else (lambda d: nn.LayerNorm(d))
@@ -131,9 +140,11 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: nn.Module | None = None) -> Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
+        # (B, H, N, Dh)
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None: q, k = rope(q), rope(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
         x = sdpa(q, k, v)                                               # (B, H, N, Dh)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))            # (B, N, D)
 
@@ -142,7 +153,10 @@ class LightningDiTBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, use_qknorm: bool = False,
                  use_swiglu: bool = False, use_rmsnorm: bool = False, wo_shift: bool = False):
         super().__init__()
-        norm = (lambda: RMSNorm(hidden_size, eps=1e-6)) if use_rmsnorm else (lambda: nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
+        if use_rmsnorm:
+            norm = lambda: RMSNorm(hidden_size, eps=1e-6)
+        else:
+            norm = lambda: nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.norm1, self.norm2 = norm(), norm()
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=use_qknorm, use_rmsnorm=use_rmsnorm)
         mlp_hidden = int(hidden_size * mlp_ratio)
@@ -153,15 +167,20 @@ class LightningDiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, feat_rope: nn.Module | None = None) -> Tensor:
         m = self.adaLN_modulation(c).chunk(4 if self.wo_shift else 6, dim=1)   # each (B, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (None, *m[:2], None, *m[2:]) if self.wo_shift else m
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=feat_rope)  # (B, N, D)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))              # (B, N, D)
+        if self.wo_shift:
+            m = (None, *m[:2], None, *m[2:])
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = m
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=feat_rope)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))   # (B, N, D)
 
 class FinalLayer(nn.Module):
     "Modulated final norm and linear projection to p²·C per token."
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, use_rmsnorm: bool = False):
         super().__init__()
-        self.norm_final = RMSNorm(hidden_size, eps=1e-6) if use_rmsnorm else nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        if use_rmsnorm:
+            self.norm_final = RMSNorm(hidden_size, eps=1e-6)
+        else:
+            self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
@@ -175,21 +194,25 @@ class LightningDiT(nn.Module):
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 32, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, learn_sigma: bool = False, use_qknorm: bool = False, use_swiglu: bool = False,
-                 use_rope: bool = False, use_rmsnorm: bool = False, wo_shift: bool = False, use_checkpoint: bool = False):
+                 use_rope: bool = False, use_rmsnorm: bool = False, wo_shift: bool = False,
+                 use_checkpoint: bool = False):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k in DIT_ARGS}
-        _check_dit_args(self.config)
+        check_dit_args(self.config)
         self.in_channels, self.learn_sigma = in_channels, learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size, self.num_heads, self.num_classes = patch_size, num_heads, num_classes
+        self.null_label = num_classes              # the null class: the unconditional label of guidance
         self.use_checkpoint = use_checkpoint
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.grid = input_size // patch_size
-        self.register_buffer('pos_embed', torch.zeros(1, self.grid ** 2, hidden_size))    # fixed (official: frozen Parameter)
+        # fixed (official: frozen Parameter)
+        self.register_buffer('pos_embed', torch.zeros(1, self.grid ** 2, hidden_size))
         self.feat_rope = VisionRotaryEmbeddingFast(hidden_size // num_heads // 2, self.grid) if use_rope else None
-        self.blocks = nn.ModuleList([LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift)
+        self.blocks = nn.ModuleList([LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu,
+                                                       use_rmsnorm, wo_shift)
                                      for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm)
         self.initialize_weights()
@@ -199,15 +222,20 @@ class LightningDiT(nn.Module):
         def _basic(m):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None: nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         self.apply(_basic)
         self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid)[None])
         w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1)); nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02); nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
-            nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                  self.final_layer.linear]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def unpatchify(self, x: Tensor) -> Tensor:
         "(N, T, p²C) -> (N, C, H, W)."
@@ -222,26 +250,44 @@ class LightningDiT(nn.Module):
         for block in self.blocks:
             if self.use_checkpoint and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, c, self.feat_rope, use_reentrant=False)
-            else: x = block(x, c, self.feat_rope)                        # (B, T, D)
+            else:
+                x = block(x, c, self.feat_rope)                        # (B, T, D)
         x = self.unpatchify(self.final_layer(x, c))                       # (B, out_C, H, W)
         return x[:, :self.in_channels] if self.learn_sigma else x
 
 DIT_ARGS = tuple(inspect.signature(LightningDiT.__init__).parameters)[1:]
 
-def _check_dit_args(a: dict):
-    "Clear errors for impossible constructor arguments."
+def _arg_type_ok(v, default) -> bool:
+    "Whether `v` has the type of the constructor default `default` (an int is a valid float; a bool is no number)."
+    if isinstance(default, bool):
+        return isinstance(v, bool)
+    if isinstance(default, int):
+        return isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(default, float):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return True
+
+def check_dit_args(a: dict, where: str = 'LightningDiT'):
+    "Clear errors for constructor arguments of the wrong type or impossible value (`where` names them)."
+    defaults = {k: p.default for k, p in inspect.signature(LightningDiT.__init__).parameters.items() if k in DIT_ARGS}
+    for k, v in a.items():
+        if k in defaults and not _arg_type_ok(v, defaults[k]):
+            raise TypeError(f"{where}: {k}={v!r} must be {type(defaults[k]).__name__}, got {type(v).__name__}")
     for k in ('patch_size', 'input_size', 'in_channels', 'hidden_size', 'num_heads', 'depth', 'num_classes'):
         lo = 0 if k in ('depth', 'num_classes') else 1
-        if a[k] < lo: raise ValueError(f"LightningDiT: {k}={a[k]} must be a {'positive' if lo else 'non-negative'} integer")
+        if a[k] < lo:
+            raise ValueError(f"{where}: {k}={a[k]} must be a {'positive' if lo else 'non-negative'} integer")
     if a['input_size'] % a['patch_size']:
-        raise ValueError(f"LightningDiT: input_size={a['input_size']} is not divisible by patch_size={a['patch_size']}")
+        raise ValueError(f"{where}: input_size={a['input_size']} is not divisible by patch_size={a['patch_size']}")
     if a['hidden_size'] % a['num_heads']:
-        raise ValueError(f"LightningDiT: hidden_size={a['hidden_size']} is not divisible by num_heads={a['num_heads']}")
+        raise ValueError(f"{where}: hidden_size={a['hidden_size']} is not divisible by num_heads={a['num_heads']}")
     if a['use_rope'] and (a['hidden_size'] // a['num_heads']) % 4:
-        raise ValueError(f"LightningDiT: RoPE needs head_dim = hidden_size/num_heads divisible by 4, got {a['hidden_size'] // a['num_heads']}")
+        raise ValueError(f"{where}: RoPE needs head_dim = hidden_size/num_heads divisible by 4, "
+                         f"got {a['hidden_size'] // a['num_heads']}")
 
 # %% ../nbs/10_dit.ipynb #e01cb47f
-_FLAGS = dict(use_swiglu=True, use_rope=True, use_rmsnorm=True, use_qknorm=False, wo_shift=False, class_dropout_prob=0.1)
+_FLAGS = dict(use_swiglu=True, use_rope=True, use_rmsnorm=True, use_qknorm=False, wo_shift=False,
+              class_dropout_prob=0.1)
 _CPU = dict(input_size=8, in_channels=16, num_classes=20, **_FLAGS)
 _PAPER = dict(input_size=16, in_channels=64, num_classes=1000, **_FLAGS)
 _arch = lambda depth, hidden, patch, heads: dict(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads)
@@ -257,7 +303,8 @@ DIT_PRESETS = {
 
 def dit_config(name: str, **overrides) -> dict:
     "Constructor arguments of preset `name` with `overrides` (unknown keys raise)."
-    if name not in DIT_PRESETS: raise ValueError(f"unknown LightningDiT preset {name!r}; expected one of {list(DIT_PRESETS)}")
+    if name not in DIT_PRESETS:
+        raise ValueError(f"unknown LightningDiT preset {name!r}; expected one of {list(DIT_PRESETS)}")
     if bad := sorted(set(overrides) - set(DIT_ARGS)):
         raise ValueError(f"unknown LightningDiT arguments {bad}; expected some of {list(DIT_ARGS)}")
     return {**DIT_PRESETS[name], **overrides}
@@ -267,22 +314,25 @@ def build_dit(name: str, **overrides) -> LightningDiT:
     return LightningDiT(**dit_config(name, **overrides))
 
 # %% ../nbs/10_dit.ipynb #1b19fa68
-TRANSPORT_KEYS = ('path_type', 'prediction', 'use_cosine_loss', 'use_lognorm', 'lognorm_mu', 'lognorm_sigma', 'timestep_shift',
+TRANSPORT_KEYS = ('path_type', 'prediction', 'use_cosine_loss', 'use_lognorm', 'lognorm_mu', 'lognorm_sigma',
+                  'timestep_shift',
                   'sampler', 'sampling_method', 'num_steps', 'num_sampling_steps', 'cfg_scale', 'cfg_interval_start',
                   'latent_multiplier', 'note')
 
 def split_dit_config(d: dict, source: str = 'config') -> tuple[dict, dict]:
     "Split a config dict into (constructor arguments, transport/sampling settings); unknown keys raise."
     if bad := sorted(k for k in d if k not in DIT_ARGS and k not in TRANSPORT_KEYS):
-        raise ValueError(f"{source}: unknown LightningDiT config keys {bad}; expected constructor arguments {list(DIT_ARGS)} "
-                         f"or transport settings {list(TRANSPORT_KEYS)}")
+        raise ValueError(f"{source}: unknown LightningDiT config keys {bad}; expected constructor arguments "
+                         f"{list(DIT_ARGS)} or transport settings {list(TRANSPORT_KEYS)}")
     return {k: v for k, v in d.items() if k in DIT_ARGS}, {k: v for k, v in d.items() if k in TRANSPORT_KEYS}
 
 def read_dit_state_dict(path) -> dict:
     "Tensors of a `.safetensors` file or an official `.pt` checkpoint (EMA preferred, `module.` stripped)."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"LightningDiT checkpoint {path} not found")
-    if path.suffix == '.safetensors': sd = load_file(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"LightningDiT checkpoint {path} not found")
+    if path.suffix == '.safetensors':
+        sd = load_file(str(path))
     else:
         ck = torch.load(path, map_location='cpu', weights_only=True)
         sd = ck.get('ema', ck.get('model', ck)) if isinstance(ck, dict) else ck
@@ -291,20 +341,23 @@ def read_dit_state_dict(path) -> dict:
 def load_lightningdit(folder, device='cpu', weights: str = 'model.safetensors') -> tuple[LightningDiT, dict]:
     "Load a LightningDiT folder (`config.json` + weights) strictly; returns (model in eval mode, transport settings)."
     folder = Path(folder)
-    if not (folder/'config.json').is_file(): raise FileNotFoundError(f"LightningDiT folder {folder}: missing config.json")
+    if not (folder/'config.json').is_file():
+        raise FileNotFoundError(f"LightningDiT folder {folder}: missing config.json")
     args, transport = split_dit_config(json.loads((folder/'config.json').read_text()), str(folder/'config.json'))
     sd = read_dit_state_dict(folder/weights)
-    with torch.device('meta'): model = LightningDiT(**args)
+    with torch.device('meta'):
+        model = LightningDiT(**args)
     check_state_dict(model, sd, str(folder/weights))
     model.load_state_dict({k: v.to(device) for k, v in sd.items()}, strict=True, assign=True)
     return model.eval(), transport
 
-def save_lightningdit(model: LightningDiT, folder, transport: dict | None = None, weights: str = 'model.safetensors') -> Path:
+def save_lightningdit(model: LightningDiT, folder, transport: dict | None = None,
+                      weights: str = 'model.safetensors') -> Path:
     "Write `config.json` (constructor arguments + transport settings) and the weights, each atomically."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
     atomic_save(model.state_dict(), folder/weights, metadata={'format': 'pt'})
-    tmp = folder/f'.config.json.{os.getpid()}.tmp'
-    tmp.write_text(json.dumps({**model.config, **(transport or {})}, indent=1, sort_keys=True) + '\n'); os.replace(tmp, folder/'config.json')
+    atomic_write(folder/'config.json', json.dumps({**model.config, **(transport or {})}, indent=1,
+                                                  sort_keys=True) + '\n')
     return folder
 
 # %% ../nbs/10_dit.ipynb #fe9f7377
@@ -314,5 +367,6 @@ def dit_forward_flops(model: LightningDiT, batch: int = 1) -> int:
     g = model.grid * model.patch_size
     x = torch.zeros(batch, model.in_channels, g, g, device=dev)
     t, y = torch.zeros(batch, device=dev), torch.zeros(batch, dtype=torch.long, device=dev)
-    with flop_counter_mode() as fc, torch.no_grad(): model(x, t, y)
+    with flop_counter_mode() as fc, torch.no_grad():
+        model(x, t, y)
     return int(fc.get_total_flops())

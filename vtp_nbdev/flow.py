@@ -5,29 +5,26 @@ classifier-free guidance, and decoding samples to images — the paper's generat
 
 # %% ../nbs/11_flow.ipynb #773a0e1c
 from __future__ import annotations
-import argparse, contextlib, copy, json, math, os, shutil, sys, time, types
-from dataclasses import dataclass, field, asdict, fields
+import contextlib, copy, json, shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.distributed as dist
 from torch import Tensor
-from tqdm.auto import tqdm
-from .config import PlainConfig, neutral_field, get_settings, get_device, config_hash, seed_everything
+from .config import PlainConfig, neutral_field, get_device
 from .data import to_uint8
 from .tokenizer import VTPModel, flop_counter_mode
-from .pretrain import (atomic_save, batch_indices, restore_checkpoint, latest_checkpoint, log_spaced_steps,
-                                parse_overrides, _init_distributed, _prepare_run_dir, _resume_rows, _rewrite_jsonl, _save_rolling,
-                                _to_device, _defer_finite_check, _full, _gathered, shard_optimizer)
+from .runs import (Recipe, fit, training_cli, run_dir, batch_indices, to_device, gathered, shard_optimizer,
+                            atomic_save)
 from .latents import LatentDataset, load_latents_stats, destandardize, tokenizer_folder
-from .dit import LightningDiT, DIT_PRESETS, dit_config, load_lightningdit, save_lightningdit, _check_dit_args
+from .dit import LightningDiT, DIT_PRESETS, dit_config, load_lightningdit, save_lightningdit, check_dit_args
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'linear_path', 'logit_normal_t', 'velocity_losses', 'shift_time', 'time_grid', 'guided_velocity',
+__all__ = ['SAMPLERS', 'main', 'linear_path', 'logit_normal_t', 'velocity_losses', 'shift_time', 'time_grid', 'guided_velocity',
            'ode_sample', 'balanced_labels', 'sample_noise', 'sample_latents', 'DiTTrainConfig', 'DiTTrainer',
-           'step_draws', 'dit_accumulate', 'count_dit_step_flops', 'DiTRecipe', 'dit_run_dir', 'train_dit', 'shard_dit',
-           'sample_images', 'main']
+           'step_draws', 'dit_accumulate', 'count_dit_step_flops', 'dit_run_key', 'DiTRecipe', 'dit_run_dir',
+           'train_dit', 'shard_dit', 'decode_latents', 'sample_images']
 
 # %% ../nbs/11_flow.ipynb #ba2e7682
 def linear_path(t: Tensor, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
@@ -54,14 +51,16 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
 
 def time_grid(num_steps: int, timestep_shift: float = 0.) -> Tensor:
     "The `num_steps` integration points: `linspace(0, 1, num_steps)`, shifted."
-    if num_steps < 2: raise ValueError(f"num_steps={num_steps}: the grid needs at least 2 points (num_steps - 1 steps)")
+    if num_steps < 2:
+        raise ValueError(f"num_steps={num_steps}: the grid needs at least 2 points (num_steps - 1 steps)")
     return shift_time(torch.linspace(0, 1, num_steps), timestep_shift)
 
 def guided_velocity(model: nn.Module, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float = 1.0, cfg_interval=(0., 1.),
                     guide_channels: int | None = None, null_class: int | None = None) -> Tensor:
     "Model velocity with classifier-free guidance (one batched call on [cond; uncond]) inside `cfg_interval`."
-    if cfg_scale == 1.0: return model(x, t, y)                           # (B, C, H, W)
-    null = model.num_classes if null_class is None else null_class
+    if cfg_scale == 1.0:
+        return model(x, t, y)                           # (B, C, H, W)
+    null = model.null_label if null_class is None else null_class
     cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)])).chunk(2)
     k = cond.shape[1] if guide_channels is None else guide_channels
     g = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])       # (B, k, H, W)
@@ -69,29 +68,38 @@ def guided_velocity(model: nn.Module, x: Tensor, t: Tensor, y: Tensor, cfg_scale
     return torch.cat([torch.where(on, g, cond[:, :k]), cond[:, k:]], dim=1)
 
 @torch.no_grad()
-def ode_sample(model: nn.Module, x: Tensor, y: Tensor, num_steps: int = 250, sampler: str = 'euler', timestep_shift: float = 0.,
-               cfg_scale: float = 1.0, cfg_interval=(0., 1.), guide_channels: int | None = None, trajectory: bool = False):
+def ode_sample(model: nn.Module, x: Tensor, y: Tensor, num_steps: int = 250, sampler: str = 'euler',
+               timestep_shift: float = 0.,
+               cfg_scale: float = 1.0, cfg_interval=(0., 1.), guide_channels: int | None = None,
+               trajectory: bool = False):
     "Integrate noise `x` (B, C, H, W) to data with labels `y`; the final state, or all grid states if `trajectory`."
-    if sampler not in SAMPLERS: raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     grid = time_grid(num_steps, timestep_shift).to(x.device)
-    f = lambda z, t: guided_velocity(model, z, torch.ones(z.shape[0], device=z.device) * t, y, cfg_scale, cfg_interval, guide_channels)
+    f = lambda z, t: guided_velocity(model, z, torch.ones(z.shape[0], device=z.device) * t, y, cfg_scale, cfg_interval,
+                                     guide_channels)
     xs = [x]
     for t0, t1 in zip(grid[:-1], grid[1:]):
         dt, v = t1 - t0, f(x, t0)
-        if sampler == 'euler': x = x + dt * v
-        else: x = x + dt * 0.5 * (v + f(x + dt * v, t1))
-        if trajectory: xs.append(x)
+        if sampler == 'euler':
+            x = x + dt * v
+        else:
+            x = x + dt * 0.5 * (v + f(x + dt * v, t1))
+        if trajectory:
+            xs.append(x)
     return xs if trajectory else x
 
 # %% ../nbs/11_flow.ipynb #c5b6ec68
 def balanced_labels(n: int, num_classes: int) -> Tensor:
     "`n` labels cycling 0, 1, ..., num_classes − 1 (class counts differ by at most one)."
-    if num_classes <= 0: raise ValueError(f"num_classes={num_classes}: class-balanced sampling needs at least one class")
+    if num_classes <= 0:
+        raise ValueError(f"num_classes={num_classes}: class-balanced sampling needs at least one class")
     return torch.arange(n) % num_classes
 
 def sample_noise(n: int, shape, seed: int = 0, start: int = 0) -> Tensor:
     "Noise (n, *shape) where sample i is drawn from a generator seeded by (seed, start + i)."
-    return torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i)) for i in range(n)])
+    gen = lambda i: torch.Generator().manual_seed(seed * 1_000_003 + start + i)
+    return torch.stack([torch.randn(*shape, generator=gen(i)) for i in range(n)])
 
 @torch.no_grad()
 def sample_latents(model: LightningDiT, n: int, labels: Tensor | None = None, seed: int = 0, batch_size: int = 256,
@@ -100,9 +108,11 @@ def sample_latents(model: LightningDiT, n: int, labels: Tensor | None = None, se
     device = get_device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
     labels = balanced_labels(n, model.num_classes) if labels is None else torch.as_tensor(labels, dtype=torch.long)
-    if len(labels) != n: raise ValueError(f"sample_latents: {len(labels)} labels for n={n} samples")
+    if len(labels) != n:
+        raise ValueError(f"sample_latents: {len(labels)} labels for n={n} samples")
     if len(bad := labels[(labels < 0) | (labels >= model.num_classes)]):
-        raise ValueError(f"sample_latents: label {bad[0].item()} is outside [0, {model.num_classes}) (the model's num_classes)")
+        raise ValueError(f"sample_latents: label {bad[0].item()} is outside [0, {model.num_classes}) "
+                         "(the model's num_classes)")
     size = model.grid * model.patch_size
     out = []
     for s in range(0, n, batch_size):
@@ -124,7 +134,7 @@ class DiTTrainConfig(PlainConfig):
     weight_decay: float = 0.0
     grad_clip: float = 0.0               # 0 = off (official)
     ema_decay: float = 0.9999
-    ema_warmup: bool = True              # decay min(ema_decay, (1+s)/(10+s)): short runs' EMA forgets the zero-init model
+    ema_warmup: bool = True   # decay min(ema_decay, (1+s)/(10+s)): short runs' EMA forgets the zero-init model
     use_lognorm: bool = True             # else t ~ U(0, 1)
     lognorm_mu: float = -0.75
     lognorm_sigma: float = 1.0
@@ -140,32 +150,45 @@ class DiTTrainConfig(PlainConfig):
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        name = type(self).__name__
         for k in ('steps', 'batch', 'log_every', 'ckpt_every', 'grad_accum'):
             v = getattr(self, k)
-            if not isinstance(v, int) or v <= 0: raise ValueError(f"DiTTrainConfig.{k}={v!r}; expected a positive integer")
-        if self.batch % self.grad_accum: raise ValueError(f"DiTTrainConfig.batch={self.batch} is not divisible by grad_accum={self.grad_accum}")
-        if not 0 <= self.ema_decay <= 1: raise ValueError(f"DiTTrainConfig.ema_decay={self.ema_decay}; expected a value in [0, 1]")
-        if self.lognorm_sigma <= 0: raise ValueError(f"DiTTrainConfig.lognorm_sigma={self.lognorm_sigma}; expected > 0")
-        a = dit_config(self.preset, **self.model)                          # raises on unknown presets / arguments
-        _check_dit_args({**a, 'input_size': self.model.get('input_size', a['patch_size'])})   # sizes (input size: from the latents)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}.{k}={v!r}; expected a positive integer")
+        if self.batch % self.grad_accum:
+            raise ValueError(f"{name}.batch={self.batch} is not divisible by grad_accum={self.grad_accum}")
+        if not 0 <= self.ema_decay <= 1:
+            raise ValueError(f"{name}.ema_decay={self.ema_decay}; expected a value in [0, 1]")
+        if self.lognorm_sigma <= 0:
+            raise ValueError(f"{name}.lognorm_sigma={self.lognorm_sigma}; expected > 0")
+        self.check_model()
+
+    def check_model(self):
+        "Clear errors for unknown presets, arguments, wrong types and impossible sizes (input size: from the latents)."
+        a = dit_config(self.preset, **self.model)
+        check_dit_args({**a, 'input_size': self.model.get('input_size', a['patch_size'])},
+                       f"{type(self).__name__}.model")
 
 
     def transport(self) -> dict:
         "The flow settings stored beside the weights."
-        return dict(path_type='Linear', prediction='velocity', use_cosine_loss=self.use_cosine_loss, use_lognorm=self.use_lognorm,
-                    lognorm_mu=self.lognorm_mu, lognorm_sigma=self.lognorm_sigma, latent_multiplier=self.latent_multiplier)
+        return dict(path_type='Linear', prediction='velocity', use_cosine_loss=self.use_cosine_loss,
+                    use_lognorm=self.use_lognorm, lognorm_mu=self.lognorm_mu, lognorm_sigma=self.lognorm_sigma,
+                    latent_multiplier=self.latent_multiplier)
 
 # %% ../nbs/11_flow.ipynb #71e8e1e7
 class DiTTrainer(nn.Module):
-    "The online LightningDiT and its EMA copy; `loss(...)` is the flow-matching objective of one batch."
+    "The online model (a `model_class`) and its EMA copy; `loss(...)` is the flow-matching objective of one batch."
+    model_class = LightningDiT
+
     def __init__(self, model_args: dict, cfg: DiTTrainConfig):
         super().__init__()
         self.cfg = cfg
-        self.model = LightningDiT(**model_args)
+        self.model = self.model_class(**model_args)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
 
     def loss(self, net: nn.Module, x1: Tensor, y: Tensor, t: Tensor, x0: Tensor, drop: Tensor) -> tuple[Tensor, dict]:
-        "Flow-matching loss of `net` (the model or its DDP wrapper) on data x1, labels y, times t, noise x0, label drops."
+        "Flow-matching loss of `net` (model or DDP wrapper) on data x1, labels y, times t, noise x0, label drops."
         xt, ut = linear_path(t, x0, x1)                                    # (B, C, H, W) x 2
         v = net(xt, t, y, force_drop_ids=drop)                             # (B, C, H, W)
         mse, cos = velocity_losses(v.float(), ut.float())                  # (B,) x 2
@@ -176,28 +199,35 @@ class DiTTrainer(nn.Module):
     def update_ema(self, decay: float):
         "ema ← decay·ema + (1 − decay)·online, over parameters (the fixed tables are buffers)."
         e, m = list(self.ema.parameters()), list(self.model.parameters())
-        torch._foreach_mul_(e, decay); torch._foreach_add_(e, m, alpha=1 - decay)
+        torch._foreach_mul_(e, decay)
+        torch._foreach_add_(e, m, alpha=1 - decay)
 
-def step_draws(cfg: DiTTrainConfig, step: int, batch: int, shape, p_drop: float, rank: int = 0, world: int = 1, device='cpu') -> dict:
+def step_draws(cfg: DiTTrainConfig, step: int, batch: int, shape, p_drop: float, rank: int = 0, world: int = 1,
+               device='cpu') -> dict:
     "The random draws of global batch `step` (flips, t, label drops, noise), sliced for `rank`."
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7_777_777)
     flip = torch.rand(batch, generator=g) < 0.5 if cfg.flips else torch.zeros(batch, dtype=torch.bool)
-    t = logit_normal_t(batch, cfg.lognorm_mu, cfg.lognorm_sigma, g) if cfg.use_lognorm else torch.rand(batch, generator=g)
+    if cfg.use_lognorm:
+        t = logit_normal_t(batch, cfg.lognorm_mu, cfg.lognorm_sigma, g)
+    else:
+        t = torch.rand(batch, generator=g)
     drop = (torch.rand(batch, generator=g) < p_drop).long()
     gd = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step + 3_333_333)
     noise = torch.randn(batch, *shape, generator=gd, device=device)
     sl = slice(rank, None, world)
-    return dict(flip=flip[sl], t=_to_device(t[sl], device), drop=_to_device(drop[sl], device), noise=noise[sl])
+    return dict(flip=flip[sl], t=to_device(t[sl], device), drop=to_device(drop[sl], device), noise=noise[sl])
 
 def dit_accumulate(trainer: DiTTrainer, net: nn.Module, batch: dict, k: int, amp=None) -> tuple[Tensor, dict]:
-    "Forward + backward of `batch` as `k` micro-batches (rows j::k) into `.grad` (DDP syncs on the last); (loss, terms)."
+    "Forward + backward of `batch` as `k` micro-batches (rows j::k) into `.grad` (DDP syncs on the last)."
     amp, loss, terms = amp or contextlib.nullcontext(), 0., {}
+    ddp = isinstance(net, nn.parallel.DistributedDataParallel)
     for j in range(k):
-        sync = net.no_sync() if j < k - 1 and isinstance(net, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
-        with sync:
-            with amp: l, t = trainer.loss(net, **{key: v[j::k] for key, v in batch.items()})
+        with net.no_sync() if ddp and j < k - 1 else contextlib.nullcontext():
+            with amp:
+                l, t = trainer.loss(net, **{key: v[j::k] for key, v in batch.items()})
             (l / k).backward()                                             # every term is a mean over the batch
-        loss = loss + l.detach() / k; terms = {n: terms.get(n, 0) + v / k for n, v in t.items()}
+        loss = loss + l.detach() / k
+        terms = {n: terms.get(n, 0) + v / k for n, v in t.items()}
     return loss, terms
 
 def count_dit_step_flops(trainer: DiTTrainer, batch: dict) -> int:
@@ -209,7 +239,8 @@ def count_dit_step_flops(trainer: DiTTrainer, batch: dict) -> int:
     return int(fc.get_total_flops())
 
 # %% ../nbs/11_flow.ipynb #091dab51
-def _run_key(cfg: DiTTrainConfig, latents_dir) -> dict:
+def dit_run_key(cfg: DiTTrainConfig, latents_dir) -> dict:
+    "What a DiT run's hash covers: its config and the config of the latents run it reads."
     p = Path(latents_dir)
     lat = json.loads((p/'config.json').read_text()) if (p/'config.json').exists() else str(p.resolve())
     return {**cfg.to_dict(), 'latents': lat}
@@ -217,169 +248,170 @@ def _run_key(cfg: DiTTrainConfig, latents_dir) -> dict:
 def _model_args(cfg: DiTTrainConfig, ds: LatentDataset) -> dict:
     "Preset + overrides, with geometry and classes taken from the latents (conflicting overrides raise)."
     C, H, W = ds.shape
-    if H != W: raise ValueError(f"LightningDiT needs square latents, got {H}x{W}")
+    if H != W:
+        raise ValueError(f"LightningDiT needs square latents, got {H}x{W}")
     data = dict(in_channels=C, input_size=H, num_classes=ds.num_classes)
     for k, v in data.items():
         if k in cfg.model and cfg.model[k] != v:
             raise ValueError(f"DiTTrainConfig.model[{k!r}]={cfg.model[k]} but the latents in {ds.run} have {k}={v}")
     return dit_config(cfg.preset, **{**cfg.model, **data})
 
-class DiTRecipe:
-    "What `train_dit` trains: a class-conditional LightningDiT. Subclass it for another conditioning (`vtp_nbdev.t2i`)."
-    kind, name, label = 'dit', 'train_dit', 'LightningDiT'        # runs/<kind>/<hash>, error prefix, progress label
+class DiTRecipe(Recipe):
+    "What `fit` trains for `train_dit`: a class-conditional LightningDiT and its EMA on a latents run."
+    kind, name, model_label = 'dit', 'train_dit', 'LightningDiT'
+    trainer_class = DiTTrainer
 
-    def model_args(self, cfg: DiTTrainConfig, ds: LatentDataset) -> dict:
-        ds.check_labels(); return _model_args(cfg, ds)             # bad latents fail before the run is claimed
-    def trainer(self, model_args: dict, cfg: DiTTrainConfig) -> DiTTrainer: return DiTTrainer(model_args, cfg)
-    def build(self, model_args: dict) -> nn.Module: return LightningDiT(**model_args)
-    def p_drop(self, trainer: DiTTrainer, cfg: DiTTrainConfig) -> float: return trainer.model.y_embedder.dropout_prob
-    def batch(self, ds: LatentDataset, idx, flip: Tensor) -> tuple[Tensor, Tensor]: return ds.get_batch(idx, flip)   # (x1, y)
-    def snapshots(self, cfg: DiTTrainConfig) -> set: return set()  # steps whose EMA weights are saved on their own
-    def save(self, model: nn.Module, folder, cfg: DiTTrainConfig) -> Path: return save_lightningdit(model, folder, cfg.transport())
-    def done_info(self, ds: LatentDataset) -> dict: return dict(classes=ds.meta.get('classes'))
+    def __init__(self, cfg: DiTTrainConfig, latents_dir):
+        super().__init__(cfg)
+        self.latents_dir = Path(latents_dir)
+        self.label = f'{self.model_label} {cfg.preset}'
+
+    def key(self) -> dict:
+        return dit_run_key(self.cfg, self.latents_dir)
+
+    def setup(self, device, rank: int, world: int):
+        "Read the latents and derive the model's arguments: bad latents fail before the run is claimed."
+        super().setup(device, rank, world)
+        cfg = self.cfg
+        if cfg.batch % (world * cfg.grad_accum):
+            raise ValueError(f"global batch {cfg.batch} is not divisible by the world size {world} x grad_accum "
+                             f"{cfg.grad_accum}")
+        self.ds = LatentDataset(self.latents_dir, multiplier=cfg.latent_multiplier)
+        self.model_args = self.build_args(self.ds)
+
+    def build_args(self, ds: LatentDataset) -> dict:
+        "The model's constructor arguments (geometry and classes from the latents)."
+        ds.check_labels()
+        return _model_args(self.cfg, ds)
+
+    def trainer(self) -> DiTTrainer:
+        trainer = self.trainer_class(self.model_args, self.cfg)
+        self.p_drop = self.drop_prob(trainer)
+        return trainer
+
+    def drop_prob(self, trainer: DiTTrainer) -> float:
+        "Probability that a sample's condition is replaced by the null one (classifier-free guidance)."
+        return trainer.model.y_embedder.dropout_prob
+
+    def optimizer(self, trainer: DiTTrainer) -> torch.optim.AdamW:
+        c = self.cfg
+        return torch.optim.AdamW(trainer.model.parameters(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay,
+                                 fused=True)                             # one fused kernel (CPU and CUDA)
+
+    def condition(self, idx: list, flip: Tensor) -> tuple[Tensor, Tensor]:
+        "(x1, y) of the latents `idx` (flipped copies where `flip`): y the class labels."
+        return self.ds.get_batch(idx, flip)
+
+    def batch(self, step: int) -> dict:
+        cfg, dev = self.cfg, self.device
+        d = step_draws(cfg, step, cfg.batch, self.ds.shape, self.p_drop, self.rank, self.world, dev)
+        x1, y = self.condition(batch_indices(step, cfg.batch, len(self.ds), cfg.seed, self.rank, self.world), d['flip'])
+        return dict(x1=to_device(x1, dev), y=to_device(y, dev), t=d['t'], x0=d['noise'], drop=d['drop'])
+
+    def step_flops(self, trainer: DiTTrainer, batch: dict) -> int:
+        return count_dit_step_flops(trainer, batch)
+
+    def network(self, trainer: DiTTrainer, ddp: bool) -> nn.Module:
+        return nn.parallel.DistributedDataParallel(trainer.model, broadcast_buffers=False) if ddp else trainer.model
+
+    def shard(self, trainer: DiTTrainer, opt) -> torch.optim.Optimizer:
+        return shard_dit(trainer, opt)
+
+    def loss(self, net: nn.Module, trainer: DiTTrainer, batch: dict, step: int) -> tuple:
+        return trainer.loss(net, **batch)
+
+    def accumulate(self, net: nn.Module, trainer: DiTTrainer, batch: dict, step: int, amp) -> tuple:
+        return dit_accumulate(trainer, net, batch, self.cfg.grad_accum, amp)
+
+    def clip_params(self, trainer: DiTTrainer):
+        return trainer.model.parameters()
+
+    def after_step(self, trainer: DiTTrainer, step: int, sch: dict):
+        c = self.cfg
+        trainer.update_ema(min(c.ema_decay, (1 + step) / (10 + step)) if c.ema_warmup else c.ema_decay)
+
+    def snapshot_module(self, trainer: DiTTrainer) -> nn.Module:
+        return trainer.ema
+
+    def final_state(self, trainer: DiTTrainer, fsdp: bool):
+        return {n: gathered(getattr(trainer, n))[0].state_dict() for n in ('ema', 'model')} if fsdp else None
+
+    def save_model(self, model: nn.Module, folder: Path) -> Path:
+        "Write a model folder (config and weights)."
+        return save_lightningdit(model, folder, self.cfg.transport())
+
+    def done_info(self) -> dict:
+        "Extra `done.json` entries."
+        return dict(classes=self.ds.meta.get('classes'))
+
+    def save_final(self, run: Path, trainer: DiTTrainer, state) -> dict:
+        "`final/`: the EMA model (config + weights), the online weights and the latents' statistics."
+        ema, online = trainer.ema, trainer.model.state_dict()
+        if state is not None:
+            ema = trainer.model_class(**self.model_args)
+            ema.load_state_dict(state['ema'])
+            online = state['model']
+        fin = self.save_model(ema, run/'final')
+        atomic_save(online, fin/'online.safetensors')
+        shutil.copyfile(self.latents_dir/'latents_stats.safetensors', fin/'latents_stats.safetensors')
+        return dict(latents_dir=str(self.latents_dir.resolve()), **self.done_info())
 
 def dit_run_dir(cfg: DiTTrainConfig, latents_dir, runs_dir=None, kind: str = 'dit') -> Path:
     "`<runs_dir>/<kind>/<hash of (config, latents run)>`."
-    return Path(runs_dir or get_settings()['runs_dir'])/kind/config_hash(_run_key(cfg, latents_dir))
+    return run_dir(kind, dit_run_key(cfg, latents_dir), runs_dir)
 
 # %% ../nbs/11_flow.ipynb #1cca22e6
 def train_dit(cfg: DiTTrainConfig | dict, latents_dir, runs_dir=None, device=None, max_steps: int | None = None,
-              progress: bool = True, fsdp: bool = False, recipe: DiTRecipe | None = None) -> Path:
-    "Train (or resume) the LightningDiT run of `cfg` on a latents run; returns `runs/<recipe.kind>/<hash>/` (final/ = EMA model)."
-    recipe = recipe or DiTRecipe()
+              progress: bool = True, fsdp: bool = False) -> Path:
+    "Train (or resume) the LightningDiT run of `cfg` on a latents run; returns `runs/dit/<hash>/` (final/ = EMA model)."
     cfg = DiTTrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    device = get_device(device)
-    rank, world = _init_distributed(device)
-    if device.type == 'cuda' and world > 1:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))); torch.cuda.set_device(device)
-    if cfg.batch % (world * cfg.grad_accum):
-        raise ValueError(f"global batch {cfg.batch} is not divisible by the world size {world} x grad_accum {cfg.grad_accum}")
-    latents_dir = Path(latents_dir)
-    key = _run_key(cfg, latents_dir); h = config_hash(key); run = dit_run_dir(cfg, latents_dir, runs_dir, recipe.kind)
-    if (run/'done.json').exists() and (run/'final'/'model.safetensors').exists(): return run
-    ds = LatentDataset(latents_dir, multiplier=cfg.latent_multiplier)
-    model_args = recipe.model_args(cfg, ds)                               # bad latents fail before the run is claimed
-    if rank == 0: _prepare_run_dir(run, types.SimpleNamespace(to_dict=lambda: key), rank)
-    if world > 1: dist.barrier()                                           # rank 0 has written config.json
-    seed_everything(cfg.seed)
-    trainer = recipe.trainer(model_args, cfg).to(device)
-    opt = torch.optim.AdamW(trainer.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)   # one fused kernel (CPU and CUDA)
-    step, rows = 0, []
-    if (last := latest_checkpoint(run/'checkpoints')) is not None:
-        step = restore_checkpoint(trainer, opt, last, h)
-        rows = _resume_rows(run, step, rank)
-    fsdp = fsdp and world > 1
-    net = nn.parallel.DistributedDataParallel(trainer.model, broadcast_buffers=False) if world > 1 and not fsdp else trainer.model
-    p_drop = recipe.p_drop(trainer, cfg)
-
-    def load(s):
-        d = step_draws(cfg, s, cfg.batch, ds.shape, p_drop, rank, world, device)
-        x1, y = recipe.batch(ds, batch_indices(s, cfg.batch, len(ds), cfg.seed, rank, world), d['flip'])
-        return dict(x1=_to_device(x1, device), y=_to_device(y, device), t=d['t'], x0=d['noise'], drop=d['drop'])
-
-    flops = rows[-1]['flops_per_step'] if rows else count_dit_step_flops(trainer, load(0)) * world
-    if fsdp: opt = shard_dit(trainer, opt)                                # after the FLOP count (on the whole model)
-    if cfg.compile: net = torch.compile(net)                              # after the FLOP count (eager), like FSDP
-    keep, snaps = set(log_spaced_steps(cfg.steps, cfg.ckpt_log_points)), recipe.snapshots(cfg)
-    end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-    amp = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc=f'{recipe.label} {cfg.preset}' + (' FSDP' if fsdp else ''))
-    trainer.model.train()
-    defer, bad = _defer_finite_check(device), torch.full((), -1, dtype=torch.long, device=device)   # first non-finite step
-    t0, t_log, s_log = time.time(), time.time(), step
-    while step < end:
-        batch = load(step)
-        opt.zero_grad(set_to_none=True)
-        if cfg.grad_accum > 1: loss, terms = dit_accumulate(trainer, net, batch, cfg.grad_accum, amp)   # backward done
-        else:
-            with amp: loss, terms = trainer.loss(net, **batch)
-        if defer: bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step, bad)    # no host sync
-        elif not torch.isfinite(loss):
-            raise FloatingPointError(f"{recipe.name}: non-finite loss {loss.item()} at step {step}; the last good checkpoint in {run/'checkpoints'} is kept")
-        if cfg.grad_accum == 1: loss.backward()
-        gnorm = nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float('inf'))
-        opt.step()
-        trainer.update_ema(min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay)
-        step += 1; bar.update(1)
-        if defer and (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step in keep or step == end) and (b := int(bad)) >= 0:
-            raise FloatingPointError(f"{recipe.name}: non-finite loss at step {b} (checked at step {step}: on CUDA the loss is checked at log "
-                                     f"and checkpoint steps); the last good checkpoint in {run/'checkpoints'} is kept")
-        if step % cfg.log_every == 0 or step == end:
-            vals = torch.stack([loss.detach().float(), terms['mse'], terms['cos']])
-            if world > 1: dist.all_reduce(vals); vals /= world
-            now = time.time()
-            row = dict(step=step, loss=vals[0].item(), mse=vals[1].item(), cos=vals[2].item(), grad_norm=_full(gnorm).item(), lr=cfg.lr,
-                       samples_seen=step * cfg.batch, flops=step * flops, flops_per_step=flops,
-                       samples_per_s=(step - s_log) * cfg.batch / max(now - t_log, 1e-9), time_s=now - t0)
-            t_log, s_log = now, step
-            rows.append(row); bar.set_postfix(loss=f"{row['loss']:.4f}")
-            if rank == 0:
-                with open(run/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
-        if step in snaps:
-            sd = _gathered(trainer.ema)[0].state_dict() if fsdp else trainer.ema.state_dict()
-            if rank == 0: atomic_save(sd, run/'snapshots'/f'ema-{step:08d}.safetensors')
-        if step % cfg.ckpt_every == 0 or step in keep or step == end:
-            if fsdp: state = _gathered(trainer, opt)                         # every rank takes part in the gather
-            if rank == 0: _save_rolling(run, *(state if fsdp else (trainer, opt)), step, h, keep)
-    bar.close()
-    if fsdp and step >= cfg.steps: final = {n: _gathered(getattr(trainer, n))[0].state_dict() for n in ('ema', 'model')}
-    if rank == 0:
-        _rewrite_jsonl(run/'metrics.jsonl', rows)
-        if step >= cfg.steps:
-            ema = trainer.ema
-            if fsdp: ema = recipe.build(model_args); ema.load_state_dict(final['ema'])
-            fin = recipe.save(ema, run/'final', cfg)
-            atomic_save(final['model'] if fsdp else trainer.model.state_dict(), fin/'online.safetensors')
-            shutil.copyfile(latents_dir/'latents_stats.safetensors', fin/'latents_stats.safetensors')
-            (run/'done.json').write_text(json.dumps(dict(steps=step, flops=step * flops, config_hash=h, world_size=world,
-                                                         latents_dir=str(latents_dir.resolve()), **recipe.done_info(ds))))
-    if world > 1: dist.barrier()
-    return run
+    return fit(DiTRecipe(cfg, latents_dir), runs_dir, device, max_steps, progress, fsdp)
 
 # %% ../nbs/11_flow.ipynb #73c85bc1
 def shard_dit(trainer: DiTTrainer, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    "Shard the online and EMA models with FSDP2 (per block, then the rest) in place; returns `opt` rebuilt on the shards."
+    "Shard the online and EMA models with FSDP2 (per block, then the rest) in place; returns `opt` on the shards."
     from torch.distributed.fsdp import fully_shard
     old = list(trainer.model.parameters())
     for m in (trainer.model, trainer.ema):
-        for b in m.blocks: fully_shard(b)
+        for b in m.blocks:
+            fully_shard(b)
         fully_shard(m)
     return shard_optimizer(opt, old, list(trainer.model.parameters()))
 
 # %% ../nbs/11_flow.ipynb #615c1382
 @torch.no_grad()
+def decode_latents(tok: VTPModel, z: Tensor, stats: dict, multiplier: float = 1.0, batch_size: int = 256) -> Tensor:
+    "uint8 images (n, 3, H, W) of standardised latents `z` decoded by tokenizer `tok`."
+    dev = next(tok.parameters()).device
+    out = []
+    for s in range(0, len(z), batch_size):
+        x = tok.get_latents_decoded_images(destandardize(z[s:s + batch_size].to(dev), stats, multiplier))
+        out.append(to_uint8(x.float()).cpu())
+    return torch.cat(out)
+
+@torch.no_grad()
 def sample_images(dit_run, tokenizer, n: int = 100, cfg_scale: float = 1.0, steps: int = 250, sampler: str = 'euler',
-                  seed: int = 0, timestep_shift: float = 0.075, cfg_interval=(0., 1.), guide_channels: int | None = None,
+                  seed: int = 0, timestep_shift: float = 0.075, cfg_interval=(0., 1.),
+                  guide_channels: int | None = None,
                   labels=None, batch_size: int = 256, device=None, ema: bool = True) -> tuple[Tensor, Tensor]:
     "`n` class-balanced samples of a DiT run decoded by `tokenizer` (VTPModel or folder): (uint8 images, labels)."
     device = get_device(device)
     fin = Path(dit_run)/'final'
-    model, transport = load_lightningdit(fin, device=str(device), weights='model.safetensors' if ema else 'online.safetensors')
+    weights = 'model.safetensors' if ema else 'online.safetensors'
+    model, transport = load_lightningdit(fin, device=str(device), weights=weights)
     stats, mult = load_latents_stats(fin), transport.get('latent_multiplier', 1.0)
-    tok = tokenizer if isinstance(tokenizer, VTPModel) else VTPModel.from_pretrained(tokenizer_folder(tokenizer), device=str(device))
-    tok = tok.to(device).eval()
+    if not isinstance(tokenizer, VTPModel):
+        tokenizer = VTPModel.from_pretrained(tokenizer_folder(tokenizer), device=str(device))
+    tok = tokenizer.to(device).eval()
     z, labels = sample_latents(model, n, labels, seed, batch_size, device, num_steps=steps, sampler=sampler,
-                               timestep_shift=timestep_shift, cfg_scale=cfg_scale, cfg_interval=cfg_interval, guide_channels=guide_channels)
-    imgs = [to_uint8(tok.get_latents_decoded_images(destandardize(z[s:s + batch_size].to(device), stats, mult)).float()).cpu()
-            for s in range(0, n, batch_size)]
-    return torch.cat(imgs), labels
+                               timestep_shift=timestep_shift, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                               guide_channels=guide_channels)
+    return decode_latents(tok, z, stats, mult, batch_size), labels
 
 # %% ../nbs/11_flow.ipynb #0461350e
-def main(argv=None):
-    "Command-line entry point of `train_dit`."
-    p = argparse.ArgumentParser(description='Train LightningDiT with flow matching on a latents run.')
-    p.add_argument('--latents-dir', required=True, help='a runs/latents/<hash> directory (extract_latents)')
-    p.add_argument('--config', help='JSON file with DiTTrainConfig fields')
-    p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='DiTTrainConfig field overrides')
-    p.add_argument('--runs-dir'); p.add_argument('--device'); p.add_argument('--max-steps', type=int)
-    p.add_argument('--no-progress', action='store_true')
-    p.add_argument('--fsdp', action='store_true', help='under torchrun: shard the model and its EMA (FSDP2) instead of DDP')
-    a = p.parse_args(argv)
-    d = json.loads(Path(a.config).read_text()) if a.config else {}
-    try: cfg = DiTTrainConfig.from_dict({**d, **parse_overrides(a.set)})
-    except (ValueError, TypeError) as e: p.error(str(e))
-    run = train_dit(cfg, a.latents_dir, a.runs_dir, a.device, a.max_steps, progress=not a.no_progress, fsdp=a.fsdp)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0: print(run)
-    return run
+main = training_cli(train_dit, DiTTrainConfig, 'Train LightningDiT with flow matching on a latents run.',
+                    inputs=(('--latents-dir', 'a runs/latents/<hash> directory (extract_latents)'),),
+                    fsdp_help='shard the model and its EMA (FSDP2)')
 
-if __name__ == '__main__' and '__file__' in globals(): main()
+if __name__ == '__main__' and '__file__' in globals():
+    raise SystemExit(main())

@@ -13,6 +13,7 @@ from .data import get_dataset, to_uint8
 from .latents import extract_latents, tokenizer_folder, tokenizer_hash
 from .flow import DiTTrainConfig, train_dit, sample_images
 from .fid import fidelity_metrics, iter_uint8_batches
+from .runs import write_json
 
 # %% auto #0
 __all__ = ['GenerationEvalConfig', 'generation_metrics']
@@ -23,7 +24,8 @@ class GenerationEvalConfig(PlainConfig):
     "The fixed generation proxy: DiT training on the tokenizer's latents, then sampling and FD."
     dataset: str = 'shapes'
     n_latents: int = 10_000              # training images encoded (+ their flips)
-    dit: dict = field(default_factory=lambda: dict(preset='S', steps=1000, batch=64, lr=1e-3, ema_decay=0.999, log_every=100, ckpt_every=500))
+    dit: dict = field(default_factory=lambda: dict(preset='S', steps=1000, batch=64, lr=1e-3, ema_decay=0.999,
+                                                   log_every=100, ckpt_every=500))
     n_samples: int = 2_000               # generated images, class-balanced
     n_ref: int = 2_000                   # real test images for the reference statistics
     sampler: str = 'euler'
@@ -44,19 +46,24 @@ def generation_metrics(tokenizer, cfg: GenerationEvalConfig | None = None, runs_
                           seed=cfg.seed, progress=progress)
     dit_cfg = DiTTrainConfig.from_dict({'seed': cfg.seed, **cfg.dit})
     run = train_dit(dit_cfg, lat, runs_dir, device, progress=progress)
-    key = dict(sampling={k: v for k, v in cfg.to_dict().items() if k not in ('dit', 'n_latents')}, tokenizer=tokenizer_hash(tokenizer))
+    key = dict(sampling={k: v for k, v in cfg.to_dict().items() if k not in ('dit', 'n_latents')},
+               tokenizer=tokenizer_hash(tokenizer))
     out = run/f'generation_{config_hash(key)}.json'
-    if out.exists(): return json.loads(out.read_text())
+    if out.exists():
+        return json.loads(out.read_text())
     t1 = time.time()
     imgs, labels = sample_images(run, tokenizer, cfg.n_samples, cfg.cfg_scale, cfg.steps, cfg.sampler, cfg.seed,
                                  cfg.timestep_shift, cfg.cfg_interval, device=device)
     t2 = time.time()
-    ref = get_dataset(cfg.dataset, 'test', res=imgs.shape[-1], seed=cfg.seed, size=cfg.n_ref) if cfg.dataset == 'shapes' \
-        else get_dataset(cfg.dataset, 'test', res=imgs.shape[-1])
+    if cfg.dataset == 'shapes':
+        ref = get_dataset(cfg.dataset, 'test', res=imgs.shape[-1], seed=cfg.seed, size=cfg.n_ref)
+    else:
+        ref = get_dataset(cfg.dataset, 'test', res=imgs.shape[-1])
     m = fidelity_metrics(imgs, ref, extractor=cfg.dataset, n2=cfg.n_ref, device=device)
-    m.update(dict(tokenizer=str(tokenizer), tokenizer_hash=tokenizer_hash(tokenizer), latents_dir=str(lat), dit_run=str(run),
-                  dit_proxy=dit_cfg.to_dict(), generation_config=cfg.to_dict(), label_sampling='class-balanced',
-                  n_samples=len(imgs), seconds=dict(latents_and_dit=t1 - t0, sampling=t2 - t1, metrics=time.time() - t2)))
+    seconds = dict(latents_and_dit=t1 - t0, sampling=t2 - t1, metrics=time.time() - t2)
+    m.update(dict(tokenizer=str(tokenizer), tokenizer_hash=tokenizer_hash(tokenizer), latents_dir=str(lat),
+                  dit_run=str(run), dit_proxy=dit_cfg.to_dict(), generation_config=cfg.to_dict(),
+                  label_sampling='class-balanced', n_samples=len(imgs), seconds=seconds))
     torch.save(dict(images=imgs[:keep_samples], labels=labels[:keep_samples]), run/f'samples_{config_hash(key)}.pt')
-    tmp = out.with_suffix('.tmp'); tmp.write_text(json.dumps(m, indent=1, default=str)); tmp.replace(out)
+    write_json(out, m)
     return m

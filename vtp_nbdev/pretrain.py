@@ -4,28 +4,26 @@
 
 # %% ../nbs/05_pretrain.ipynb #614ef184
 from __future__ import annotations
-import argparse, contextlib, json, math, os, re, shutil, sys, tempfile, time, types
-from dataclasses import dataclass, field, asdict, fields
+import contextlib, json, math
+from dataclasses import dataclass, field
 from pathlib import Path
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-import torch.distributed as dist
-from safetensors.torch import save_file, load_file, safe_open
 from tqdm.auto import tqdm
-from .config import PlainConfig, neutral_field, get_settings, get_device, config_hash, seed_everything
-from .data import get_dataset, MemoDataset, multicrop, block_masks
+from .config import PlainConfig, neutral_field, get_device, seed_everything, setup_threads
+from .data import get_dataset, MemoDataset, multicrop, block_masks, DATASETS
 from .tokenizer import VTPModel, VTPPretrainModel, vtp_config, flop_counter_mode, VTP_PRESETS
-from .losses import (ClipLoss, SigLipLoss, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT, DINOLoss, iBOTPatchLoss, KoLeoLoss, ReconstructionLoss, loss_weights, total_loss,
+from .losses import (ClipLoss, SigLipLoss, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT, DINOLoss,
+                              iBOTPatchLoss, KoLeoLoss, ReconstructionLoss, loss_weights, total_loss,
                               teacher_temp_schedule, exp_logit_scale, LOSS_PRESETS)
+from .runs import (Recipe, fit, training_cli, run_dir, batch_indices, batch_to, rank_world, gathered,
+                            full_tensor, shard_optimizer, rewrite_jsonl, atomic_save)
 
 # %% auto #0
-__all__ = ['PretrainConfig', 'cosine_schedule', 'step_schedules', 'batch_indices', 'indices_on', 'masked_tokens', 'VTPPretrainer',
-           'MicroBatch', 'micro_batches', 'accumulate_grads', 'count_step_flops', 'atomic_save', 'checkpoint_state',
-           'CheckpointError', 'read_checkpoint', 'restore_checkpoint', 'latest_checkpoint', 'make_optimizer',
-           'run_dir_for', 'log_spaced_steps', 'compile_blocks', 'shard_optimizer', 'shard_tokenizer', 'pretrain',
-           'step_batches', 'parse_overrides', 'main', 'GANFinetuneConfig', 'finetune_decoder_gan', 'demo_config']
+__all__ = ['main', 'PretrainConfig', 'cosine_schedule', 'step_schedules', 'indices_on', 'masked_tokens', 'VTPPretrainer',
+           'MicroBatch', 'micro_batches', 'accumulate_grads', 'count_step_flops', 'make_optimizer', 'run_dir_for',
+           'load_batch', 'step_batches', 'compile_blocks', 'shard_tokenizer', 'PretrainRecipe', 'pretrain',
+           'GANFinetuneConfig', 'finetune_decoder_gan', 'demo_config']
 
 # %% ../nbs/05_pretrain.ipynb #c582decb
 @dataclass
@@ -62,57 +60,91 @@ class PretrainConfig(PlainConfig):
     log_every: int = 10
     ckpt_every: int = 100                # rolling checkpoint for resume
     ckpt_log_points: int = 0             # extra checkpoints at this many log-spaced steps (scaling curves)
-    num_workers: int = 0                 # data-loader processes that prefetch batches (0: collated in this process)
+    # prefetching processes: identical batches (0: collated here; not hashed while 0)
+    num_workers: int = neutral_field(0)
     grad_accum: int = neutral_field(1)   # micro-batches per step (same global batch; not hashed while 1)
     compile: bool = neutral_field(False) # torch.compile each transformer block (not hashed while off)
 
     def __post_init__(self):
-        for k in ('mask_ratio', 'teacher_temp', 'ema_momentum', 'betas'): setattr(self, k, tuple(getattr(self, k)))
+        for k in ('mask_ratio', 'teacher_temp', 'ema_momentum', 'betas'):
+            setattr(self, k, tuple(getattr(self, k)))
         self.validate()
 
     def validate(self):
         "Clear errors for impossible settings."
-        if self.losses not in LOSS_PRESETS: raise ValueError(f"losses={self.losses!r}; expected one of {list(LOSS_PRESETS)}")
+        if self.losses not in LOSS_PRESETS:
+            raise ValueError(f"losses={self.losses!r}; expected one of {list(LOSS_PRESETS)}")
         for k in ('steps', 'batch_clip', 'batch_ssl', 'batch_rec', 'log_every', 'ckpt_every', 'grad_accum'):
             v = getattr(self, k)
-            if not isinstance(v, int) or v <= 0: raise ValueError(f"PretrainConfig.{k}={v!r}; expected a positive integer")
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"PretrainConfig.{k}={v!r}; expected a positive integer")
         if (self.uses_ssl and self.batch_ssl > self.batch_clip) or self.batch_rec > self.batch_clip:
-            raise ValueError(f"batch_ssl={self.batch_ssl} and batch_rec={self.batch_rec} must be <= batch_clip={self.batch_clip} (subsets of the batch)")
-        if self.clip_loss not in ('softmax', 'siglip'): raise ValueError(f"clip_loss={self.clip_loss!r}; expected 'softmax' or 'siglip'")
-        if self.dino_mode not in ('centering', 'sinkhorn_knopp'): raise ValueError(f"dino_mode={self.dino_mode!r}; expected 'centering' or 'sinkhorn_knopp'")
+            raise ValueError(f"batch_ssl={self.batch_ssl} and batch_rec={self.batch_rec} must be <= "
+                             f"batch_clip={self.batch_clip} (subsets of the batch)")
+        if self.clip_loss not in ('softmax', 'siglip'):
+            raise ValueError(f"clip_loss={self.clip_loss!r}; expected 'softmax' or 'siglip'")
+        if self.dino_mode not in ('centering', 'sinkhorn_knopp'):
+            raise ValueError(f"dino_mode={self.dino_mode!r}; expected 'centering' or 'sinkhorn_knopp'")
         if {**VTP_PRESETS.get(self.preset, {}), **self.model}.get('vision_arch') == 'cnn' and self.losses != 'AE':
-            raise ValueError(f"losses={self.losses!r} needs a ViT tokenizer (CLIP and DINO/iBOT read its CLS, mask and patch tokens); "
-                             f"preset={self.preset!r} is the CNN auto-encoder (vision_arch='cnn'), which trains only with losses='AE'")
+            raise ValueError(f"losses={self.losses!r} needs a ViT tokenizer (CLIP and DINO/iBOT read its CLS, "
+                             f"mask and patch tokens); preset={self.preset!r} is the CNN auto-encoder "
+                             "(vision_arch='cnn'), which trains only with losses='AE'")
         vtp_config(self.preset, **self.model_overrides())   # raises on unknown presets / bad model fields
-        if self.grad_accum > 1: self.check_accumulation()
+        self.check_dataset()
+        if self.grad_accum > 1:
+            self.check_accumulation()
+
+    def check_dataset(self):
+        "Clear errors for unknown datasets and missing required `dataset_kwargs`."
+        if self.dataset not in DATASETS:
+            raise ValueError(f"PretrainConfig.dataset={self.dataset!r}; expected one of {list(DATASETS)}")
+        need = dict(image_text='source', image_folder='root').get(self.dataset)
+        if need and need not in self.dataset_kwargs:
+            raise ValueError(f"PretrainConfig.dataset={self.dataset!r} needs dataset_kwargs[{need!r}] "
+                             "(the data on disk)")
+
+    def data_kwargs(self) -> dict:
+        "Keyword arguments of `get_dataset`: `dataset_kwargs`, plus the run's seed for the datasets that draw with one."
+        seeded = self.dataset in ('shapes', 'fashion_mnist', 'image_folder')
+        return {'seed': self.seed, **self.dataset_kwargs} if seeded else dict(self.dataset_kwargs)
 
     def check_accumulation(self, world: int = 1):
         "Clear errors for gradient accumulation settings that cannot reproduce the full-batch step."
         k, n = self.grad_accum, self.grad_accum * world
-        subsets = ('batch_clip', *(('batch_ssl',) if self.uses_ssl else ()), *(('batch_rec',) if self.losses != 'AE' else ()))
+        subsets = ['batch_clip'] + ['batch_ssl'] * self.uses_ssl + ['batch_rec'] * (self.losses != 'AE')
         if bad := [f'{b}={getattr(self, b)}' for b in subsets if getattr(self, b) % n]:
-            raise ValueError(f"grad_accum={k} x world size {world}: {', '.join(bad)} must be divisible by {n} (every micro-batch takes its share of each subset)")
-        if self.weights.get('koleo', 0) > 0: raise ValueError(f"grad_accum={k} does not support the KoLeo term (nearest neighbours within the whole batch)")
+            raise ValueError(f"grad_accum={k} x world size {world}: {', '.join(bad)} must be divisible by {n} "
+                             "(every micro-batch takes its share of each subset)")
+        if self.weights.get('koleo', 0) > 0:
+            raise ValueError(f"grad_accum={k} does not support the KoLeo term "
+                             "(nearest neighbours within the whole batch)")
         if self.uses_clip and self.drop_path_main > 0:
-            raise ValueError(f"grad_accum={k} with CLIP needs drop_path_main=0: the cached features of the other micro-batches must equal their recomputation")
+            raise ValueError(f"grad_accum={k} with CLIP needs drop_path_main=0: the cached features of the other "
+                             "micro-batches must equal their recomputation")
 
     @property
-    def weights(self) -> dict: return loss_weights(self.losses, **self.loss_weights)
+    def weights(self) -> dict:
+        return loss_weights(self.losses, **self.loss_weights)
     @property
-    def uses_clip(self) -> bool: return self.weights['clip'] > 0
+    def uses_clip(self) -> bool:
+        return self.weights['clip'] > 0
     @property
-    def uses_ssl(self) -> bool: return self.weights['ssl'] > 0
+    def uses_ssl(self) -> bool:
+        return self.weights['ssl'] > 0
 
     def model_overrides(self) -> dict:
         "Model fields implied by the losses (no text tower without CLIP) plus the user's overrides."
         w = loss_weights(self.losses, **self.loss_weights)
-        siglip = dict(init_logit_scale=SIGLIP_LOGIT_SCALE_INIT, init_logit_bias=SIGLIP_LOGIT_BIAS_INIT) if self.clip_loss == 'siglip' else {}
+        siglip = dict(init_logit_scale=SIGLIP_LOGIT_SCALE_INIT,
+                      init_logit_bias=SIGLIP_LOGIT_BIAS_INIT) if self.clip_loss == 'siglip' else {}
         return {'train_clip': w['clip'] > 0, **siglip, **self.model}
 
 # %% ../nbs/05_pretrain.ipynb #97e3c9a0
-def cosine_schedule(step: int, total: int, start: float, end: float, warmup: int = 0, warmup_start: float = 0.) -> float:
+def cosine_schedule(step: int, total: int, start: float, end: float, warmup: int = 0,
+                    warmup_start: float = 0.) -> float:
     "Linear warm-up from `warmup_start` to `start` over `warmup` steps, then cosine from `start` to `end`."
-    if step < warmup: return warmup_start + (start - warmup_start) * step / warmup
+    if step < warmup:
+        return warmup_start + (start - warmup_start) * step / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -122,25 +154,13 @@ def step_schedules(cfg: PretrainConfig, step: int) -> dict:
                 momentum=cosine_schedule(step, cfg.steps, cfg.ema_momentum[0], cfg.ema_momentum[1]),
                 teacher_temp=teacher_temp_schedule(step, int(cfg.teacher_temp_warmup * cfg.steps), *cfg.teacher_temp))
 
-# %% ../nbs/05_pretrain.ipynb #7eae80a0
-def batch_indices(step: int, batch: int, n: int, seed: int = 0, rank: int = 0, world: int = 1) -> list:
-    "Dataset indices of global batch `step` (size `batch`) for `rank`: epoch-wise permutations, sliced per rank."
-    if batch % world: raise ValueError(f"global batch {batch} is not divisible by the world size {world}")
-    out, pos = [], step * batch
-    while len(out) < batch:
-        epoch, off = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        take = perm[off:off + batch - len(out)].tolist()
-        out += take; pos += len(take)
-    return out[rank::world]
-
 # %% ../nbs/05_pretrain.ipynb #af2bc60a
 def indices_on(mask: torch.Tensor, device) -> torch.Tensor:
     "Positions of the True entries of a (CPU) bool `mask`, flattened, as indices on `device`: no host sync on CUDA."
     return mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
 
 def masked_tokens(tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    "The tokens (B, N, D) where `masks` (B, N) is True, as (M, D) in row-major order (boolean indexing without its sync)."
+    "The tokens (B, N, D) where `masks` (B, N) is True, as (M, D) in row-major order (no host sync)."
     return tokens.flatten(0, 1).index_select(0, indices_on(masks, tokens.device))     # (M, D)
 
 # %% ../nbs/05_pretrain.ipynb #963fa668
@@ -159,7 +179,8 @@ class VTPPretrainer(nn.Module):
         self.rec_loss = ReconstructionLoss(cfg.lpips_path, perceptual_weight=1.0 if cfg.lpips_path else 0.0)
 
     @property
-    def model(self) -> VTPModel: return self.net.model
+    def model(self) -> VTPModel:
+        return self.net.model
 
     def forward(self, batch: dict, step: int, micro: MicroBatch | None = None):
         cfg, m, terms = self.cfg, self.net.model, {}
@@ -178,8 +199,11 @@ class VTPPretrainer(nn.Module):
         p = m.config.vision_patch_size
         z = m.tokens_to_latents(patch[:b_rec], (images.shape[-2] // p, images.shape[-1] // p))   # (b_rec, d, h, w)
         terms['rec'] = self.rec_loss(m.get_latents_decoded_images(z), images[:b_rec])
-        if cfg.uses_ssl: terms.update(self.ssl_terms(images[:b_ssl], step) if micro is None else self.ssl_student(micro.ssl_targets()))
-        if micro is not None: terms = {k: v if k == 'clip' else v / micro.k for k, v in terms.items()}   # means over the whole batch
+        if cfg.uses_ssl:
+            terms.update(self.ssl_terms(images[:b_ssl],
+                                        step) if micro is None else self.ssl_student(micro.ssl_targets()))
+        if micro is not None:
+            terms = {k: v if k == 'clip' else v / micro.k for k, v in terms.items()}   # means over the whole batch
         total = total_loss(terms, self.weights)
         return total, {k: v.detach() for k, v in terms.items()}
 
@@ -194,19 +218,21 @@ class VTPPretrainer(nn.Module):
     def ssl_targets(self, images, step) -> dict:
         "Multi-crops and iBOT masks of `images` with the EMA teacher's DINO and iBOT targets (no gradient)."
         cfg, net, m = self.cfg, self.net, self.net.model
-        rank, world = _rank_world()                                                # draws for the global batch, our rows kept
+        rank, world = rank_world()   # draws for the global batch, our rows kept
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         crops = multicrop(images, 2, cfg.n_local_crops, m.config.vision_patch_size, generator=g, rank=rank, world=world)
         glob, loc = torch.cat(crops[:2]), crops[2:]                                # (2b, 3, H, W), [(b, 3, l, l)]
         b = images.shape[0]
-        gh = glob.shape[-2] // m.config.vision_patch_size; gw = glob.shape[-1] // m.config.vision_patch_size
+        gh = glob.shape[-2] // m.config.vision_patch_size
+        gw = glob.shape[-1] // m.config.vision_patch_size
         masks = block_masks(2 * b * world, (gh, gw), cfg.mask_ratio, cfg.mask_prob, generator=g)           # (2bW, N)
-        masks = masks.view(2, b * world, -1)[:, rank::world].reshape(2 * b, -1)                          # (2b, N), on the CPU
+        masks = masks.view(2, b * world, -1)[:, rank::world].reshape(2 * b, -1)   # (2b, N), on the CPU
         temp = step_schedules(cfg, step)['teacher_temp']
         with torch.no_grad():
             t_cls, t_patch = net.teacher.trunk.forward_features(glob)              # (2b, D), (2b, N, D)
             t_sem = lambda t: t if m.config.vision_bottleneck_ae_only else net.teacher.trunk.bottleneck(t)
-            t_logits = net.teacher.dino_head(t_sem(torch.cat([t_cls, masked_tokens(t_patch, masks)])))   # (2b + M, K): one head call
+            # (2b + M, K): one head call
+            t_logits = net.teacher.dino_head(t_sem(torch.cat([t_cls, masked_tokens(t_patch, masks)])))
             t_cls_logits, t_patch_logits = t_logits[:2 * b], t_logits[2 * b:]     # (2b, K), (M, K)
             pd = self._teacher(self.dino_loss, t_cls_logits.view(2, b, -1), temp)  # (2, b, K)
             pi = self._teacher(self.ibot_loss, t_patch_logits, temp)               # (M, K)
@@ -217,25 +243,26 @@ class VTPPretrainer(nn.Module):
         cfg, net, m = self.cfg, self.net, self.net.model
         glob, loc, masks, pd, pi = t['glob'], t['loc'], t['masks'], t['pd'], t['pi']
         m.trunk.set_drop_path(cfg.drop_path_ssl)
-        s_cls, s_patch = m.forward_features(glob, masks.to(glob.device, non_blocking=True))   # student on masked global crops
-        cls = [s_cls] + ([m.forward_features(torch.cat(loc))[0]] if loc else [])   # (2b, D) + (n_local*b, D): one pass for all local crops
+        # student on masked global crops
+        s_cls, s_patch = m.forward_features(glob, masks.to(glob.device, non_blocking=True))
+        # (2b, D) + (n_local*b, D): one pass for all local crops
+        cls = [s_cls] + ([m.forward_features(torch.cat(loc))[0]] if loc else [])
         s_tok = torch.cat(cls + [masked_tokens(s_patch, masks)])                  # (2b + n_local*b + M, D)
         s_out = net.dino_head(m.semantic_features(s_tok))                         # one head call for DINO and iBOT
         n_cls = sum(c.shape[0] for c in cls)
         s_logits = s_out[:n_cls].chunk(2 + len(loc))                               # (2 + n_local) x (b, K)
         out = dict(dino=self.dino_loss(list(s_logits), list(pd)))
-        if masks.any(): out['ibot'] = self.ibot_loss(s_out[n_cls:], pi, masks)     # masks on the CPU: no host sync
-        else: out['ibot'] = s_patch.sum() * 0                                      # no masked token in this batch
-        if self.koleo_loss is not None: out['koleo'] = sum(self.koleo_loss(c) for c in s_cls.chunk(2)) / 2
+        if masks.any():
+            out['ibot'] = self.ibot_loss(s_out[n_cls:], pi, masks)     # masks on the CPU: no host sync
+        else:
+            out['ibot'] = s_patch.sum() * 0                                      # no masked token in this batch
+        if self.koleo_loss is not None:
+            out['koleo'] = sum(self.koleo_loss(c) for c in s_cls.chunk(2)) / 2
         return out
 
     def _teacher(self, loss, logits, temp):
-        return loss.teacher_probs(logits, temp, mode=self.cfg.dino_mode, update_center=self.cfg.dino_mode == 'centering')
-
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-def _rank() -> int: return _rank_world()[0]
+        return loss.teacher_probs(logits, temp, mode=self.cfg.dino_mode,
+                                  update_center=self.cfg.dino_mode == 'centering')
 
 # %% ../nbs/05_pretrain.ipynb #c536b478
 def _grad_scaled(x: torch.Tensor, w: float) -> torch.Tensor:
@@ -263,7 +290,7 @@ class MicroBatch:
         keep = torch.arange(b) % k == j                                             # (b,), on the CPU like the masks
         rows = keep.repeat(2)                                                       # (2b,): both global crops
         tok_rows = t['masks'].nonzero()[:, 0]                                       # (M,): the row of each masked token
-        on = lambda i: indices_on(i, t['glob'].device)                              # bool (CPU) -> indices on the device
+        on = lambda i: indices_on(i, t['glob'].device)   # bool (CPU) -> indices on the device
         return dict(glob=t['glob'][on(rows)], loc=[l[on(keep)] for l in t['loc']], masks=t['masks'][rows],
                     pd=t['pd'][:, on(keep)], pi=t['pi'][on(rows[tok_rows])])
 
@@ -278,21 +305,27 @@ def micro_batches(trainer: VTPPretrainer, batch: dict, step: int, k: int) -> lis
         m.trunk.set_drop_path(cfg.drop_path_main)
         cls, patch = m.forward_features(images)                                     # (B, D), (B, N, D)
         clip = (m.clip_image_feature_from_tokens(cls, patch), m.get_clip_text_feature(tokens))
-    if cfg.uses_ssl: ssl = trainer.ssl_targets(images[:max(2, B * cfg.batch_ssl // cfg.batch_clip)], step)
+    if cfg.uses_ssl:
+        ssl = trainer.ssl_targets(images[:max(2, B * cfg.batch_ssl // cfg.batch_clip)], step)
     return [MicroBatch(j, k, clip, ssl) for j in range(k)]
 
-def accumulate_grads(trainer: VTPPretrainer, batch: dict, step: int, k: int, ddp: nn.Module | None = None, amp=None) -> tuple:
-    "Forward + backward of `batch` as `k` micro-batches into `.grad` (DDP syncs on the last); (loss, terms) of the batch."
+def accumulate_grads(trainer: VTPPretrainer, batch: dict, step: int, k: int, ddp: nn.Module | None = None,
+                     amp=None) -> tuple:
+    "Forward + backward of `batch` as `k` micro-batches into `.grad` (DDP syncs on the last); (loss, terms)."
     ddp, amp = ddp or trainer, amp or contextlib.nullcontext()
-    with amp: micro = trainer.micro_batches(batch, step, k)
+    with amp:
+        micro = trainer.micro_batches(batch, step, k)
     terms = {}
     for mb in micro:
         part = {key: v[mb.j::k] for key, v in batch.items()}
-        sync = ddp.no_sync() if mb.j < k - 1 and isinstance(ddp, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+        defer_sync = mb.j < k - 1 and isinstance(ddp, nn.parallel.DistributedDataParallel)
+        sync = ddp.no_sync() if defer_sync else contextlib.nullcontext()
         with sync:
-            with amp: loss, t = ddp(part, step, mb)
+            with amp:
+                loss, t = ddp(part, step, mb)
             loss.backward()
-        for name, v in t.items(): terms[name] = v if name == 'clip' else terms.get(name, 0) + v   # clip: the whole batch's value
+        for name, v in t.items():
+            terms[name] = v if name == 'clip' else terms.get(name, 0) + v   # clip: the whole batch's value
     return total_loss(terms, trainer.weights).detach(), terms
 
 # %% ../nbs/05_pretrain.ipynb #efe542c8
@@ -302,151 +335,49 @@ def count_step_flops(trainer: VTPPretrainer, batch: dict, step: int = 0) -> int:
     with flop_counter_mode() as fc:
         loss, _ = trainer(batch, step)
         loss.backward()
-    trainer.zero_grad(set_to_none=True); trainer.load_state_dict(state)
+    trainer.zero_grad(set_to_none=True)
+    trainer.load_state_dict(state)
     return int(fc.get_total_flops())
-
-# %% ../nbs/05_pretrain.ipynb #e7fa7689
-def atomic_save(tensors: dict, path, metadata: dict | None = None):
-    "Write a safetensors file atomically: temp file in the same folder, fsync, rename."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'); os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, 'rb') as f: os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY); os.fsync(dfd); os.close(dfd)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            try: os.unlink(tmp)
-            except OSError: pass
-        if not isinstance(e, OSError) or e.errno is None: raise
-        kept = sorted(path.parent.glob(re.sub(r'\d+', '*', path.name)))   # `last-00000002` -> the newest `last-*` on disk
-        raise OSError(e.errno, f"cannot write checkpoint {path} ({e.strerror}); the last good checkpoint in {path.parent} is kept"
-                      + (f" ({kept[-1].name})" if kept else '')) from e
-    return path
-
-def checkpoint_state(trainer: nn.Module, opt: torch.optim.Optimizer, step: int, cfg_hash: str) -> tuple[dict, dict]:
-    "(tensors, metadata) of a training checkpoint."
-    tensors = {f'model.{k}': v for k, v in trainer.state_dict().items()}
-    osd = opt.state_dict()
-    for i, st in osd['state'].items():
-        for k, v in st.items(): tensors[f'optim.{i}.{k}'] = v if torch.is_tensor(v) else torch.tensor(v)
-    tensors['rng.torch'] = torch.get_rng_state()
-    meta = dict(step=str(step), config_hash=cfg_hash, param_groups=json.dumps(osd['param_groups']), format='vtp_nbdev.pretrain.v1')
-    return tensors, meta
-
-# %% ../nbs/05_pretrain.ipynb #e70e53b5
-class CheckpointError(RuntimeError):
-    "A checkpoint that cannot be used: unreadable, truncated, from another run or architecture."
-
-def read_checkpoint(path) -> tuple[dict, dict]:
-    "Load (tensors, metadata) of a checkpoint, with a clear error naming the file when it is corrupt."
-    path = Path(path)
-    try:
-        with safe_open(str(path), 'pt') as f: meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as e: raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__}: {e})") from None
-    if meta.get('format') != 'vtp_nbdev.pretrain.v1': raise CheckpointError(f"{path}: not a vtp_nbdev pre-training checkpoint (metadata {meta})")
-    return tensors, meta
-
-def restore_checkpoint(trainer: nn.Module, opt, path, cfg_hash: str) -> int:
-    "Load a checkpoint into trainer and optimiser (strict); returns its step."
-    tensors, meta = read_checkpoint(path)
-    if meta['config_hash'] != cfg_hash:
-        raise CheckpointError(f"{path}: written by run {meta['config_hash']}, not by this config ({cfg_hash})")
-    sd = {k[6:]: v for k, v in tensors.items() if k.startswith('model.')}
-    missing, unexpected = trainer.state_dict().keys() - sd.keys(), sd.keys() - trainer.state_dict().keys()
-    if missing or unexpected: raise CheckpointError(f"{path}: keys differ from the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    trainer.load_state_dict(sd, strict=True)
-    state = {}
-    for k, v in tensors.items():
-        if k.startswith('optim.'):
-            _, i, name = k.split('.', 2); state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict(dict(state=state, param_groups=json.loads(meta['param_groups'])))
-    torch.set_rng_state(tensors['rng.torch'])
-    return int(meta['step'])
-
-def latest_checkpoint(ckpt_dir) -> Path | None:
-    "Newest readable rolling checkpoint `last-*.safetensors` (a corrupt newer one is reported and skipped)."
-    for p in sorted(Path(ckpt_dir).glob('last-*.safetensors'), reverse=True):
-        try: read_checkpoint(p); return p
-        except CheckpointError as e: print(f"warning: {e}; falling back to an older checkpoint", file=sys.stderr)
-    return None
 
 # %% ../nbs/05_pretrain.ipynb #2d740075
 def make_optimizer(trainer: nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
-    "AdamW with weight decay on matrices only."
+    "AdamW (fused kernel) with weight decay on matrices only."
     decay, no_decay = [], []
     for n, p in trainer.named_parameters():
-        if p.requires_grad: (decay if p.ndim >= 2 and 'token' not in n else no_decay).append(p)
-    return torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.)],
-                             lr=cfg.lr, betas=cfg.betas, fused=True)   # one fused kernel: ~3.6x faster than foreach on CPU (rounding-level differences)
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and 'token' not in n else no_decay).append(p)
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
 
 # %% ../nbs/05_pretrain.ipynb #e493b519
 def run_dir_for(cfg: PretrainConfig, runs_dir=None) -> Path:
     "The run directory of a config: `<runs_dir>/tokenizer/<hash>`."
-    return Path(runs_dir or get_settings()['runs_dir'])/'tokenizer'/config_hash(cfg.to_dict())
+    return run_dir('tokenizer', cfg.to_dict(), runs_dir)
 
-def log_spaced_steps(total: int, n: int) -> list:
-    "`n` roughly log-spaced step numbers in [1, total] (always including `total`)."
-    if n <= 0: return []
-    return sorted({int(round(x)) for x in np.geomspace(max(1, total / 2 ** (n - 1) if n > 1 else total), total, n)} | {total})
+def load_batch(ds, idx: list, device) -> dict:
+    "Collate the samples `idx` of `ds` and move the tensors to `device` (CUDA: pinned memory, no host sync)."
+    return batch_to(torch.utils.data.default_collate([ds[i] for i in idx]), device)
 
-# %% ../nbs/05_pretrain.ipynb #b2afe38f
-def _write_metrics(run: Path, rows: list):
-    import pandas as pd
-    pd.DataFrame(rows).to_csv(run/'metrics.csv', index=False)
-
-def _init_distributed(device: torch.device) -> tuple[int, int]:
-    "Initialise torch.distributed from torchrun's environment (gloo on CPU, NCCL on CUDA); (rank, world)."
-    if int(os.environ.get('WORLD_SIZE', '1')) <= 1: return 0, 1
-    if not dist.is_initialized(): dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    if device.type == 'cpu':   # share the cores: oversubscribed OpenMP threads spin and slow every rank down many-fold
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', dist.get_world_size()))))
-    return dist.get_rank(), dist.get_world_size()
+def step_batches(ds, indices, num_workers: int, device):
+    "Iterator over the batches of `indices` (one index list per step), in order: collated here, or by worker processes."
+    if num_workers == 0:
+        return (load_batch(ds, i, device) for i in indices)
+    pin = torch.device(device).type == 'cuda'
+    dl = torch.utils.data.DataLoader(ds, batch_sampler=indices, num_workers=num_workers, pin_memory=pin,
+                                     prefetch_factor=4)                   # every sample is deterministic by index
+    return (batch_to(b, device) for b in dl)
 
 # %% ../nbs/05_pretrain.ipynb #011e3574
 def compile_blocks(module: nn.Module) -> int:
-    "`torch.compile` every member of every `nn.ModuleList` of `module` in place (its transformer blocks); returns how many."
+    "`torch.compile` in place every member of every `nn.ModuleList` of `module` (its blocks); returns how many."
     blocks = [b for m in module.modules() if isinstance(m, nn.ModuleList) for b in m]
-    for b in blocks: b.compile()
+    for b in blocks:
+        b.compile()
     return len(blocks)
 
 # %% ../nbs/05_pretrain.ipynb #b367e887
-def _full(x):
-    "A DTensor (FSDP shard) gathered to the whole tensor; anything else unchanged (collective: call on every rank)."
-    from torch.distributed.tensor import DTensor
-    return x.full_tensor() if isinstance(x, DTensor) else x
-
-def _gathered(module: nn.Module, opt=None) -> tuple:
-    "Stand-ins with `state_dict()` of whole tensors (in their unsharded shapes) for a sharded module and optimiser (collective)."
-    shapes = getattr(module, '_fsdp_shapes', {})                         # parameters reshaped for FSDP -> their own shape
-    sd = {k: _full(v).reshape(shapes[k]) if k in shapes else _full(v) for k, v in module.state_dict().items()}
-    out = [types.SimpleNamespace(state_dict=lambda: sd)]
-    if opt is not None:
-        name = {id(p): n for n, p in module.named_parameters()}
-        idx = [name.get(id(p)) for g in opt.param_groups for p in g['params']]      # optimiser state index -> parameter
-        osd = opt.state_dict()
-        reshape = lambda i, k, v: v.reshape(shapes[idx[i]]) if idx[i] in shapes and k != 'step' else v
-        osd = dict(state={i: {k: reshape(i, k, _full(v)) for k, v in st.items()} for i, st in osd['state'].items()},
-                   param_groups=osd['param_groups'])
-        out.append(types.SimpleNamespace(state_dict=lambda: osd))
-    return tuple(out)
-
-def shard_optimizer(opt: torch.optim.Optimizer, old: list, new: list) -> torch.optim.Optimizer:
-    "`opt` (AdamW) rebuilt on the sharded parameters `new` (same order as `old`), its state moved to this rank's shards."
-    from torch.distributed.tensor import distribute_tensor
-    swap = {id(o): n for o, n in zip(old, new)}
-    groups = [{**{k: v for k, v in g.items() if k != 'params'}, 'params': [swap[id(p)] for p in g['params']]} for g in opt.param_groups]
-    sharded = torch.optim.AdamW(groups)
-    for p_old, p in zip(old, new):
-        if st := opt.state.get(p_old):
-            sharded.state[p] = {k: v if k == 'step' else distribute_tensor(v.reshape(p.shape), p.device_mesh, p.placements)
-                                for k, v in st.items()}
-    return sharded
-
 def shard_tokenizer(trainer: VTPPretrainer, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    "Shard `trainer` with FSDP2 in place (blocks, then the rest; 0-d parameters as `(1,)`); returns `opt` on the shards."
+    "Shard `trainer` with FSDP2 in place (blocks, then the rest; 0-d parameters as `(1,)`); returns `opt` sharded."
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     old = list(trainer.parameters())
     trainer._fsdp_shapes = {}
@@ -455,188 +386,113 @@ def shard_tokenizer(trainer: VTPPretrainer, opt: torch.optim.Optimizer) -> torch
             mod, leaf = trainer.get_submodule(n.rpartition('.')[0]), n.rpartition('.')[2]
             setattr(mod, leaf, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
             trainer._fsdp_shapes[n] = p.shape
-    lists = [m for m in trainer.modules() if isinstance(m, nn.ModuleList) and not isinstance(m, nn.utils.parametrize.ParametrizationList)]
+    plain = lambda m: isinstance(m, nn.ModuleList) and not isinstance(m, nn.utils.parametrize.ParametrizationList)
+    lists = [m for m in trainer.modules() if plain(m)]
     units = [b for m in lists for b in m if next(b.parameters(), None) is not None]
-    for b in reversed(units): fully_shard(b)                              # reversed pre-order: children before parents
+    for b in reversed(units):                                             # reversed pre-order: children before parents
+        fully_shard(b)
     fully_shard(trainer)
-    register_fsdp_forward_method(trainer, 'micro_batches')              # gradient accumulation runs it outside `forward`
+    register_fsdp_forward_method(trainer, 'micro_batches')   # gradient accumulation runs it outside `forward`
     return shard_optimizer(opt, old, list(trainer.parameters()))
 
 # %% ../nbs/05_pretrain.ipynb #3e9bd125
-def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: int | None = None, progress: bool = True,
-             fsdp: bool = False) -> Path:
-    "Train (or resume) the tokenizer run of `cfg`; returns its run directory. `max_steps` stops early; `fsdp` shards (torchrun)."
-    cfg = PretrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    device = get_device(device)
-    rank, world = _init_distributed(device)
-    if device.type == 'cuda' and world > 1: device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-    if cfg.grad_accum > 1: cfg.check_accumulation(world)
-    h = config_hash(cfg.to_dict()); run = run_dir_for(cfg, runs_dir)
-    if (run/'final'/'model.safetensors').exists() and (run/'done.json').exists(): return run
-    _prepare_run_dir(run, cfg, rank)
-    seed_everything(cfg.seed)
-    trainer = VTPPretrainer(cfg).to(device)
-    opt = make_optimizer(trainer, cfg)
-    ds = MemoDataset(get_dataset(cfg.dataset, 'train', res=trainer.model.config.image_size, patch_size=trainer.model.config.vision_patch_size,
-                                 context_length=trainer.model.config.text_context_length, **{'seed': cfg.seed, **cfg.dataset_kwargs}))   # epochs re-read it
-    step, rows = 0, []
-    if (last := latest_checkpoint(run/'checkpoints')) is not None:
-        step = restore_checkpoint(trainer, opt, last, h)
-        rows = _resume_rows(run, step, rank)
-    fsdp = fsdp and world > 1
-    ddp = nn.parallel.DistributedDataParallel(trainer, find_unused_parameters=True, broadcast_buffers=False) if world > 1 and not fsdp else trainer
-    idx = lambda s: batch_indices(s, cfg.batch_clip, len(ds), cfg.seed, rank, world)
-    flops = rows[-1]['flops_per_step'] if rows else count_step_flops(trainer, _load_batch(ds, idx(0), device)) * world
-    if fsdp: opt = shard_tokenizer(trainer, opt)                           # after the FLOP count (on the whole model)
-    if cfg.compile: compile_blocks(trainer)                                # after the FLOP count (eager)
-    keep = set(log_spaced_steps(cfg.steps, cfg.ckpt_log_points))
-    end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-    amp = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc=f'pretrain {cfg.losses} {cfg.preset}')
-    defer, bad = _defer_finite_check(device), torch.full((), -1, dtype=torch.long, device=device)   # first non-finite step
-    t0 = time.time()
-    batches = step_batches(ds, (idx(s) for s in range(step, end)), cfg.num_workers, device)   # lazily, in step order, from the resumed step
-    while step < end:
-        sch = step_schedules(cfg, step)
-        for g in opt.param_groups: g['lr'] = sch['lr']
-        batch = next(batches)
-        opt.zero_grad(set_to_none=True)
-        if cfg.grad_accum > 1: loss, terms = accumulate_grads(trainer, batch, step, cfg.grad_accum, ddp, amp)   # backward done
-        else:
-            with amp: loss, terms = ddp(batch, step)
-        if defer: bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step, bad)    # no host sync
-        elif not torch.isfinite(loss):
-            raise FloatingPointError(f"pretrain: non-finite loss {loss.item()} at step {step} (terms "
-                                     f"{ {k: v.item() for k, v in terms.items()} }); the last good checkpoint in {run/'checkpoints'} is kept")
-        if cfg.grad_accum == 1: loss.backward()
-        gnorm = nn.utils.clip_grad_norm_(trainer.parameters(), cfg.grad_clip)
-        opt.step()
+class PretrainRecipe(Recipe):
+    "What `fit` trains for `pretrain`: the VTP tokenizer with its SSL heads and EMA teacher on image-caption batches."
+    kind, name = 'tokenizer', 'pretrain'
+
+    def __init__(self, cfg: PretrainConfig):
+        super().__init__(cfg)
+        self.label = f'pretrain {cfg.losses} {cfg.preset}'
+
+    def setup(self, device, rank: int, world: int):
+        "Check accumulation against the world size; build the dataset (memoised: epochs re-read it)."
+        super().setup(device, rank, world)
+        cfg = self.cfg
+        if cfg.grad_accum > 1:
+            cfg.check_accumulation(world)
+        mc = vtp_config(cfg.preset, **cfg.model_overrides())
+        ds = get_dataset(cfg.dataset, 'train', res=mc.image_size, patch_size=mc.vision_patch_size,
+                         context_length=mc.text_context_length, **cfg.data_kwargs())
+        self.ds = MemoDataset(ds)
+
+    def trainer(self) -> VTPPretrainer:
+        return VTPPretrainer(self.cfg)
+
+    def optimizer(self, trainer: VTPPretrainer) -> torch.optim.AdamW:
+        return make_optimizer(trainer, self.cfg)
+
+    def _indices(self, step: int) -> list:
+        return batch_indices(step, self.cfg.batch_clip, len(self.ds), self.cfg.seed, self.rank, self.world)
+
+    def batch(self, step: int) -> dict:
+        return load_batch(self.ds, self._indices(step), self.device)
+
+    def batches(self, start: int, end: int):
+        "Lazily, in step order: collated here or prefetched by `num_workers` processes."
+        return step_batches(self.ds, (self._indices(s) for s in range(start, end)), self.cfg.num_workers, self.device)
+
+    def step_flops(self, trainer: VTPPretrainer, batch: dict) -> int:
+        return count_step_flops(trainer, batch)
+
+    def network(self, trainer: VTPPretrainer, ddp: bool) -> nn.Module:
+        if not ddp:
+            return trainer
+        return nn.parallel.DistributedDataParallel(trainer, find_unused_parameters=True, broadcast_buffers=False)
+
+    def shard(self, trainer: VTPPretrainer, opt) -> torch.optim.Optimizer:
+        return shard_tokenizer(trainer, opt)
+
+    def compile(self, trainer: VTPPretrainer, net: nn.Module) -> nn.Module:
+        compile_blocks(trainer)                                          # in place: DDP keeps its wrapped module
+        return net
+
+    def schedule(self, step: int) -> dict:
+        return step_schedules(self.cfg, step)
+
+    def loss(self, net: nn.Module, trainer: VTPPretrainer, batch: dict, step: int) -> tuple:
+        return net(batch, step)
+
+    def accumulate(self, net: nn.Module, trainer: VTPPretrainer, batch: dict, step: int, amp) -> tuple:
+        return accumulate_grads(trainer, batch, step, self.cfg.grad_accum, net, amp)
+
+    @property
+    def grad_clip(self) -> float:
+        return self.cfg.grad_clip
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.cfg.batch_clip
+
+    def after_step(self, trainer: VTPPretrainer, step: int, sch: dict):
         trainer.net.update_teacher(sch['momentum'])
-        step += 1; bar.update(1)
-        if defer and (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step in keep or step == end) and (b := int(bad)) >= 0:
-            raise FloatingPointError(f"pretrain: non-finite loss at step {b} (checked at step {step}: on CUDA the loss is checked at log "
-                                     f"and checkpoint steps); the last good checkpoint in {run/'checkpoints'} is kept")
-        if step % cfg.log_every == 0 or step == end:
-            vals = torch.stack([loss.detach().float(), *terms.values()])                 # logged values: mean over ranks
-            if world > 1: dist.all_reduce(vals); vals /= world
-            row = dict(step=step, loss=vals[0].item(), **dict(zip(terms, vals[1:].tolist())), grad_norm=_full(gnorm).item(),
-                       lr=sch['lr'], samples_seen=step * cfg.batch_clip, flops=step * flops, flops_per_step=flops,
-                       logit_scale=_full(trainer.model.logit_scale).exp().item() if cfg.uses_clip else None, time_s=time.time() - t0)
-            rows.append(row); bar.set_postfix({k: f'{row[k]:.3g}' for k in ('loss', *terms)})
-            if rank == 0:
-                with open(run/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n')
-        if step % cfg.ckpt_every == 0 or step in keep or step == end:
-            state = _gathered(trainer, opt) if fsdp else (trainer, opt)        # FSDP: every rank takes part in the gather
-            if rank == 0: _save_rolling(run, *state, step, h, keep)
-    bar.close()
-    final = trainer.model
-    if fsdp and step >= cfg.steps:                                         # FSDP: every rank gathers, rank 0 keeps the tokenizer
-        sd = _gathered(trainer)[0].state_dict()
-        if rank == 0:
+
+    def log_extra(self, trainer: VTPPretrainer) -> dict:
+        return dict(logit_scale=full_tensor(trainer.model.logit_scale).exp().item() if self.cfg.uses_clip else None)
+
+    def final_state(self, trainer: VTPPretrainer, fsdp: bool):
+        return gathered(trainer)[0].state_dict() if fsdp else None      # FSDP: every rank gathers
+
+    def save_final(self, run: Path, trainer: VTPPretrainer, state) -> dict:
+        final = trainer.model
+        if state is not None:
             final = VTPModel(trainer.model.config)
-            final.load_state_dict({k[len('net.model.'):]: v for k, v in sd.items() if k.startswith('net.model.')})
-    if rank == 0:
-        _rewrite_jsonl(run/'metrics.jsonl', rows); _write_metrics(run, rows)
-        if step >= cfg.steps:
-            final.save_pretrained(run/'final')
-            (run/'done.json').write_text(json.dumps(dict(steps=step, flops=step * flops, config_hash=h,
-                                                         perceptual_loss=trainer.rec_loss.perceptual_enabled, world_size=world)))
-    if world > 1: dist.barrier()
-    return run
+            final.load_state_dict({k[len('net.model.'):]: v for k, v in state.items() if k.startswith('net.model.')})
+        final.save_pretrained(run/'final')
+        return dict(perceptual_loss=trainer.rec_loss.perceptual_enabled)
 
-# %% ../nbs/05_pretrain.ipynb #ddcd9273
-def _prepare_run_dir(run: Path, cfg: PretrainConfig, rank: int):
-    "Create the run directory with its config; an existing directory must hold the same config."
-    cfg_json = json.dumps(cfg.to_dict(), indent=1, sort_keys=True, default=list)
-    if (run/'config.json').exists():
-        old = json.loads((run/'config.json').read_text())
-        if old != json.loads(cfg_json):
-            raise RuntimeError(f"{run}/config.json differs from this run's config (hash collision or edited file): refusing to reuse it")
-    if rank > 0: return
-    (run/'checkpoints').mkdir(parents=True, exist_ok=True)
-    for d in (run, run/'checkpoints'):                             # every call, resumes too: before any model is built
-        if not os.access(d, os.W_OK): raise PermissionError(f"run directory {d} is not writable")
-    for stale in run.glob('checkpoints/.*.tmp'): stale.unlink()    # a write cut short by a crash: never a checkpoint
-    if not (run/'config.json').exists():
-        tmp = run/'.config.json.tmp'; tmp.write_text(cfg_json); os.replace(tmp, run/'config.json')   # never half-written
-
-def _read_jsonl(path: Path) -> list:
-    if not path.exists(): return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try: rows.append(json.loads(line))
-        except json.JSONDecodeError: pass          # a line cut by a crash
-    return rows
-
-def _resume_rows(run: Path, step: int, rank: int = 0) -> list:
-    "Logged rows up to the resumed `step` (rows a crashed run logged past its last checkpoint are dropped, on disk too)."
-    rows = list({r['step']: r for r in _read_jsonl(run/'metrics.jsonl') if r['step'] <= step}.values())
-    if rank == 0: _rewrite_jsonl(run/'metrics.jsonl', rows)
-    return rows
-
-def _rewrite_jsonl(path: Path, rows: list):
-    tmp = path.with_suffix('.tmp'); tmp.write_text(''.join(json.dumps(r) + '\n' for r in rows)); os.replace(tmp, path)
-
-def _load_batch(ds, idx: list, device) -> dict:
-    "Collate the samples `idx` of `ds` and move the tensors to `device` (CUDA: from pinned memory, without a host sync)."
-    return _batch_to(torch.utils.data.default_collate([ds[i] for i in idx]), device)
-
-def _batch_to(b: dict, device) -> dict:
-    return {k: _to_device(v, device) if torch.is_tensor(v) else v for k, v in b.items()}
-
-def step_batches(ds, indices, num_workers: int, device):
-    "Iterator over the batches of `indices` (an iterable of index lists, one per step), in order: collated here, or prefetched by `num_workers` processes."
-    if num_workers == 0: return (_load_batch(ds, i, device) for i in indices)
-    dl = torch.utils.data.DataLoader(ds, batch_sampler=indices, num_workers=num_workers, pin_memory=torch.device(device).type == 'cuda',
-                                     prefetch_factor=4)                   # every sample is deterministic by index: no worker seeding
-    return (_batch_to(b, device) for b in dl)
-
-def _to_device(x: torch.Tensor, device) -> torch.Tensor:
-    "`x` on `device`; a CPU -> CUDA copy goes through pinned memory asynchronously (a pageable copy waits for the GPU)."
-    if torch.device(device).type == 'cuda' and x.device.type == 'cpu': return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
-
-def _defer_finite_check(device) -> bool:
-    "Whether the loop checks the loss for NaN/inf only at log and checkpoint steps (CUDA: no host sync per step)."
-    return torch.device(device).type == 'cuda'
-
-def _save_rolling(run, trainer, opt, step, h, keep):
-    "Write `last-<step>` (rolling: older ones removed once it exists) and keep the log-spaced `step-<step>` ones."
-    tensors, meta = checkpoint_state(trainer, opt, step, h)
-    d = run/'checkpoints'
-    new = atomic_save(tensors, d/f'last-{step:08d}.safetensors', meta)
-    if step in keep: shutil.copyfile(new, d/f'.step-{step:08d}.tmp'); os.replace(d/f'.step-{step:08d}.tmp', d/f'step-{step:08d}.safetensors')
-    for old in d.glob('last-*.safetensors'):
-        if old != new: old.unlink()
+def pretrain(cfg: PretrainConfig | dict, runs_dir=None, device=None, max_steps: int | None = None,
+             progress: bool = True,
+             fsdp: bool = False) -> Path:
+    "Train (or resume) the tokenizer run of `cfg`; returns its run directory. `max_steps` stops early; `fsdp` shards."
+    cfg = PretrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
+    return fit(PretrainRecipe(cfg), runs_dir, device, max_steps, progress, fsdp)
 
 # %% ../nbs/05_pretrain.ipynb #5eb69fc9
-def parse_overrides(pairs: list) -> dict:
-    "`key=value` strings -> dict, values parsed as JSON when possible (`steps=10`, `model={\"vision_depth\": 2}`)."
-    out = {}
-    for p in pairs:
-        if '=' not in p: raise ValueError(f"--set expects key=value, got {p!r}")
-        k, v = p.split('=', 1)
-        try: out[k] = json.loads(v)
-        except json.JSONDecodeError: out[k] = v
-    return out
+main = training_cli(pretrain, PretrainConfig, 'Pre-train a VTP tokenizer (CLIP + DINO/iBOT + reconstruction).',
+                    fsdp_help='shard tokenizer, heads and teacher (FSDP2)')
 
-def main(argv=None):
-    "Command-line entry point of `pretrain` (console script `vtp-pretrain`)."
-    p = argparse.ArgumentParser(description='Pre-train a VTP tokenizer (CLIP + DINO/iBOT + reconstruction).')
-    p.add_argument('--config', help='JSON file with PretrainConfig fields')
-    p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='PretrainConfig field overrides')
-    p.add_argument('--runs-dir'); p.add_argument('--device'); p.add_argument('--max-steps', type=int)
-    p.add_argument('--no-progress', action='store_true')
-    p.add_argument('--fsdp', action='store_true', help='under torchrun: shard tokenizer, heads and teacher (FSDP2) instead of DDP')
-    a = p.parse_args(argv)
-    d = json.loads(Path(a.config).read_text()) if a.config else {}
-    try: cfg = PretrainConfig.from_dict({**d, **parse_overrides(a.set)})
-    except (ValueError, TypeError) as e: p.error(str(e))
-    run = pretrain(cfg, a.runs_dir, a.device, a.max_steps, progress=not a.no_progress, fsdp=a.fsdp)
-    if _rank() == 0: print(run)
-    return run
-
-if __name__ == '__main__' and '__file__' in globals(): main()
+if __name__ == '__main__' and '__file__' in globals():
+    raise SystemExit(main())
 
 # %% ../nbs/05_pretrain.ipynb #e5f6f567
 @dataclass
@@ -656,37 +512,47 @@ class GANFinetuneConfig:
 def finetune_decoder_gan(run, cfg: GANFinetuneConfig | None = None, device=None, progress: bool = True) -> Path:
     "Fine-tune the pixel decoder of tokenizer run `run` with L1 (+LPIPS) + PatchGAN hinge; writes `run/final_gan`."
     from vtp_nbdev.losses import PatchGANDiscriminator, hinge_d_loss, hinge_g_loss, adaptive_gan_weight
+    setup_threads()
     cfg, run, device = cfg or GANFinetuneConfig(), Path(run), get_device(device)
     out = run/'final_gan'
-    if (out/'model.safetensors').exists(): return out
+    if (out/'model.safetensors').exists():
+        return out
     pcfg = PretrainConfig.from_dict(json.loads((run/'config.json').read_text()))
     seed_everything(cfg.seed)
     model = VTPModel.from_pretrained(run/'final', device=device).to(device)
-    model.requires_grad_(False); model.pixel_decoder.requires_grad_(True).train()
+    model.requires_grad_(False)
+    model.pixel_decoder.requires_grad_(True).train()
     disc = PatchGANDiscriminator(3, cfg.disc_channels, cfg.disc_layers).to(device)
     opt_g = torch.optim.AdamW(model.pixel_decoder.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.)
     rec_loss = ReconstructionLoss(cfg.lpips_path, perceptual_weight=1.0 if cfg.lpips_path else 0.0).to(device)
     c = model.config
     ds = get_dataset(pcfg.dataset, 'train', res=c.image_size, patch_size=c.vision_patch_size,
-                     context_length=c.text_context_length if c.train_clip else 77, **{'seed': pcfg.seed, **pcfg.dataset_kwargs})
+                     context_length=c.text_context_length if c.train_clip else 77,
+                     **pcfg.data_kwargs())
     last = model.pixel_decoder.proj_out.weight
     rows = []
     for step in tqdm(range(cfg.steps), disable=not progress, desc='stage-2 GAN'):
-        x = _load_batch(ds, batch_indices(step, cfg.batch, len(ds), cfg.seed + 1), device)['image']
-        with torch.no_grad(): z = model.get_reconstruction_latents(x)                 # frozen encoder
+        x = load_batch(ds, batch_indices(step, cfg.batch, len(ds), cfg.seed + 1), device)['image']
+        with torch.no_grad():
+            z = model.get_reconstruction_latents(x)                                   # frozen encoder
         rec = model.get_latents_decoded_images(z)                                     # (B, 3, H, W)
         l_rec = rec_loss(rec, x)
         gan_on = step >= cfg.disc_start
         l_g = hinge_g_loss(disc(rec)) if gan_on else rec.new_zeros(())
         w = adaptive_gan_weight(l_rec, l_g, last) * cfg.gan_weight if gan_on else 0.
-        opt_g.zero_grad(set_to_none=True); (l_rec + w * l_g).backward(); opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        (l_rec + w * l_g).backward()
+        opt_g.step()
         if gan_on:
             l_d = hinge_d_loss(disc(x), disc(rec.detach()))
-            opt_d.zero_grad(set_to_none=True); l_d.backward(); opt_d.step()
-        rows.append(dict(step=step + 1, rec=l_rec.item(), g=float(l_g), d=l_d.item() if gan_on else None, gan_weight=float(w)))
+            opt_d.zero_grad(set_to_none=True)
+            l_d.backward()
+            opt_d.step()
+        d = l_d.item() if gan_on else None
+        rows.append(dict(step=step + 1, rec=l_rec.item(), g=float(l_g), d=d, gan_weight=float(w)))
     model.eval().save_pretrained(out)
-    _rewrite_jsonl(run/'metrics_gan.jsonl', rows)
+    rewrite_jsonl(run/'metrics_gan.jsonl', rows)
     return out
 
 # %% ../nbs/05_pretrain.ipynb #25affa03

@@ -10,39 +10,45 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from .config import config_hash, get_device, get_settings, project_root, environment_info, SCALES
-from .pretrain import PretrainConfig, VTPPretrainer, pretrain, run_dir_for, log_spaced_steps, count_step_flops, _load_batch
+from .pretrain import PretrainConfig, VTPPretrainer, pretrain, run_dir_for, count_step_flops, load_batch
+from .runs import log_spaced_steps, read_jsonl, write_json, run_lock as file_lock
 from .data import get_dataset
 from .eval_reconstruction import evaluate_tokenizer
 from .generate import GenerationEvalConfig, generation_metrics
 
 # %% auto #0
 __all__ = ['SCALE_SETTINGS', 'scale_settings', 'flops_per_step', 'scaling_config', 'export_checkpoint', 'results_dir',
-           'point_key', 'point_path', 'score_point', 'run_lock', 'run_series', 'final_seed_spread', 'load_results',
-           'guided_point']
+           'point_key', 'point_path', 'flops_at', 'write_record', 'score_point', 'run_lock', 'run_series',
+           'final_seed_spread', 'load_results', 'guided_point']
 
 # %% ../nbs/13_scaling.ipynb #09a45397
 _GEN_SMOKE = dict(n_latents=256, dit=dict(preset='tiny', steps=30, batch=32, lr=1e-3, log_every=10, ckpt_every=30),
                   n_samples=200, n_ref=200, steps=10)
+_EVAL = lambda n, probe: dict(n_zero_shot=n, n_probe_train=probe, n_probe_test=n, n_rec=n)
 SCALE_SETTINGS = {
-    'smoke': dict(tokenizer=dict(preset='tiny', batch_clip=32, batch_ssl=8, batch_ssl_rec=8, n_local_crops=2, lr=2e-3, warmup=0.1,
-                                 log_every=5, dataset_kwargs={'size': 512}),
-                  flops=1.2e11, n_ckpts=2, seeds=(0,), eval=dict(n_zero_shot=200, n_probe_train=200, n_probe_test=200, n_rec=200),
-                  gen=_GEN_SMOKE),
-    'cpu': dict(tokenizer=dict(preset='tiny', batch_clip=64, batch_ssl=16, batch_ssl_rec=16, n_local_crops=2, lr=2e-3, warmup=0.1,
-                               log_every=20, dataset_kwargs={'size': 20_000}),
-                flops=2.0e13, n_ckpts=6, points=(0, 2, 5), seeds=(0, 1), eval=dict(n_zero_shot=1000, n_probe_train=2000, n_probe_test=1000, n_rec=1000),
-                gen=dict(n_latents=10_000, dit=dict(preset='S', steps=800, batch=64, lr=1e-3, ema_decay=0.999, log_every=100, ckpt_every=400),
+    'smoke': dict(tokenizer=dict(preset='tiny', batch_clip=32, batch_ssl=8, batch_ssl_rec=8, n_local_crops=2,
+                                 lr=2e-3, warmup=0.1, log_every=5, dataset_kwargs={'size': 512}),
+                  flops=1.2e11, n_ckpts=2, seeds=(0,), eval=_EVAL(200, 200), gen=_GEN_SMOKE),
+    'cpu': dict(tokenizer=dict(preset='tiny', batch_clip=64, batch_ssl=16, batch_ssl_rec=16, n_local_crops=2,
+                               lr=2e-3, warmup=0.1, log_every=20, dataset_kwargs={'size': 20_000}),
+                flops=2.0e13, n_ckpts=6, points=(0, 2, 5), seeds=(0, 1), eval=_EVAL(1000, 2000),
+                gen=dict(n_latents=10_000,
+                         dit=dict(preset='S', steps=800, batch=64, lr=1e-3, ema_decay=0.999, log_every=100,
+                                  ckpt_every=400),
                          n_samples=1000, n_ref=2000, steps=25)),
 }
-SCALE_SETTINGS['paper'] = dict(tokenizer=dict(preset='paper_L', batch_clip=16384, batch_ssl=4096, batch_ssl_rec=2048, n_local_crops=8,
-                                              lr=1e-3, warmup=0.05, log_every=100, num_workers=8, dataset_kwargs={}),   # GPU: workers prefetch batches
-                               flops=1.9e20, n_ckpts=8, seeds=(0,), eval=dict(n_zero_shot=50_000, n_probe_train=100_000, n_probe_test=50_000, n_rec=50_000),
-                               gen=dict(n_latents=1_281_167, dit=dict(preset='B/1', steps=400_000, batch=256, lr=2e-4, ema_decay=0.9999),
+SCALE_SETTINGS['paper'] = dict(tokenizer=dict(preset='paper_L', batch_clip=16384, batch_ssl=4096, batch_ssl_rec=2048,
+                                              n_local_crops=8, lr=1e-3, warmup=0.05, log_every=100,
+                                              num_workers=8, dataset_kwargs={}),   # GPU: workers prefetch batches
+                               flops=1.9e20, n_ckpts=8, seeds=(0,), eval=_EVAL(50_000, 100_000),
+                               gen=dict(n_latents=1_281_167,
+                                        dit=dict(preset='B/1', steps=400_000, batch=256, lr=2e-4, ema_decay=0.9999),
                                         n_samples=10_000, n_ref=50_000, steps=250))
 
 def scale_settings(scale: str) -> dict:
     "The settings of `scale` (see `SCALE_SETTINGS`); unknown scales raise."
-    if scale not in SCALE_SETTINGS: raise ValueError(f"unknown scale {scale!r}; expected one of {list(SCALE_SETTINGS)}")
+    if scale not in SCALE_SETTINGS:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {list(SCALE_SETTINGS)}")
     return SCALE_SETTINGS[scale]
 
 # %% ../nbs/13_scaling.ipynb #4dd3f9b1
@@ -63,9 +69,10 @@ def flops_per_step(cfg: PretrainConfig) -> int:
         torch.manual_seed(cfg.seed)
         trainer = VTPPretrainer(cfg)
         mc = trainer.model.config
-        ds = get_dataset(cfg.dataset, 'train', res=mc.image_size, patch_size=mc.vision_patch_size, context_length=mc.text_context_length,
-                         **{'seed': cfg.seed, **cfg.dataset_kwargs, 'size': cfg.batch_clip})
-        _FLOPS_CACHE[key] = count_step_flops(trainer, _load_batch(ds, list(range(cfg.batch_clip)), 'cpu'))
+        ds = get_dataset(cfg.dataset, 'train', res=mc.image_size, patch_size=mc.vision_patch_size,
+                         context_length=mc.text_context_length,
+                         **{**cfg.data_kwargs(), 'size': cfg.batch_clip})
+        _FLOPS_CACHE[key] = count_step_flops(trainer, load_batch(ds, list(range(cfg.batch_clip)), 'cpu'))
     return _FLOPS_CACHE[key]
 
 def scaling_config(scale: str, losses: str, seed: int = 0, flops: float | None = None, **overrides) -> PretrainConfig:
@@ -73,20 +80,24 @@ def scaling_config(scale: str, losses: str, seed: int = 0, flops: float | None =
     d = _base_config(scale, losses, seed, **overrides)
     probe = PretrainConfig.from_dict({**d, 'steps': 1, 'ckpt_every': 1, 'log_every': 1})
     steps = max(2 ** d['ckpt_log_points'], round((flops or scale_settings(scale)['flops']) / flops_per_step(probe)))
-    return PretrainConfig.from_dict({**d, 'steps': steps, 'ckpt_every': max(1, steps // 4), 'log_every': min(d['log_every'], steps)})
+    return PretrainConfig.from_dict({**d, 'steps': steps, 'ckpt_every': max(1, steps // 4),
+                                     'log_every': min(d['log_every'], steps)})
 
 # %% ../nbs/13_scaling.ipynb #c2579355
 def export_checkpoint(run, step: int) -> Path:
-    "The tokenizer folder `<run>/ckpt/step-<step>` (written once, atomically, from the training checkpoint of that step)."
-    run = Path(run); out = run/'ckpt'/f'step-{step:08d}'
-    if (out/'model.safetensors').exists(): return out
+    "The tokenizer folder `<run>/ckpt/step-<step>` (written once, atomically, from that step's training checkpoint)."
+    run = Path(run)
+    out = run/'ckpt'/f'step-{step:08d}'
+    if (out/'model.safetensors').exists():
+        return out
     src = run/'checkpoints'/f'step-{step:08d}.safetensors'
     if not src.exists():
         have = sorted(p.name for p in (run/'checkpoints').glob('step-*.safetensors'))
         raise FileNotFoundError(f"{src}: no checkpoint of step {step} in {run} (log-spaced checkpoints there: {have})")
     trainer = VTPPretrainer(PretrainConfig.from_dict(json.loads((run/'config.json').read_text())))
     trainer.load_state_dict({k[len('model.'):]: v for k, v in load_file(src).items() if k.startswith('model.')})
-    tmp = out.with_name(f'.{out.name}.tmp'); shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.with_name(f'.{out.name}.tmp')
+    shutil.rmtree(tmp, ignore_errors=True)
     trainer.model.save_pretrained(tmp)
     os.replace(tmp, out)
     return out
@@ -99,21 +110,22 @@ def results_dir(scale: str, root=None) -> Path:
 def point_key(cfg: PretrainConfig, step: int, scale: str, gen: dict | None = None) -> dict:
     "Everything that determines a point's scores (its hash names the record)."
     s = scale_settings(scale)
-    return dict(pretrain=cfg.to_dict(), step=step, eval=s['eval'], gen=gen if gen is not None else s['gen'])
+    pre = {'num_workers': cfg.num_workers, **cfg.to_dict()}      # the store's record names cover num_workers
+    return dict(pretrain=pre, step=step, eval=s['eval'], gen=gen if gen is not None else s['gen'])
 
 def point_path(cfg: PretrainConfig, step: int, scale: str, gen: dict | None = None, root=None) -> Path:
     "Where the record of a point lives in the results store."
-    name = f"{cfg.losses.replace('+', '-')}_{cfg.preset}_s{cfg.seed}_step{step:06d}_{config_hash(point_key(cfg, step, scale, gen))}.json"
+    h = config_hash(point_key(cfg, step, scale, gen))
+    name = f"{cfg.losses.replace('+', '-')}_{cfg.preset}_s{cfg.seed}_step{step:06d}_{h}.json"
     return results_dir(scale, root)/name
 
-def _flops_at(run: Path, step: int) -> float:
-    rows = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines() if l.strip()]
-    return float(rows[0]['flops_per_step']) * step
+def flops_at(run: Path, step: int) -> float:
+    "Training FLOPs of a tokenizer run up to `step` (from its logged FLOPs per step)."
+    return float(read_jsonl(run/'metrics.jsonl')[0]['flops_per_step']) * step
 
-def _write_record(path: Path, rec: dict) -> dict:
-    "Write a store record atomically (temp file + rename); returns it."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp'); tmp.write_text(json.dumps(rec, indent=1, default=str) + '\n'); os.replace(tmp, path)
+def write_record(path: Path, rec: dict) -> dict:
+    "Write a store record atomically; returns it."
+    write_json(path, rec)
     return rec
 
 def _encoder_params(folder) -> int:
@@ -123,94 +135,108 @@ def _encoder_params(folder) -> int:
 
 def _pick(d: dict | None, *path, default=None):
     for k in path:
-        if not isinstance(d, dict) or k not in d: return default
+        if not isinstance(d, dict) or k not in d:
+            return default
         d = d[k]
     return d
 
-def score_point(run, step: int, scale: str, gen: dict | None = None, device=None, progress: bool = False, root=None) -> dict:
-    "Score the checkpoint of `step` of tokenizer `run` (understanding, reconstruction, generation) into the results store."
-    run = Path(run); cfg = PretrainConfig.from_dict(json.loads((run/'config.json').read_text()))
+def score_point(run, step: int, scale: str, gen: dict | None = None, device=None, progress: bool = False,
+                root=None) -> dict:
+    "Score checkpoint `step` of tokenizer `run` (understanding, reconstruction, generation) into the results store."
+    run = Path(run)
+    cfg = PretrainConfig.from_dict(json.loads((run/'config.json').read_text()))
     path = point_path(cfg, step, scale, gen, root)
-    if path.exists(): return json.loads(path.read_text())
-    s = scale_settings(scale); gen = gen if gen is not None else s['gen']
+    if path.exists():
+        return json.loads(path.read_text())
+    s = scale_settings(scale)
+    gen = gen if gen is not None else s['gen']
     folder = export_checkpoint(run, step)
     t0 = time.time()
-    ev = evaluate_tokenizer(folder, cfg.dataset, device=str(get_device(device)), probe_features=('bottleneck', 'last'), **s['eval'])
+    ev = evaluate_tokenizer(folder, cfg.dataset, device=str(get_device(device)), probe_features=('bottleneck', 'last'),
+                            **s['eval'])
     ev['params_encoder'] = _encoder_params(folder)
     t1 = time.time()
-    g = generation_metrics(folder, GenerationEvalConfig.from_dict({**gen, 'dataset': cfg.dataset, 'seed': cfg.seed}), device=device, progress=progress)
+    g = generation_metrics(folder, GenerationEvalConfig.from_dict({**gen, 'dataset': cfg.dataset, 'seed': cfg.seed}),
+                           device=device, progress=progress)
     zs, lp, rc = ev['zero_shot'], ev['linear_probe'], ev['reconstruction']
     rec = dict(scale=scale, method=cfg.losses, preset=cfg.preset, seed=cfg.seed, dataset=cfg.dataset,
-               data_size=cfg.dataset_kwargs.get('size'), step=step, steps_total=cfg.steps, flops=_flops_at(run, step),
+               data_size=cfg.dataset_kwargs.get('size'), step=step, steps_total=cfg.steps, flops=flops_at(run, step),
                params_encoder=ev['params_encoder'], bottleneck=ev['config']['vision_feature_bottleneck'],
-               zero_shot_top1=_pick(zs, 'zero_shot_top1_train'), zero_shot_top1_heldout=_pick(zs, 'zero_shot_top1_heldout'),
-               probe_bottleneck=_pick(lp, 'linear_probe_bottleneck_top1'), probe_last=_pick(lp, 'linear_probe_last_top1'),
+               zero_shot_top1=_pick(zs, 'zero_shot_top1_train'),
+               zero_shot_top1_heldout=_pick(zs, 'zero_shot_top1_heldout'),
+               probe_bottleneck=_pick(lp, 'linear_probe_bottleneck_top1'),
+               probe_last=_pick(lp, 'linear_probe_last_top1'),
                psnr=_pick(rc, 'psnr'), ssim=_pick(rc, 'ssim'), rFD=_pick(rc, 'rFID'),
-               gFD=g[f'FD_{cfg.dataset}'], IS=g.get(f'IS_{cfg.dataset}_mean'), precision=g.get(f'precision_{cfg.dataset}'),
+               gFD=g[f'FD_{cfg.dataset}'], IS=g.get(f'IS_{cfg.dataset}_mean'),
+               precision=g.get(f'precision_{cfg.dataset}'),
                recall=g.get(f'recall_{cfg.dataset}'), config_hash=run.name, point_hash=path.stem.rsplit('_', 1)[-1],
-               dit_proxy=g['dit_proxy'], generation_config=g['generation_config'], gen_hash=config_hash(gen), eval_hash=config_hash(s['eval']),
+               dit_proxy=g['dit_proxy'], generation_config=g['generation_config'], gen_hash=config_hash(gen),
+               eval_hash=config_hash(s['eval']),
                seconds=dict(evaluate=t1 - t0, generation=time.time() - t1), environment=environment_info())
-    return _write_record(path, rec)
+    return write_record(path, rec)
 
 # %% ../nbs/13_scaling.ipynb #e5902a2d
-from contextlib import contextmanager
-import fcntl
-
-@contextmanager
 def run_lock(cfg: PretrainConfig, runs_dir=None):
     "Hold the exclusive lock of `cfg`'s tokenizer run (blocks while another process holds it)."
-    d = Path(runs_dir or get_settings()['runs_dir'])/'locks'; d.mkdir(parents=True, exist_ok=True)
-    with open(d/f'{config_hash(cfg.to_dict())}.lock', 'w') as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(Path(runs_dir or get_settings()['runs_dir'])/'locks'/f'{config_hash(cfg.to_dict())}.lock')
 
 # %% ../nbs/13_scaling.ipynb #1f953e75
 def run_series(scale: str, losses: str, seed: int = 0, flops: float | None = None, points=None, gen: dict | None = None,
                device=None, progress: bool = True, root=None, store_only: bool = False, **overrides) -> list:
-    "Train the scaling run of (`losses`, `seed`, overrides) at `scale` and score its checkpoints; records from the store when present."
+    "Train the scaling run of (`losses`, `seed`, overrides) at `scale`; score its checkpoints (stored ones reused)."
     cfg = scaling_config(scale, losses, seed, flops, **overrides)
     steps = log_spaced_steps(cfg.steps, cfg.ckpt_log_points)
     points = points if points is not None else scale_settings(scale).get('points')
     steps = [steps[i] for i in points] if points is not None else steps
     paths = [point_path(cfg, s, scale, gen, root) for s in steps]
-    if all(p.exists() for p in paths) or store_only: return [json.loads(p.read_text()) for p in paths if p.exists()]
+    if all(p.exists() for p in paths) or store_only:
+        return [json.loads(p.read_text()) for p in paths if p.exists()]
     with run_lock(cfg):
         run = pretrain(cfg, device=device, progress=progress)
         out = []
         for s in steps:
             t0 = time.time()
             out.append(score_point(run, s, scale, gen, device, progress=False, root=root))
-            if progress: print(f"  {losses} seed {seed} step {s}/{cfg.steps}: gFD {out[-1]['gFD']:.2f} rFD {out[-1]['rFD']:.2f} "
-                               f"probe {out[-1]['probe_last']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+            if progress:
+                print(f"  {losses} seed {seed} step {s}/{cfg.steps}: gFD {out[-1]['gFD']:.2f} rFD {out[-1]['rFD']:.2f} "
+                      f"probe {out[-1]['probe_last']:.3f} ({time.time() - t0:.0f}s)", flush=True)
     return out
 
-def final_seed_spread(scale: str, methods=('AE', 'CLIP+SSL+AE'), seed: int = 0, y: str = 'gFD', root=None, store_only: bool = False) -> float:
-    "The noise threshold of single-seed comparisons: the largest max - min of `y` over the scale's seeds at the final checkpoint of `methods`' scaling runs (0 with one seed)."
+def final_seed_spread(scale: str, methods=('AE', 'CLIP+SSL+AE'), seed: int = 0, y: str = 'gFD', root=None,
+                      store_only: bool = False) -> float:
+    "Noise threshold of single-seed comparisons: largest max - min of `y` over seeds at `methods`' final checkpoints."
     seeds = [seed + k for k in scale_settings(scale)['seeds']]
-    vals = {m: [r[y] for s in seeds for r in run_series(scale, m, s, points=(-1,), progress=False, root=root, store_only=store_only)] for m in methods}
+    vals = {m: [r[y] for s in seeds for r in run_series(scale, m, s, points=(-1,), progress=False, root=root,
+                                                        store_only=store_only)] for m in methods}
     return max((max(v) - min(v) for v in vals.values() if len(v) > 1), default=0.)
 
 def load_results(scale: str, root=None, current: bool = True):
-    "The records of the results store of `scale` as a DataFrame; `current`: only those scored with this scale's settings."
+    "The records of the results store of `scale` as a DataFrame; `current`: only those of this scale's settings."
     import pandas as pd
-    s = scale_settings(scale); want = (config_hash(s['gen']), config_hash(s['eval']))
+    s = scale_settings(scale)
+    want = (config_hash(s['gen']), config_hash(s['eval']))
     rows = [json.loads(p.read_text()) for p in sorted(results_dir(scale, root).glob('*.json'))]
     return pd.DataFrame([r for r in rows if not current or (r.get('gen_hash'), r.get('eval_hash')) == want])
 
 # %% ../nbs/13_scaling.ipynb #502c1c76
-def guided_point(scale: str, losses: str, seed: int = 0, cfg_scale: float = 1.5, cfg_interval=(0., 1.), root=None, **overrides) -> dict:
+def guided_point(scale: str, losses: str, seed: int = 0, cfg_scale: float = 1.5, cfg_interval=(0., 1.), root=None,
+                 **overrides) -> dict:
     "Generation metrics of a scaling run's final tokenizer sampled with guidance `cfg_scale` (stored under `guided/`)."
     cfg = scaling_config(scale, losses, seed, **overrides)
     gen = {**scale_settings(scale)['gen'], 'cfg_scale': float(cfg_scale), 'cfg_interval': tuple(cfg_interval)}
     key = dict(point=point_key(cfg, cfg.steps, scale), guidance=[gen['cfg_scale'], list(gen['cfg_interval'])])
-    path = results_dir(scale, root)/'guided'/f"{cfg.losses.replace('+', '-')}_{cfg.preset}_s{seed}_cfg{cfg_scale:g}_{config_hash(key)}.json"
-    if path.exists(): return json.loads(path.read_text())
+    name = f"{cfg.losses.replace('+', '-')}_{cfg.preset}_s{seed}_cfg{cfg_scale:g}_{config_hash(key)}.json"
+    path = results_dir(scale, root)/'guided'/name
+    if path.exists():
+        return json.loads(path.read_text())
     with run_lock(cfg):
         folder = export_checkpoint(pretrain(cfg, progress=False), cfg.steps)
-        g = generation_metrics(folder, GenerationEvalConfig.from_dict({**gen, 'dataset': cfg.dataset, 'seed': seed}), progress=False)
+        g = generation_metrics(folder, GenerationEvalConfig.from_dict({**gen, 'dataset': cfg.dataset, 'seed': seed}),
+                               progress=False)
     d = cfg.dataset
-    rec = dict(scale=scale, method=cfg.losses, preset=cfg.preset, seed=seed, step=cfg.steps, cfg_scale=cfg_scale, cfg_interval=list(cfg_interval),
-               gFD=g[f'FD_{d}'], IS=g.get(f'IS_{d}_mean'), precision=g.get(f'precision_{d}'), recall=g.get(f'recall_{d}'),
+    rec = dict(scale=scale, method=cfg.losses, preset=cfg.preset, seed=seed, step=cfg.steps, cfg_scale=cfg_scale,
+               cfg_interval=list(cfg_interval),
+               gFD=g[f'FD_{d}'], IS=g.get(f'IS_{d}_mean'), precision=g.get(f'precision_{d}'),
+               recall=g.get(f'recall_{d}'),
                config_hash=config_hash(cfg.to_dict()), generation_config=g['generation_config'])
-    return _write_record(path, rec)
+    return write_record(path, rec)

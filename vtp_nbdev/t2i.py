@@ -5,38 +5,35 @@ the caption, and prompt-following metrics read by the project's reference networ
 
 # %% ../nbs/15_t2i.ipynb #acfb5b8c
 from __future__ import annotations
-import copy, json, math, re, time
+import json, math, re, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from safetensors.torch import load_file
 from .config import PlainConfig, get_device, config_hash
-from .data import (tokenize, get_text_tokenizer, shapes_sample, shapes_attributes, shapes_label, to_uint8,
-                            SPLIT_OFFSETS, SHAPE_KINDS, COLOURS, SIZES, COUNTS, POSITIONS)
-from .layers import RMSNorm
-from .tokenizer import VTPModel, check_state_dict
-from .pretrain import atomic_save, log_spaced_steps
-from .latents import LatentDataset, extract_latents, load_latents_stats, destandardize, tokenizer_folder, tokenizer_hash
-from .dit import LightningDiT, LightningDiTBlock, Attention, SwiGLUFFN, dit_config, DIT_ARGS
-from .flow import (DiTTrainConfig, DiTTrainer, DiTRecipe, dit_run_dir, train_dit, ode_sample, sample_noise,
-                            guided_velocity)
+from .data import tokenize, shapes_sample, shapes_attributes, SPLIT_OFFSETS
+from .tokenizer import VTPModel
+from .runs import fit, training_cli, write_json, log_spaced_steps
+from .latents import LatentDataset, extract_latents, load_latents_stats, tokenizer_folder, tokenizer_hash
+from .dit import dit_config
+from .t2i_model import NULL_CAPTION, T2IDiT, save_t2i, load_t2i
+from .flow import (DiTTrainConfig, DiTTrainer, DiTRecipe, dit_run_dir, ode_sample, sample_noise,
+                            decode_latents)
 from .fid import attribute_accuracy, fidelity_metrics, REF_RES, ATTRIBUTE_VALUES
 from .pretrain import pretrain
-from .scaling import scaling_config, point_key, results_dir, run_lock, export_checkpoint, _write_record, _flops_at
+from .scaling import (scaling_config, point_key, results_dir, run_lock, export_checkpoint, write_record,
+                               flops_at)
 
 # %% auto #0
-__all__ = ['NULL_CAPTION', 'TEXT_ARGS', 'TEXT_DEFAULTS', 'T2I_SCALE_SETTINGS', 'T2I_POINTS', 'flip_caption', 'flip_attributes',
-           'latents_captions', 'MaskedAttention', 'TextBlock', 'TextEncoder', 'CrossAttention', 'T2IBlock', 'T2IDiT',
-           'T2ITrainConfig', 't2i_model_args', 'T2ITrainer', 'save_t2i', 'load_t2i', 't2i_run_dir',
-           'caption_token_table', 'T2IRecipe', 'train_t2i', 'sample_t2i', 'decode_latents', 'eval_prompts', 'T2IConfig',
-           't2i_metrics', 't2i_settings', 't2i_param_count', 't2i_point']
+__all__ = ['TEXT_DEFAULTS', 'main', 'T2I_SCALE_SETTINGS', 'T2I_POINTS', 'flip_caption', 'flip_attributes', 'latents_captions',
+           'T2ITrainConfig', 't2i_model_args', 'T2ITrainer', 't2i_run_dir', 'caption_token_table', 'T2IRecipe',
+           'train_t2i', 'sample_t2i', 'eval_prompts', 'T2IConfig', 't2i_metrics', 't2i_settings', 't2i_param_count',
+           't2i_point']
 
 # %% ../nbs/15_t2i.ipynb #0bf73e05
-NULL_CAPTION = -1                      # a token row of -1 = the null (empty) caption; `model.num_classes` of a T2I model
 _LR = re.compile(r'\b(left|right)\b')
 
 def flip_caption(caption: str) -> str:
@@ -51,16 +48,19 @@ def flip_attributes(attrs: dict) -> dict:
 def _shapes_source(latents_dir) -> dict:
     "The `shapes` split/seed/size of a latents run (clear error for other datasets: captions need the generator)."
     p = Path(latents_dir)/'config.json'
-    if not p.is_file(): raise FileNotFoundError(f"{latents_dir}: no config.json (not a latents run from extract_latents)")
+    if not p.is_file():
+        raise FileNotFoundError(f"{latents_dir}: no config.json (not a latents run from extract_latents)")
     c = json.loads(p.read_text())
     if c['dataset'] != 'shapes':
         raise ValueError(f"{latents_dir}: latents of dataset {c['dataset']!r}; the text-to-image metrics need `shapes` "
                          "(captions rebuilt from sample indices, attribute labels read by its reference network)")
     done = Path(latents_dir)/'done.json'
-    if not done.is_file(): raise FileNotFoundError(f"{latents_dir}: no done.json (an unfinished latents run)")
+    if not done.is_file():
+        raise FileNotFoundError(f"{latents_dir}: no done.json (an unfinished latents run)")
     tok = Path(json.loads(done.read_text())['tokenizer_folder'])/'config.json'
-    if not tok.is_file(): raise FileNotFoundError(f"{latents_dir}: its tokenizer {tok.parent} is gone; the image size (which the "
-                                                  "captions depend on: the generator draws the caption after the pixels) is unknown")
+    if not tok.is_file():
+        raise FileNotFoundError(f"{latents_dir}: its tokenizer {tok.parent} is gone; the image size (which the "
+                                "captions depend on: the generator draws the caption after the pixels) is unknown")
     return dict(split=c['split'], seed=int(c['dataset_kwargs'].get('seed', 0)), flips=c['flips'],
                 res=int(json.loads(tok.read_text())['image_size']))
 
@@ -68,150 +68,15 @@ def latents_captions(latents_dir) -> dict:
     "Captions of a `shapes` latents run by latent index: `captions`, `flipped` (left/right swapped), `attrs`."
     src, ds = _shapes_source(latents_dir), LatentDataset(latents_dir, standardize=False)
     off = SPLIT_OFFSETS[src['split']]
-    samples = [shapes_sample(off + i, src['seed'], src['res'])[1:] for i in range(len(ds))]   # the caption is drawn after the pixels: same res
+    # the caption is drawn after the pixels: same res
+    samples = [shapes_sample(off + i, src['seed'], src['res'])[1:] for i in range(len(ds))]
     labels = torch.tensor([s[1] for s in samples])
     if not torch.equal(labels, ds.labels):
         bad = int((labels != ds.labels).nonzero()[0])
-        raise RuntimeError(f"{latents_dir}: stored label {int(ds.labels[bad])} of latent {bad} differs from shapes sample "
-                           f"{off + bad} (label {int(labels[bad])}): the latents are not in dataset-index order")
+        raise RuntimeError(f"{latents_dir}: stored label {int(ds.labels[bad])} of latent {bad} differs from shapes "
+                           f"sample {off + bad} (label {int(labels[bad])}): the latents are not in dataset-index order")
     caps = [s[0] for s in samples]
     return dict(captions=caps, flipped=[flip_caption(c) for c in caps], attrs=[s[2] for s in samples])
-
-# %% ../nbs/15_t2i.ipynb #bc3bd1a5
-class MaskedAttention(Attention):
-    "`dit.Attention` (fused qkv, optional RoPE) with a key padding mask (B, N), True = attend."
-    def forward(self, x: Tensor, rope: nn.Module | None = None, mask: Tensor | None = None) -> Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None: q, k = rope(q), rope(k)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])  # (B, H, N, Dh)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))            # (B, N, D)
-
-class TextBlock(nn.Module):
-    "Pre-norm bidirectional transformer block (RMSNorm, masked attention, SwiGLU) of the text encoder."
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1, self.norm2 = RMSNorm(width, eps=1e-6), RMSNorm(width, eps=1e-6)
-        self.attn = MaskedAttention(width, heads, qkv_bias=True)
-        self.mlp = SwiGLUFFN(width, int(2 / 3 * width * mlp_ratio))
-
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x), mask=mask)                     # (B, L, W)
-        return x + self.mlp(self.norm2(x))                              # (B, L, W)
-
-class TextEncoder(nn.Module):
-    "BPE ids (B, L) -> token features (B, L, W), key mask (B, L) (pad id 0 masked) and mean-pooled (B, W)."
-    def __init__(self, width: int = 64, depth: int = 2, heads: int = 4, context_length: int = 32, vocab_size: int = 49408):
-        super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.positional_embedding = nn.Parameter(torch.zeros(context_length, width))
-        self.blocks = nn.ModuleList([TextBlock(width, heads) for _ in range(depth)])
-        self.norm = RMSNorm(width, eps=1e-6)
-        nn.init.normal_(self.token_embedding.weight, std=0.02); nn.init.normal_(self.positional_embedding, std=0.01)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear): nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
-
-    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mask = tokens != 0                                               # (B, L)
-        x = self.token_embedding(tokens) + self.positional_embedding    # (B, L, W)
-        for b in self.blocks: x = b(x, mask)
-        x = self.norm(x)                                                 # (B, L, W)
-        pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)   # (B, W)
-        return x, mask, pooled
-
-# %% ../nbs/15_t2i.ipynb #33f8174d
-class CrossAttention(nn.Module):
-    "Image tokens (B, N, D) attend to text tokens (B, L, W) (qk RMSNorm, key padding mask)."
-    def __init__(self, dim: int, num_heads: int, ctx_dim: int):
-        super().__init__()
-        if dim % num_heads: raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(ctx_dim, 2 * dim), nn.Linear(dim, dim)
-        self.q_norm, self.k_norm = RMSNorm(self.head_dim, eps=1e-6), RMSNorm(self.head_dim, eps=1e-6)
-
-    def forward(self, x: Tensor, ctx: Tensor, mask: Tensor | None = None) -> Tensor:
-        B, N, D = x.shape
-        q = self.q_norm(self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2))            # (B, H, N, Dh)
-        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, Dh)
-        x = F.scaled_dot_product_attention(q, self.k_norm(k), v, attn_mask=None if mask is None else mask[:, None, None, :])
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))             # (B, N, D)
-
-class T2IBlock(LightningDiTBlock):
-    "A `LightningDiTBlock` preceded by cross-attention to the caption: `x + xattn(norm(x), text)` then the block."
-    def __init__(self, hidden_size: int, num_heads: int, text_width: int, mlp_ratio: float = 4.0, use_qknorm: bool = False,
-                 use_swiglu: bool = False, use_rmsnorm: bool = False, wo_shift: bool = False):
-        super().__init__(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift)
-        self.norm_cross = RMSNorm(hidden_size, eps=1e-6) if use_rmsnorm else nn.LayerNorm(hidden_size, eps=1e-6)
-        self.cross_attn = CrossAttention(hidden_size, num_heads, text_width)
-
-    def forward(self, x: Tensor, c: Tensor, feat_rope: nn.Module | None = None, text: Tensor | None = None,
-                text_mask: Tensor | None = None) -> Tensor:
-        x = x + self.cross_attn(self.norm_cross(x), text, text_mask)      # (B, N, D)
-        return super().forward(x, c, feat_rope)                          # (B, N, D)
-
-# %% ../nbs/15_t2i.ipynb #c87794f1
-TEXT_ARGS = ('text_width', 'text_depth', 'text_heads', 'context_length', 'vocab_size', 'text_seed', 'caption_dropout_prob')
-
-def _null_tokens(context_length: int) -> Tensor:
-    "The BPE ids of the empty caption, `[SOT, EOT, 0, ...]` (built without `tokenize`, so it works on the meta device)."
-    t = get_text_tokenizer()
-    return torch.tensor([t.sot_token_id, t.eot_token_id] + [0] * (context_length - 2), dtype=torch.long)
-
-class T2IDiT(LightningDiT):
-    "Caption-conditioned LightningDiT: `forward(x, t, tokens (B, L), force_drop_ids)` -> velocity (B, C, H, W)."
-    def __init__(self, text_width: int = 64, text_depth: int = 2, text_heads: int = 4, context_length: int = 32,
-                 vocab_size: int = 49408, text_seed: int = 0, caption_dropout_prob: float = 0.1, **dit_args):
-        if bad := sorted(set(dit_args) - set(DIT_ARGS) | set(dit_args) & {'num_classes', 'class_dropout_prob'}):
-            raise ValueError(f"T2IDiT: unexpected arguments {bad} (no class labels: the caption is the condition; "
-                             f"caption_dropout_prob replaces class_dropout_prob)")
-        if context_length < 2 or text_width % text_heads: raise ValueError(
-            f"T2IDiT: context_length={context_length} (>= 2) and text_width={text_width} divisible by text_heads={text_heads} required")
-        super().__init__(**dit_args, num_classes=1, class_dropout_prob=0.)
-        self.t2i_config = dict({k: v for k, v in self.config.items() if k not in ('num_classes', 'class_dropout_prob')},
-                               text_width=text_width, text_depth=text_depth, text_heads=text_heads, context_length=context_length,
-                               vocab_size=vocab_size, text_seed=text_seed, caption_dropout_prob=caption_dropout_prob)
-        a = self.t2i_config
-        self.y_embedder = None                                           # no label table
-        self.num_classes = NULL_CAPTION                                  # guided_velocity's unconditional half: rows of -1
-        self.caption_dropout_prob, self.context_length, self.vocab_size = caption_dropout_prob, context_length, vocab_size
-        D = a['hidden_size']
-        self.blocks = nn.ModuleList([T2IBlock(D, a['num_heads'], text_width, a['mlp_ratio'], a['use_qknorm'], a['use_swiglu'],
-                                              a['use_rmsnorm'], a['wo_shift']) for _ in range(a['depth'])])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(text_seed)
-            self.text = TextEncoder(text_width, text_depth, text_heads, context_length, vocab_size)
-        self.text_pool = nn.Linear(text_width, D)                          # pooled caption -> adaLN condition
-        self.register_buffer('null_tokens', _null_tokens(context_length), persistent=False)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear): nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
-        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [b.cross_attn.proj for b in self.blocks] + [self.text_pool]:
-            nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)               # adaLN-Zero; caption paths start closed
-
-    def caption_tokens(self, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
-        "Token ids (B, L) with null rows (all −1), forced drops and training-time dropout replaced by the empty caption."
-        if y.dim() != 2 or y.shape[1] != self.context_length or y.dtype != torch.long:
-            raise ValueError(f"T2IDiT: captions must be int64 token ids (B, {self.context_length}) from "
-                             f"vtp_nbdev.data.tokenize(..., {self.context_length}); got {tuple(y.shape)} {y.dtype}")
-        drop = (y == NULL_CAPTION).all(1)
-        if force_drop_ids is not None: drop = drop | (force_drop_ids == 1)
-        elif self.training and self.caption_dropout_prob > 0: drop = drop | (torch.rand(len(y), device=y.device) < self.caption_dropout_prob)
-        y = torch.where(drop[:, None], self.null_tokens, y)
-        if (y < 0).any() or (y >= self.vocab_size).any():
-            raise ValueError(f"T2IDiT: token ids outside [0, {self.vocab_size}) (only whole rows of {NULL_CAPTION} mean the null caption)")
-        return y
-
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
-        "Velocity (B, C, H, W) for latents x (B, C, H, W), times t (B,) in [0, 1], caption ids y (B, L)."
-        ctx, mask, pooled = self.text(self.caption_tokens(y, force_drop_ids))   # (B, L, W), (B, L), (B, W)
-        x = self.x_embedder(x) + self.pos_embed                          # (B, T, D)
-        c = self.t_embedder(t) + self.text_pool(pooled)                  # (B, D)
-        for block in self.blocks:
-            if self.use_checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, c, self.feat_rope, ctx, mask, use_reentrant=False)
-            else: x = block(x, c, self.feat_rope, ctx, mask)             # (B, T, D)
-        x = self.unpatchify(self.final_layer(x, c))                       # (B, out_C, H, W)
-        return x[:, :self.in_channels] if self.learn_sigma else x
 
 # %% ../nbs/15_t2i.ipynb #ef25ed09
 TEXT_DEFAULTS = dict(width=64, depth=2, heads=4, context_length=32, seed=0)
@@ -225,47 +90,29 @@ class T2ITrainConfig(DiTTrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if bad := sorted(set(self.text) - set(TEXT_DEFAULTS)): raise ValueError(f"T2ITrainConfig.text: unknown keys {bad}; expected some of {list(TEXT_DEFAULTS)}")
+        if bad := sorted(set(self.text) - set(TEXT_DEFAULTS)):
+            raise ValueError(f"T2ITrainConfig.text: unknown keys {bad}; expected some of {list(TEXT_DEFAULTS)}")
         if bad := sorted(set(self.model) & {'num_classes', 'class_dropout_prob'}):
             raise ValueError(f"T2ITrainConfig.model: {bad} do not apply to text conditioning (use caption_dropout)")
-        if not 0 <= self.caption_dropout < 1: raise ValueError(f"T2ITrainConfig.caption_dropout={self.caption_dropout}; expected [0, 1)")
-        if self.eval_points < 1: raise ValueError(f"T2ITrainConfig.eval_points={self.eval_points}; expected >= 1")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"T2ITrainConfig.caption_dropout={self.caption_dropout}; expected [0, 1)")
+        if self.eval_points < 1:
+            raise ValueError(f"T2ITrainConfig.eval_points={self.eval_points}; expected >= 1")
 
 def t2i_model_args(cfg: T2ITrainConfig, shape) -> dict:
     "T2IDiT arguments: the DiT preset + overrides, latent geometry from `shape` (C, H, W), the text encoder settings."
     C, H, W = shape
-    if H != W: raise ValueError(f"T2IDiT needs square latents, got {H}x{W}")
+    if H != W:
+        raise ValueError(f"T2IDiT needs square latents, got {H}x{W}")
     d = {k: v for k, v in dit_config(cfg.preset, **{**cfg.model, 'in_channels': C, 'input_size': H}).items()
          if k not in ('num_classes', 'class_dropout_prob')}
     t = {**TEXT_DEFAULTS, **cfg.text}
-    return dict(d, text_width=t['width'], text_depth=t['depth'], text_heads=t['heads'], context_length=t['context_length'],
-                text_seed=t['seed'], caption_dropout_prob=cfg.caption_dropout)
+    return dict(d, text_width=t['width'], text_depth=t['depth'], text_heads=t['heads'],
+                context_length=t['context_length'], text_seed=t['seed'], caption_dropout_prob=cfg.caption_dropout)
 
 class T2ITrainer(DiTTrainer):
     "`DiTTrainer` (flow-matching loss, EMA) around a `T2IDiT`; `y` is the batch's caption ids."
-    def __init__(self, model_args: dict, cfg: T2ITrainConfig):
-        nn.Module.__init__(self)
-        self.cfg, self.model = cfg, T2IDiT(**model_args)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
-
-# %% ../nbs/15_t2i.ipynb #cb7bca8f
-def save_t2i(model: T2IDiT, folder, transport: dict | None = None, weights: str = 'model.safetensors') -> Path:
-    "Write `config.json` (T2IDiT arguments + transport settings) and the weights."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    atomic_save(model.state_dict(), folder/weights, metadata={'format': 'pt'})
-    tmp = folder/'.config.json.tmp'; tmp.write_text(json.dumps({**model.t2i_config, **(transport or {})}, indent=1, sort_keys=True))
-    tmp.replace(folder/'config.json')
-    return folder
-
-def load_t2i(folder, weights='model.safetensors', device='cpu') -> tuple[T2IDiT, dict]:
-    "A saved T2IDiT (strict keys; `weights` a file name in `folder` or a path) in eval mode, and its transport settings."
-    folder = Path(folder)
-    if not (folder/'config.json').is_file(): raise FileNotFoundError(f"T2I model folder {folder}: missing config.json")
-    d = json.loads((folder/'config.json').read_text())
-    model = T2IDiT(**{k: v for k, v in d.items() if k in DIT_ARGS or k in TEXT_ARGS})
-    w = Path(weights) if Path(weights).is_absolute() else folder/weights
-    sd = load_file(str(w)); check_state_dict(model, sd, str(w)); model.load_state_dict(sd, strict=True)
-    return model.to(device).eval(), {k: v for k, v in d.items() if k not in DIT_ARGS and k not in TEXT_ARGS}
+    model_class = T2IDiT
 
 # %% ../nbs/15_t2i.ipynb #28e76375
 def t2i_run_dir(cfg: T2ITrainConfig, latents_dir, runs_dir=None) -> Path:
@@ -278,28 +125,44 @@ def caption_token_table(latents_dir, context_length: int) -> Tensor:
     return tokenize(c['captions'] + c['flipped'], context_length).view(2, len(c['captions']), context_length)
 
 class T2IRecipe(DiTRecipe):
-    "`train_dit` on captions: a `T2IDiT`, `y` = caption ids of the drawn latents (flip-aware), EMA snapshots for convergence."
-    kind, name, label = 't2i', 'train_t2i', 'T2I DiT'
+    "The DiT recipe on captions: a `T2IDiT`, `y` = caption ids of the drawn latents (flip-aware), EMA snapshots."
+    kind, name, model_label = 't2i', 'train_t2i', 'T2I DiT'
+    trainer_class = T2ITrainer
 
-    def model_args(self, cfg: T2ITrainConfig, ds: LatentDataset) -> dict:
-        args = t2i_model_args(cfg, ds.shape)
+    def build_args(self, ds: LatentDataset) -> dict:
+        args = t2i_model_args(self.cfg, ds.shape)
         self.tokens = caption_token_table(ds.run, args['context_length'])   # (2, n, L); raises for non-shapes latents
         return args
-    def trainer(self, model_args: dict, cfg: T2ITrainConfig) -> T2ITrainer: return T2ITrainer(model_args, cfg)
-    def build(self, model_args: dict) -> T2IDiT: return T2IDiT(**model_args)
-    def p_drop(self, trainer, cfg: T2ITrainConfig) -> float: return cfg.caption_dropout
-    def batch(self, ds: LatentDataset, idx, flip: Tensor) -> tuple[Tensor, Tensor]:
-        x1, _ = ds.get_batch(idx, flip)
-        return x1, self.tokens[(flip & ds.has_flips).long(), torch.as_tensor(idx)]   # (B, L): the flipped latent's caption when flipped
-    def snapshots(self, cfg: T2ITrainConfig) -> set: return set(log_spaced_steps(cfg.steps, cfg.eval_points))
-    def save(self, model: T2IDiT, folder, cfg: T2ITrainConfig) -> Path: return save_t2i(model, folder, cfg.transport())
-    def done_info(self, ds: LatentDataset) -> dict: return {}
+
+    def drop_prob(self, trainer: T2ITrainer) -> float:
+        return self.cfg.caption_dropout
+
+    def condition(self, idx: list, flip: Tensor) -> tuple[Tensor, Tensor]:
+        "(x1, y): y the caption ids (B, L), the flipped latent's caption where flipped."
+        x1, _ = self.ds.get_batch(idx, flip)
+        return x1, self.tokens[(flip & self.ds.has_flips).long(), torch.as_tensor(idx)]
+
+    def snapshot_steps(self) -> set:
+        return set(log_spaced_steps(self.cfg.steps, self.cfg.eval_points))
+
+    def save_model(self, model: T2IDiT, folder: Path) -> Path:
+        return save_t2i(model, folder, self.cfg.transport())
+
+    def done_info(self) -> dict:
+        return {}
 
 def train_t2i(cfg: T2ITrainConfig | dict, latents_dir, runs_dir=None, device=None, max_steps: int | None = None,
               progress: bool = True, fsdp: bool = False) -> Path:
     "Train (or resume) the T2I DiT of `cfg` on a `shapes` latents run; returns `runs/t2i/<hash>/` (final/ = EMA)."
     cfg = T2ITrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    return train_dit(cfg, latents_dir, runs_dir, device, max_steps, progress, fsdp, recipe=T2IRecipe())
+    return fit(T2IRecipe(cfg, latents_dir), runs_dir, device, max_steps, progress, fsdp)
+
+main = training_cli(train_t2i, T2ITrainConfig, 'Train a caption-conditioned LightningDiT on a `shapes` latents run.',
+                    inputs=(('--latents-dir', 'a runs/latents/<hash> directory of `shapes` (extract_latents)'),),
+                    fsdp_help='shard the model and its EMA (FSDP2)')
+
+if __name__ == '__main__' and '__file__' in globals():
+    raise SystemExit(main())
 
 # %% ../nbs/15_t2i.ipynb #136dcaed
 @torch.no_grad()
@@ -314,17 +177,11 @@ def sample_t2i(model: T2IDiT, tokens: Tensor, seed: int = 0, batch_size: int = 2
         out.append(ode_sample(model, x, y, **sampler_kw).float().cpu())
     return torch.cat(out)
 
-@torch.no_grad()
-def decode_latents(tok: VTPModel, z: Tensor, stats: dict, multiplier: float = 1.0, batch_size: int = 256) -> Tensor:
-    "uint8 images (n, 3, H, W) of standardised latents `z` decoded by tokenizer `tok`."
-    dev = next(tok.parameters()).device
-    return torch.cat([to_uint8(tok.get_latents_decoded_images(destandardize(z[s:s + batch_size].to(dev), stats, multiplier)).float()).cpu()
-                      for s in range(0, len(z), batch_size)])
-
 # %% ../nbs/15_t2i.ipynb #092922db
 def eval_prompts(n: int, seed: int = 0, split: str = 'test', res: int = 32, max_scan: int | None = None) -> dict:
-    "`n` attribute-balanced `shapes` prompts of `split`: indices, captions, attrs and the real images (n, 3, res, res) uint8."
-    if n <= 0: raise ValueError(f"eval_prompts: n={n}; expected a positive number of prompts")
+    "`n` attribute-balanced `shapes` prompts of `split`: indices, captions, attrs, real images (n, 3, res, res) uint8."
+    if n <= 0:
+        raise ValueError(f"eval_prompts: n={n}; expected a positive number of prompts")
     quota = {k: math.ceil(n / len(v)) for k, v in ATTRIBUTE_VALUES.items()}
     counts = {k: {v: 0 for v in vals} for k, vals in ATTRIBUTE_VALUES.items()}
     off, picked = SPLIT_OFFSETS[split], []
@@ -332,16 +189,21 @@ def eval_prompts(n: int, seed: int = 0, split: str = 'test', res: int = 32, max_
         a = shapes_attributes(np.random.default_rng([seed, off + i]))     # what shapes_sample draws first
         if all(counts[k][a[k]] < quota[k] for k in quota):
             picked.append(i)
-            for k in quota: counts[k][a[k]] += 1
-            if len(picked) == n: break
-    else: raise RuntimeError(f"eval_prompts: found only {len(picked)} balanced prompts of {n} in the first {i + 1} samples")
+            for k in quota:
+                counts[k][a[k]] += 1
+            if len(picked) == n:
+                break
+    else:
+        raise RuntimeError(f"eval_prompts: found only {len(picked)} balanced prompts of {n} in the first {i + 1} "
+                           "samples")
     s = [shapes_sample(off + i, seed, res) for i in picked]
     return dict(indices=picked, captions=[x[1] for x in s], attrs=[x[3] for x in s],
                 images=torch.stack([torch.from_numpy(x[0]).permute(2, 0, 1) for x in s]))
 
 def _ref_res(imgs: Tensor) -> Tensor:
     "uint8 images at the reference network's resolution (area-downsampled when larger)."
-    if imgs.shape[-1] == REF_RES: return imgs
+    if imgs.shape[-1] == REF_RES:
+        return imgs
     return F.interpolate(imgs.float(), size=(REF_RES, REF_RES), mode='area').round().clamp(0, 255).to(torch.uint8)
 
 # %% ../nbs/15_t2i.ipynb #dcab07fa
@@ -349,8 +211,9 @@ def _ref_res(imgs: Tensor) -> Tensor:
 class T2IConfig(PlainConfig):
     "The text-to-image measurement of one tokenizer: latents, T2I DiT training, fixed prompts, sampler, metrics."
     dataset: str = 'shapes'
-    n_latents: int = 10_000              # training images encoded (+ flips); same as the class-conditional proxy: shared
-    train: dict = field(default_factory=lambda: dict(preset='S', steps=1500, batch=64, lr=1e-3, ema_decay=0.999, log_every=100, ckpt_every=500))
+    n_latents: int = 10_000   # training images encoded (+ flips); same as the class-conditional proxy: shared
+    train: dict = field(default_factory=lambda: dict(preset='S', steps=1500, batch=64, lr=1e-3, ema_decay=0.999,
+                                                     log_every=100, ckpt_every=500))
     text: dict = field(default_factory=lambda: dict(TEXT_DEFAULTS))
     caption_dropout: float = 0.1
     eval_points: int = 2                 # T2I training checkpoints scored (log-spaced; convergence)
@@ -363,25 +226,27 @@ class T2IConfig(PlainConfig):
 
     def train_config(self) -> T2ITrainConfig:
         "The T2I DiT training config (seeded by `seed`)."
-        return T2ITrainConfig.from_dict({'seed': self.seed, **self.train, 'text': dict(self.text), 'caption_dropout': self.caption_dropout,
+        return T2ITrainConfig.from_dict({'seed': self.seed, **self.train, 'text': dict(self.text),
+                                         'caption_dropout': self.caption_dropout,
                                          'eval_points': self.eval_points})
 
 def t2i_metrics(tokenizer, cfg: T2IConfig | None = None, runs_dir=None, device=None, progress: bool = True,
                 keep_samples: int = 16) -> dict:
-    "Prompt following and FD of a tokenizer (VTP folder or run): latents -> T2I DiT -> fixed prompts -> reference network."
+    "Prompt following and FD of a tokenizer (folder or run): latents -> T2I DiT -> fixed prompts -> reference network."
     cfg = cfg or T2IConfig()
     if cfg.dataset != 'shapes':
-        raise ValueError(f"t2i_metrics: dataset {cfg.dataset!r}; this metric needs `shapes` (captions rebuilt from indices, "
-                         "attribute labels read by its reference network)")
+        raise ValueError(f"t2i_metrics: dataset {cfg.dataset!r}; this metric needs `shapes` (captions rebuilt from "
+                         "indices, attribute labels read by its reference network)")
     device, t0 = get_device(device), time.time()
     lat = extract_latents(tokenizer, 'shapes', 'train', cfg.n_latents, flips=True, runs_dir=runs_dir, device=device,
                           seed=cfg.seed, progress=progress)
     tcfg = cfg.train_config()
     run = train_t2i(tcfg, lat, runs_dir, device, progress=progress)
-    key = dict(eval={k: v for k, v in cfg.to_dict().items() if k not in ('train', 'text', 'n_latents', 'caption_dropout')},
-               tokenizer=tokenizer_hash(tokenizer))
+    skip = ('train', 'text', 'n_latents', 'caption_dropout')
+    key = dict(eval={k: v for k, v in cfg.to_dict().items() if k not in skip}, tokenizer=tokenizer_hash(tokenizer))
     out = run/f't2i_eval_{config_hash(key)}.json'
-    if out.exists(): return json.loads(out.read_text())
+    if out.exists():
+        return json.loads(out.read_text())
     t1 = time.time()
     tok = VTPModel.from_pretrained(tokenizer_folder(tokenizer), device=str(device)).eval()
     P = eval_prompts(cfg.n_prompts, seed=0, res=tok.config.image_size)
@@ -394,7 +259,8 @@ def t2i_metrics(tokenizer, cfg: T2IConfig | None = None, runs_dir=None, device=N
     curve = []
     for snap in sorted((run/'snapshots').glob('ema-*.safetensors')):
         model.load_state_dict(load_file(str(snap), device=str(device)))
-        z = sample_t2i(model, tokens, cfg.seed, num_steps=cfg.steps, sampler=cfg.sampler, timestep_shift=cfg.timestep_shift,
+        z = sample_t2i(model, tokens, cfg.seed, num_steps=cfg.steps, sampler=cfg.sampler,
+                       timestep_shift=cfg.timestep_shift,
                        cfg_scale=cfg.cfg_scale)
         imgs = decode_latents(tok, z, stats, mult)
         acc = attribute_accuracy(_ref_res(imgs), P['attrs'], device=device)
@@ -408,51 +274,65 @@ def t2i_metrics(tokenizer, cfg: T2IConfig | None = None, runs_dir=None, device=N
              tokenizer=str(tokenizer), tokenizer_hash=tokenizer_hash(tokenizer), latents_dir=str(lat), t2i_run=str(run),
              t2i_config=cfg.to_dict(), samples=str(out.with_name(f't2i_samples_{config_hash(key)}.pt')),
              seconds=dict(latents_and_training=t1 - t0, sampling_and_metrics=t2 - t1))
-    torch.save(dict(images=imgs[:keep_samples], captions=P['captions'][:keep_samples], real=real[:keep_samples]), m['samples'])
-    tmp_ = out.with_suffix('.tmp'); tmp_.write_text(json.dumps(m, indent=1, default=str)); tmp_.replace(out)
+    torch.save(dict(images=imgs[:keep_samples], captions=P['captions'][:keep_samples], real=real[:keep_samples]),
+               m['samples'])
+    write_json(out, m)
     return m
 
 # %% ../nbs/15_t2i.ipynb #fbdc23f1
 T2I_SCALE_SETTINGS = {
     'smoke': dict(n_latents=256, train=dict(preset='tiny', steps=20, batch=16, lr=1e-3, log_every=10, ckpt_every=20),
-                  text=dict(width=32, depth=1, heads=2, context_length=32, seed=0), eval_points=2, n_prompts=32, steps=6, cfg_scale=3.0),
-    'cpu': dict(n_latents=10_000, train=dict(preset='S', steps=600, batch=64, lr=1e-3, ema_decay=0.999, log_every=100, ckpt_every=300),
-                text=dict(width=64, depth=2, heads=4, context_length=32, seed=0), eval_points=2, n_prompts=300, steps=25, cfg_scale=3.0),
-    'paper': dict(n_latents=1_281_167, train=dict(preset='B/1', steps=400_000, batch=256, lr=2e-4, ema_decay=0.9999, log_every=100, ckpt_every=5000),
-                  text=dict(width=768, depth=12, heads=12, context_length=77, seed=0), eval_points=5, n_prompts=10_000, steps=250,
+                  text=dict(width=32, depth=1, heads=2, context_length=32, seed=0), eval_points=2, n_prompts=32,
+                  steps=6, cfg_scale=3.0),
+    'cpu': dict(n_latents=10_000, train=dict(preset='S', steps=600, batch=64, lr=1e-3, ema_decay=0.999, log_every=100,
+                                             ckpt_every=300),
+                text=dict(width=64, depth=2, heads=4, context_length=32, seed=0), eval_points=2, n_prompts=300,
+                steps=25, cfg_scale=3.0),
+    'paper': dict(n_latents=1_281_167, train=dict(preset='B/1', steps=400_000, batch=256, lr=2e-4, ema_decay=0.9999,
+                                                  log_every=100, ckpt_every=5000),
+                  text=dict(width=768, depth=12, heads=12, context_length=77, seed=0), eval_points=5, n_prompts=10_000,
+                  steps=250,
                   cfg_scale=3.0, timestep_shift=0.075),
 }
 
-T2I_POINTS = {'smoke': None, 'cpu': (0, 5), 'paper': None}   # scaling checkpoints (indices) given a T2I point; None: the scale's own
+# scaling checkpoints (indices) given a T2I point; None: the scale's own
+T2I_POINTS = {'smoke': None, 'cpu': (0, 5), 'paper': None}
 
 def t2i_settings(scale: str, seed: int = 0) -> T2IConfig:
     "The `T2IConfig` of `scale` (seed = the tokenizer run's seed)."
-    if scale not in T2I_SCALE_SETTINGS: raise ValueError(f"unknown scale {scale!r}; expected one of {list(T2I_SCALE_SETTINGS)}")
+    if scale not in T2I_SCALE_SETTINGS:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {list(T2I_SCALE_SETTINGS)}")
     return T2IConfig.from_dict({**T2I_SCALE_SETTINGS[scale], 'seed': seed})
 
 def t2i_param_count(scale: str, latent_shape=(64, 16, 16)) -> dict:
     "Parameters of the scale's T2IDiT (built on the meta device: no memory, no compute): total, text encoder, DiT."
     c = t2i_settings(scale).train_config()
-    with torch.device('meta'): m = T2IDiT(**t2i_model_args(c, latent_shape))
+    with torch.device('meta'):
+        m = T2IDiT(**t2i_model_args(c, latent_shape))
     n = lambda mod: sum(p.numel() for p in mod.parameters())
     return dict(total=n(m), text=n(m.text), dit=n(m) - n(m.text))
 
 # %% ../nbs/15_t2i.ipynb #0df24241
 def t2i_point(scale: str, losses: str, seed: int = 0, step: int | None = None, root=None, progress: bool = False,
               store_only: bool = False, **overrides) -> dict | None:
-    "T2I metrics of the checkpoint `step` (default: last) of a scaling run, stored in `results/<scale>/t2i/` (None if absent and `store_only`)."
+    "T2I metrics of checkpoint `step` (default: last) of a scaling run, in `results/<scale>/t2i/` (or None)."
     cfg = scaling_config(scale, losses, seed, **overrides)
     step = cfg.steps if step is None else step
     t = t2i_settings(scale, seed)
     key = dict(point=point_key(cfg, step, scale), t2i=t.to_dict())
-    path = results_dir(scale, root)/'t2i'/f"{cfg.losses.replace('+', '-')}_{cfg.preset}_s{seed}_step{step:06d}_{config_hash(key)}.json"
-    if path.exists(): return json.loads(path.read_text())
-    if store_only: return None
+    name = f"{cfg.losses.replace('+', '-')}_{cfg.preset}_s{seed}_step{step:06d}_{config_hash(key)}.json"
+    path = results_dir(scale, root)/'t2i'/name
+    if path.exists():
+        return json.loads(path.read_text())
+    if store_only:
+        return None
     with run_lock(cfg):
         run = pretrain(cfg, progress=False)
         folder = export_checkpoint(run, step)
         m = t2i_metrics(folder, t, progress=progress)
-    rec = dict(scale=scale, method=cfg.losses, preset=cfg.preset, seed=seed, step=step, steps_total=cfg.steps, flops=_flops_at(run, step), point_hash=config_hash(key), config_hash=run.name,
+    rec = dict(scale=scale, method=cfg.losses, preset=cfg.preset, seed=seed, step=step, steps_total=cfg.steps,
+               flops=flops_at(run, step),
+               point_hash=config_hash(key), config_hash=run.name,
                **{k: v for k, v in m.items() if k not in ('tokenizer', 'latents_dir', 't2i_run', 'samples')},
                samples=m['samples'])
-    return _write_record(path, rec)
+    return write_record(path, rec)

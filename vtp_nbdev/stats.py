@@ -192,7 +192,8 @@ def slope_verdict(claim: str, slopes_a: dict, slopes_b: dict, alternative: str =
 def single_seed_verdict(claim: str, delta: float, sigma: float, sigma_seeds: int = 0, min_seeds: int = 3) -> Verdict:
     "Verdict on 'delta > 0' from one run per arm: counts only beyond 2*sqrt(2)*sigma (sigma from >= min_seeds seeds)."
     thr = single_seed_threshold(sigma)
-    pre = {'seed SD measured': thr == thr, f'SD from >= {min_seeds} seeds (have {sigma_seeds})': sigma_seeds >= min_seeds}
+    pre = {'seed SD measured': thr == thr,
+           f'SD from >= {min_seeds} seeds (have {sigma_seeds})': sigma_seeds >= min_seeds}
     detail = f"effect {delta:+.3g}, threshold 2*sqrt(2)*sigma = {thr:.3g} (sigma {sigma:.3g})"
     return decide(claim, 'single-seed: |effect| > 2*sqrt(2)*sigma', thr == thr and delta > thr,
                   thr == thr and delta < -thr, pre, detail)

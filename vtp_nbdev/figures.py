@@ -27,7 +27,8 @@ def figures_dir(scale: str) -> Path:
 
 def markdown_table(df: pd.DataFrame, floatfmt: str = '.4g') -> str:
     "A GitHub-markdown table of `df` (floats formatted with `floatfmt`, missing values empty)."
-    cell = lambda v: '' if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, floatfmt) if isinstance(v, float) else str(v)
+    cell = lambda v: '' if v is None or (isinstance(v, float) and math.isnan(v)) else \
+        format(v, floatfmt) if isinstance(v, float) else str(v)
     rows = [' | '.join(map(str, df.columns)), ' | '.join('---' for _ in df.columns)]
     rows += [' | '.join(cell(v) for v in r) for r in df.itertuples(index=False)]
     return '\n'.join(f'| {r} |' for r in rows) + '\n'
@@ -35,7 +36,8 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = '.4g') -> str:
 def save_table(df: pd.DataFrame, out: Path, name: str, md: bool = True, floatfmt: str = '.4g') -> Path:
     "Write `df` as `<name>.csv` (and `<name>.md`) under `out`; returns the CSV path."
     df.to_csv(out/f'{name}.csv', index=False)
-    if md: (out/f'{name}.md').write_text(markdown_table(df, floatfmt))
+    if md:
+        (out/f'{name}.md').write_text(markdown_table(df, floatfmt))
     return out/f'{name}.csv'
 
 # %% ../nbs/14_figures.ipynb #b2e1d4f6
@@ -64,19 +66,24 @@ def readme_results(readme: str, results_md: str) -> str:
 
 # %% ../nbs/14_figures.ipynb #ef4ebae5
 PAPER_TRAINING_SCALING = pd.DataFrame(dict(
-    method=['AE', 'AE', 'CLIP+SSL+AE', 'CLIP+SSL+AE', 'CLIP+SSL+AE', 'CLIP+SSL+AE', 'CLIP+SSL+AE', 'CLIP+SSL+AE', 'CLIP+SSL+AE', 'CLIP+SSL+AE'],
+    method=['AE', 'AE', 'CLIP+SSL+AE', 'CLIP+SSL+AE', 'CLIP+SSL+AE', 'CLIP+SSL+AE', 'CLIP+SSL+AE', 'CLIP+SSL+AE',
+            'CLIP+SSL+AE', 'CLIP+SSL+AE'],
     gflops=[5.5e9, 1.95e11, 5.3e9, 1.1e10, None, None, None, None, None, 1.9e11],
     gFID=[55.04, 58.56, 81.26, 61.27, 41.6, 36, 32, 30, 28, 26.95]))
-PAPER_TRAINING_SCALING.loc[PAPER_TRAINING_SCALING.gflops.isna(), 'gflops'] = np.geomspace(1.1e10, 1.9e11, 7)[1:-1]   # ≈ log-spaced, read off the figure
+# ≈ log-spaced, read off the figure
+PAPER_TRAINING_SCALING.loc[PAPER_TRAINING_SCALING.gflops.isna(), 'gflops'] = np.geomspace(1.1e10, 1.9e11, 7)[1:-1]
 PAPER_AE_RFID = dict(first=2.0, last=0.5)            # Fig. 4: AE rFID over the same compute range
 PAPER_CLAIMS = dict(vtp_10x_improvement=0.658, crossover_gflops=(1.2e10, 1.5e10))
 PAPER_PARAM_SCALING = {'CLIP+SSL+AE': dict(S=31.28, B=27.83, L=26.12), 'AE': dict(S=57.42, B=57.52, L=57.87)}
-PAPER_DATA_SCALING = {'CLIP+SSL+AE': {1e5: 47.59, 1e6: 40.57, 1e7: 30.98, 1e8: 27.45}, 'AE': {1e5: 58.37, 1e6: 58.39, 1e7: 57.23, 1e8: 56.71}}
+PAPER_DATA_SCALING = {'CLIP+SSL+AE': {1e5: 47.59, 1e6: 40.57, 1e7: 30.98, 1e8: 27.45},
+                      'AE': {1e5: 58.37, 1e6: 58.39, 1e7: 57.23, 1e8: 56.71}}
 PAPER_DECODER_SCALING = (26.12, 24.08)
-PAPER_TABLE1 = pd.DataFrame(dict(arch=['CNN (LDM)', 'ViT-B', 'ViT-L'], gflops=[389.4, 87.7, 311.1], params_M=[70.3, 171.2, 607.2],
+PAPER_TABLE1 = pd.DataFrame(dict(arch=['CNN (LDM)', 'ViT-B', 'ViT-L'], gflops=[389.4, 87.7, 311.1],
+                                 params_M=[70.3, 171.2, 607.2],
                                  rPSNR=[30.63, 30.72, 31.28], gFID=[59.53, 58.40, 53.51]))
 PAPER_TABLE3 = {'VTP': dict(S=5.46, B=3.88, L=2.81), 'RAE': dict(S=3.50, B=4.28, L=6.09)}
-PAPER_TABLE2 = dict(rFID=0.36, zero_shot=78.2, linear_probe=85.7, gFID_80ep=2.62, IS=197.8, precision=0.79, recall=0.62, gFID_80ep_cfg=1.44)
+PAPER_TABLE2 = dict(rFID=0.36, zero_shot=78.2, linear_probe=85.7, gFID_80ep=2.62, IS=197.8, precision=0.79, recall=0.62,
+                    gFID_80ep_cfg=1.44)
 
 # %% ../nbs/14_figures.ipynb #a6c24727
 METHOD_ORDER = ['AE', 'CLIP+AE', 'SSL+AE', 'CLIP+SSL+AE']
@@ -91,28 +98,36 @@ def plain_log(ax, x: bool = True, y: bool = False):
     "Log scale on the chosen axes of `ax` with plain tick labels (30, 40, 60 rather than 3×10^1)."
     from matplotlib.ticker import FuncFormatter, LogLocator
     fmt = FuncFormatter(lambda v, _: f'{v:g}')
-    if x: ax.set_xscale('log')
+    if x:
+        ax.set_xscale('log')
     if y:
-        ax.set_yscale('log'); ax.yaxis.set_major_formatter(fmt); ax.yaxis.set_minor_formatter(fmt)
+        ax.set_yscale('log')
+        ax.yaxis.set_major_formatter(fmt)
+        ax.yaxis.set_minor_formatter(fmt)
         ax.tick_params(axis='y', which='minor', labelsize=7)
     return ax
 
-def paper_panel(ax, df: pd.DataFrame, x: str, y: str, title: str = 'paper', xlabel: str = 'GFLOPs', ylabel: str | None = None):
+def paper_panel(ax, df: pd.DataFrame, x: str, y: str, title: str = 'paper', xlabel: str = 'GFLOPs',
+                ylabel: str | None = None):
     "The paper's curve(s) of `df` (one line per method) on their own axes `ax`, drawn faint beside ours."
     for m, g in df.dropna(subset=[x, y]).groupby('method'):
         ax.plot(g[x], g[y], 'o-', ms=3, lw=1.2, color=METHOD_COLORS.get(m, 'k'), alpha=0.6, label=m)
     plain_log(ax, x=True, y=False)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel or y); ax.title.set_fontsize(9); ax.tick_params(labelsize=7)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel or y)
+    ax.title.set_fontsize(9)
+    ax.tick_params(labelsize=7)
     ax.legend(fontsize=7)
     return ax
 
 # %% ../nbs/14_figures.ipynb #92c19494
 def seed_summary(df: pd.DataFrame, y: str, by=('method', 'ckpt')) -> pd.DataFrame:
-    "Mean, spread (max − min) and count of `y` over seeds per `by` group, with mean FLOPs; `ckpt` = checkpoint index in its run."
-    if 'ckpt' in by and 'ckpt' not in df:     # seeds' step counts differ slightly (equal FLOPs): align checkpoints by index
+    "Mean, spread (max − min) and count of `y` over seeds per `by` group, with mean FLOPs; `ckpt`: checkpoint index."
+    # seeds' step counts differ slightly (equal FLOPs): align checkpoints by index
+    if 'ckpt' in by and 'ckpt' not in df:
         df = df.assign(ckpt=df.groupby(['method', 'seed']).step.rank(method='dense').astype(int) - 1)
     g = df.groupby(list(by))
-    return pd.DataFrame({'flops': g.flops.mean(), 'mean': g[y].mean(), 'spread': g[y].max() - g[y].min(), 'n_seeds': g[y].count()}).reset_index()
+    return pd.DataFrame({'flops': g.flops.mean(), 'mean': g[y].mean(), 'spread': g[y].max() - g[y].min(),
+                         'n_seeds': g[y].count()}).reset_index()
 
 def log_slope(x, y) -> float:
     "Slope β of log10 y against log10 x (least squares)."
@@ -126,8 +141,10 @@ def _fit_given_b(u, y, b):
     "Least-squares a ≥ 0, c ≥ 0 of y = a·u^−b + c for a fixed b; (a, c, squared error)."
     v = u ** (-b)
     a, c = np.linalg.lstsq(np.stack([v, np.ones_like(v)], 1), y, rcond=None)[0]
-    if a < 0: a, c = 0., max(y.mean(), 0.)
-    if c < 0: a, c = max(float(v @ y / (v @ v)), 0.), 0.
+    if a < 0:
+        a, c = 0., max(y.mean(), 0.)
+    if c < 0:
+        a, c = max(float(v @ y / (v @ v)), 0.), 0.
     return a, c, float(((a * v + c - y) ** 2).sum())
 
 def _fit_once(u, y, bs):
@@ -136,7 +153,7 @@ def _fit_once(u, y, bs):
     return errs[k][0], bs[k], errs[k][1]
 
 def fit_saturating_power_law(x, y, x_scale: float | None = None, n_boot: int = 200, seed: int = 0) -> dict:
-    "Fit y = a·(x/x_scale)^(−b) + c (a, c ≥ 0; b on a grid in [0, 3]); standard errors by bootstrap over the points."
+    "Fit y = a·(x/x_scale)^(−b) + c (a, c ≥ 0; b on a grid in [0, 3]); standard errors by bootstrap over points."
     x, y = np.asarray(x, float), np.asarray(y, float)
     xs = x_scale or float(np.exp(np.log(x).mean()))
     u, bs = x / xs, np.linspace(0., 3., 601)
@@ -152,7 +169,8 @@ def power_law(fit: dict, x) -> np.ndarray:
 
 def crossover(fit1: dict, fit2: dict, lo: float, hi: float) -> float | None:
     "Smallest x in [lo, hi] (log grid) where the two fitted curves cross (sign change of their difference), else None."
-    xs = np.geomspace(lo, hi, 2000); d = power_law(fit1, xs) - power_law(fit2, xs)
+    xs = np.geomspace(lo, hi, 2000)
+    d = power_law(fit1, xs) - power_law(fit2, xs)
     idx = np.nonzero(np.sign(d[1:]) != np.sign(d[:-1]))[0]
     return float(xs[idx[0] + 1]) if len(idx) else None
 
@@ -160,9 +178,11 @@ def crossover(fit1: dict, fit2: dict, lo: float, hi: float) -> float | None:
 def correlations(x, y, n_perm: int = 10_000, seed: int = 0) -> dict:
     "Pearson r, Spearman rho and a two-sided permutation p-value of Pearson r."
     x, y = np.asarray(x, float), np.asarray(y, float)
-    r = float(np.corrcoef(x, y)[0, 1]); rho = float(np.corrcoef(pd.Series(x).rank(), pd.Series(y).rank())[0, 1])
+    r = float(np.corrcoef(x, y)[0, 1])
+    rho = float(np.corrcoef(pd.Series(x).rank(), pd.Series(y).rank())[0, 1])
     perm = np.random.default_rng(seed).permuted(np.broadcast_to(y, (n_perm, len(y))), axis=1)
-    pr = ((perm - perm.mean(1, keepdims=True)) @ (x - x.mean())) / (np.linalg.norm(perm - perm.mean(1, keepdims=True), axis=1) * np.linalg.norm(x - x.mean()))
+    pr = ((perm - perm.mean(1, keepdims=True)) @ (x - x.mean())) / \
+        (np.linalg.norm(perm - perm.mean(1, keepdims=True), axis=1) * np.linalg.norm(x - x.mean()))
     return dict(n=len(x), pearson_r=r, spearman_rho=rho, p_perm=float((np.abs(pr) >= abs(r) - 1e-12).mean()))
 
 # %% ../nbs/14_figures.ipynb #35e916f8

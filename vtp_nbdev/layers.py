@@ -24,7 +24,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
-    def reset_parameters(self): nn.init.ones_(self.weight)
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
@@ -38,8 +39,10 @@ class LayerScale(nn.Module):
         self.init_values, self.gamma = init_values, nn.Parameter(torch.empty(dim))
         self.reset_parameters()
 
-    def reset_parameters(self): nn.init.constant_(self.gamma, self.init_values)
-    def forward(self, x: Tensor) -> Tensor: return x * self.gamma
+    def reset_parameters(self):
+        nn.init.constant_(self.gamma, self.init_values)
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
 
 # %% ../nbs/02_layers.ipynb #13bdf305
 def swiglu_hidden(hidden_features: int, align_to: int = 8) -> int:
@@ -65,7 +68,8 @@ class Mlp(nn.Module):
         self.fc1, self.act = nn.Linear(in_features, hidden_features, bias=bias), nn.GELU()
         self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor: return self.fc2(self.act(self.fc1(x)))  # (..., D)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))  # (..., D)
 
 # %% ../nbs/02_layers.ipynb #878cc30c
 FFN_LAYERS = {'mlp': Mlp, 'swiglu': SwiGLUFFN, 'swiglu32': partial(SwiGLUFFN, align_to=32),
@@ -76,7 +80,8 @@ ROPE_DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 
 def get_layer(registry: dict, name: str, what: str):
     "Look `name` up in `registry`, with a clear error naming the valid choices."
-    if name not in registry: raise ValueError(f"unknown {what} {name!r}; expected one of {sorted(registry)}")
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; expected one of {sorted(registry)}")
     return registry[name]
 
 # %% ../nbs/02_layers.ipynb #a15d14de
@@ -123,7 +128,8 @@ class RopePositionEmbedding(nn.Module):
 # %% ../nbs/02_layers.ipynb #0e10f83f
 def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     "`F.scaled_dot_product_attention`, or (CPU, under `torch.compile`, up to 1024 keys) the same product written out."
-    if q.device.type == 'cpu' and k.shape[-2] <= 1024 and torch.compiler.is_compiling():   # (..., N, N) scores stay small
+    # (..., N, N) scores stay small
+    if q.device.type == 'cpu' and k.shape[-2] <= 1024 and torch.compiler.is_compiling():
         return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v    # (..., N, Dh)
     return F.scaled_dot_product_attention(q, k, v)
 
@@ -132,7 +138,8 @@ class SelfAttention(nn.Module):
     "Multi-head self-attention (fused `qkv`, optional qk RMSNorm) with RoPE on the last H*W tokens; SDPA kernel."
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True, qk_norm: bool = False):
         super().__init__()
-        if dim % num_heads: raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
+        if dim % num_heads:
+            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
@@ -147,7 +154,7 @@ class SelfAttention(nn.Module):
         if prefix:  # prefix rows rotate by 0 (sin 0, cos 1): x*1 + y*0 == x exactly, so no slicing or concatenation
             sin, cos = F.pad(sin, (0, 0, prefix, 0)), F.pad(cos, (0, 0, prefix, 0), value=1.)
         sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)                # rotate_half's sign folded into sin
-        rot = lambda x: x * cos + x.roll(half, dims=-1) * sin                   # == rope_apply(x, sin, cos), fewer passes
+        rot = lambda x: x * cos + x.roll(half, dims=-1) * sin   # == rope_apply(x, sin, cos), fewer passes
         return rot(q.to(sin.dtype)).to(dt), rot(k.to(sin.dtype)).to(dt)         # (B, h, N, Dh) each
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -155,7 +162,8 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)      # (B, N, 3, h, Dh)
         q, k, v = [t.transpose(1, 2) for t in qkv.unbind(2)]                     # (B, h, N, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None: q, k = self.apply_rope(q, k, rope)
+        if rope is not None:
+            q, k = self.apply_rope(q, k, rope)
         x = F.scaled_dot_product_attention(q, k, v)                             # (B, h, N, Dh)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))                    # (B, N, D)
 
@@ -192,7 +200,8 @@ class PatchEmbed(nn.Module):
     def reset_parameters(self):
         "Uniform(+-1/sqrt(fan_in)) for weight and bias (DINOv3)."
         b = 1 / math.sqrt(self.in_chans * self.patch_size ** 2)
-        nn.init.uniform_(self.proj.weight, -b, b); nn.init.uniform_(self.proj.bias, -b, b)
+        nn.init.uniform_(self.proj.weight, -b, b)
+        nn.init.uniform_(self.proj.bias, -b, b)
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         p = self.patch_size
@@ -207,6 +216,7 @@ def init_weights_vit(module: nn.Module):
     "DINOv3 init for one module: trunc-normal(0.02) linears with zero bias; norms, LayerScale, PatchEmbed reset."
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None: nn.init.zeros_(module.bias)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
     elif isinstance(module, (nn.LayerNorm, RMSNorm, LayerScale, PatchEmbed)):
         module.reset_parameters()

@@ -47,8 +47,9 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]           # (B, ...)
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    "Concatenate `x` (B, ...) from all ranks along dim 0, keeping the gradient of the local shard; identity when not distributed."
-    if rank_world()[1] == 1: return x
+    "Concatenate `x` (B, ...) from all ranks along dim 0, keeping the local shard's gradient (identity if not DDP)."
+    if rank_world()[1] == 1:
+        return x
     return _GatherWithGrad.apply(x)
 
 # %% ../nbs/04_losses.ipynb #08b8e371
@@ -82,7 +83,8 @@ class ClipLoss(nn.Module):
             logits_i = logit_scale * all_img @ all_txt.T                            # (W*B, W*B)
             logits_t = logits_i.T
             labels = torch.arange(world * B, device=image_features.device)
-        if logit_bias is not None: logits_i, logits_t = logits_i + logit_bias, logits_t + logit_bias
+        if logit_bias is not None:
+            logits_i, logits_t = logits_i + logit_bias, logits_t + logit_bias
         return (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
 
 # %% ../nbs/04_losses.ipynb #abed4bf9
@@ -99,7 +101,8 @@ class SigLipLoss(nn.Module):
         B = image_features.shape[0]
         all_txt = gather_with_grad(text_features)                                   # (W*B, D)
         logits = logit_scale * image_features @ all_txt.T                           # (B, W*B)
-        if logit_bias is not None: logits = logits + logit_bias
+        if logit_bias is not None:
+            logits = logits + logit_bias
         labels = -torch.ones_like(logits)
         idx = torch.arange(B, device=logits.device)
         labels[idx, idx + rank * B] = 1.                                            # +1 on the matching pairs
@@ -108,23 +111,27 @@ class SigLipLoss(nn.Module):
 # %% ../nbs/04_losses.ipynb #ce2a91b2
 def teacher_temp_schedule(step: int, warmup_steps: int, start: float = 0.04, end: float = 0.07) -> float:
     "Teacher temperature: linear warm-up from `start` to `end` over `warmup_steps`, then constant `end`."
-    if warmup_steps <= 0 or step >= warmup_steps: return end
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return end
     return start + (end - start) * max(step, 0) / warmup_steps
 
 # %% ../nbs/04_losses.ipynb #22c4a805
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
-    "Sinkhorn-Knopp assignments (..., K) from teacher logits over all ranks' rows: rows sum to 1, prototypes share the mass."
+    "Sinkhorn-Knopp assignments (..., K) of teacher logits over all ranks' rows: rows sum to 1, prototypes share mass."
     shape = teacher_logits.shape
     Q = torch.exp(teacher_logits.float().reshape(-1, shape[-1]) / teacher_temp).T   # (K, n) local columns
     K = Q.shape[0]
     n = torch.tensor(float(Q.shape[1]), device=Q.device)                            # total samples over ranks
     total = Q.sum()
-    if dist_ready(): dist.all_reduce(n); dist.all_reduce(total)
+    if dist_ready():
+        dist.all_reduce(n)
+        dist.all_reduce(total)
     Q = Q / total
     for _ in range(n_iterations):
         rows = Q.sum(dim=1, keepdim=True)                                           # (K, 1) mass per prototype
-        if dist_ready(): dist.all_reduce(rows)
+        if dist_ready():
+            dist.all_reduce(rows)
         Q = Q / rows / K                                                            # each prototype: 1/K
         Q = Q / Q.sum(dim=0, keepdim=True) / n                                      # each sample: 1/n
     return (Q * n).T.reshape(shape)                                                 # (..., K) rows sum to 1
@@ -149,18 +156,23 @@ class _TeacherCenter(nn.Module):
     @torch.no_grad()
     def teacher_probs(self, teacher_logits, teacher_temp: float, mode: str = 'centering', update_center: bool = True):
         "Teacher probabilities by `mode` ('centering' | 'sinkhorn_knopp'); updates the centre afterwards when asked."
-        if mode == 'centering': p = self.softmax_center_teacher(teacher_logits, teacher_temp)
-        elif mode == 'sinkhorn_knopp': p = self.sinkhorn_knopp_teacher(teacher_logits, teacher_temp)
-        else: raise ValueError(f"teacher_probs: mode={mode!r}, expected 'centering' or 'sinkhorn_knopp'")
-        if update_center: self.update_center(teacher_logits)
+        if mode == 'centering':
+            p = self.softmax_center_teacher(teacher_logits, teacher_temp)
+        elif mode == 'sinkhorn_knopp':
+            p = self.sinkhorn_knopp_teacher(teacher_logits, teacher_temp)
+        else:
+            raise ValueError(f"teacher_probs: mode={mode!r}, expected 'centering' or 'sinkhorn_knopp'")
+        if update_center:
+            self.update_center(teacher_logits)
         return p
 
     @torch.no_grad()
     def update_center(self, teacher_logits):
         "EMA update `c <- m*c + (1-m)*mean(teacher_logits)`, the mean taken over the rows of all ranks."
         t = teacher_logits.float().reshape(-1, self.center.shape[-1])
-        stats = torch.cat([t.sum(0), t.new_full((1,), t.shape[0])])                # (K+1,) sum and count (no host-to-device copy)
-        if dist_ready(): dist.all_reduce(stats)
+        stats = torch.cat([t.sum(0), t.new_full((1,), t.shape[0])])   # (K+1,) sum and count (no host-to-device copy)
+        if dist_ready():
+            dist.all_reduce(stats)
         mean = stats[:-1] / stats[-1].clamp(min=1)
         self.center.mul_(self.center_momentum).add_(mean[None], alpha=1 - self.center_momentum)
 
@@ -168,7 +180,7 @@ class _TeacherCenter(nn.Module):
 class DINOLoss(_TeacherCenter):
     "DINO CLS loss: cross-entropy between each teacher global crop and every student crop of another view."
     def forward(self, student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[torch.Tensor]):
-        "Scalar loss from student logits [(B, K)] * n_crops (global crops first, same order as the teacher) and teacher probs [(B, K)] * n_global."
+        "Loss of student logits [(B, K)] * n_crops (global first, teacher's order), teacher probs [(B, K)] * n_global."
         if len(student_logits) < len(teacher_probs):
             raise ValueError(f"DINOLoss: {len(student_logits)} student crops < {len(teacher_probs)} teacher crops; "
                              "the student's first crops must be the teacher's global crops")
@@ -176,7 +188,8 @@ class DINOLoss(_TeacherCenter):
         student_lsm = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_logits]   # (B, K) each
         for i, t in enumerate(teacher_probs):
             for j, s in enumerate(student_lsm):
-                if i == j: continue                                                # same view: skipped
+                if i == j:
+                    continue                                                # same view: skipped
                 total = total - (t * s).sum(-1).mean()
                 n_terms += 1
         return total / n_terms
@@ -187,15 +200,18 @@ class iBOTPatchLoss(_TeacherCenter):
     def forward(self, student_logits, teacher_probs, masks, masks_weight=None):
         "Scalar loss from student logits and teacher probs, (M, K) masked-only or (B, N, K), and the bool masks (B, N)."
         masks = masks.bool()
-        if student_logits.dim() == 3: student_logits = student_logits[masks]        # (M, K)
-        if teacher_probs.dim() == 3: teacher_probs = teacher_probs[masks]           # (M, K)
+        if student_logits.dim() == 3:
+            student_logits = student_logits[masks]        # (M, K)
+        if teacher_probs.dim() == 3:
+            teacher_probs = teacher_probs[masks]           # (M, K)
         M = int(masks.sum())
         if student_logits.shape[0] != M or teacher_probs.shape[0] != M:
             raise ValueError(f"iBOTPatchLoss: masks select {M} tokens but got student {tuple(student_logits.shape)}, "
                              f"teacher {tuple(teacher_probs.shape)}")
         ce = -(teacher_probs * F.log_softmax(student_logits.float() / self.student_temp, dim=-1)).sum(-1)   # (M,)
         if masks_weight is None:
-            masks_weight = (1 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]        # (M,), on the masks' device
+            # (M,), on the masks' device
+            masks_weight = (1 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]
         masks_weight = masks_weight.to(ce.device, non_blocking=True)                 # CPU masks: no host sync on CUDA
         return (ce * masks_weight).sum() / masks.shape[0]
 
@@ -204,7 +220,8 @@ class KoLeoLoss(nn.Module):
     "KoLeo: minus the mean log distance of each L2-normalised feature to its nearest neighbour in the batch."
     def forward(self, features, eps: float = 1e-8):
         "Scalar from features (B, D), B >= 2."
-        if features.shape[0] < 2: raise ValueError(f"KoLeoLoss: needs at least 2 samples, got {features.shape[0]}")
+        if features.shape[0] < 2:
+            raise ValueError(f"KoLeoLoss: needs at least 2 samples, got {features.shape[0]}")
         x = F.normalize(features.float(), p=2, dim=-1, eps=eps)                   # (B, D)
         with torch.no_grad():
             dots = x @ x.T                                                         # (B, B)
@@ -358,9 +375,11 @@ class PatchGANDiscriminator(nn.Module):
         if isinstance(m, nn.Conv2d):
             w = m.parametrizations.weight.original if hasattr(m, 'parametrizations') else m.weight
             nn.init.normal_(w, 0., 0.02)
-            if m.bias is not None: nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
-            nn.init.normal_(m.weight, 1., 0.02); nn.init.zeros_(m.bias)
+            nn.init.normal_(m.weight, 1., 0.02)
+            nn.init.zeros_(m.bias)
 
     def forward(self, x):
         "Patch logits (B, 1, h, w)."
@@ -375,7 +394,7 @@ def hinge_g_loss(fake_logits):
     return -fake_logits.mean()
 
 def adaptive_gan_weight(rec_loss, g_loss, last_layer_weight, max_weight: float = 1e4, eps: float = 1e-4):
-    "Detached weight ‖∇rec‖ / (‖∇g‖ + eps), clamped to [0, max_weight], gradients taken at the decoder's last layer."
+    "Detached weight ‖∇rec‖ / (‖∇g‖ + eps), clamped to [0, max_weight], gradients at the decoder's last layer."
     g_rec = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)[0]
     g_gan = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)[0]
     return (g_rec.norm() / (g_gan.norm() + eps)).clamp(0., max_weight).detach()
@@ -392,22 +411,28 @@ LOSS_GROUPS = dict(clip=('clip',), ssl=('dino', 'ibot'), rec=('rec',), koleo=('k
 def loss_weights(preset: str | dict, **overrides) -> dict:
     "Weights dict from a preset name (or dict) with overrides, e.g. `loss_weights('CLIP+SSL+AE', koleo=0.1)`."
     if isinstance(preset, str):
-        if preset not in LOSS_PRESETS: raise KeyError(f"loss preset {preset!r} unknown, expected one of {list(LOSS_PRESETS)}")
+        if preset not in LOSS_PRESETS:
+            raise KeyError(f"loss preset {preset!r} unknown, expected one of {list(LOSS_PRESETS)}")
         preset = LOSS_PRESETS[preset]
     w = {**preset, **overrides}
-    if bad := set(w) - set(LOSS_GROUPS): raise KeyError(f"loss weights: unknown key(s) {sorted(bad)}, expected {list(LOSS_GROUPS)}")
+    if bad := set(w) - set(LOSS_GROUPS):
+        raise KeyError(f"loss weights: unknown key(s) {sorted(bad)}, expected {list(LOSS_GROUPS)}")
     return w
 
 def total_loss(terms: dict, weights: dict) -> torch.Tensor:
     "Σ_g weights[g]·Σ terms of group g (groups: clip, ssl = dino + ibot, rec, koleo)."
     weights = loss_weights(weights)
     known = {t for ts in LOSS_GROUPS.values() for t in ts}
-    if bad := set(terms) - known: raise KeyError(f"total_loss: unknown term(s) {sorted(bad)}, expected some of {sorted(known)}")
+    if bad := set(terms) - known:
+        raise KeyError(f"total_loss: unknown term(s) {sorted(bad)}, expected some of {sorted(known)}")
     total = None
     for group, w in weights.items():
-        if not w: continue
+        if not w:
+            continue
         for name in LOSS_GROUPS[group]:
-            if name not in terms: raise KeyError(f"total_loss: weight {group}={w} but term {name!r} is missing")
+            if name not in terms:
+                raise KeyError(f"total_loss: weight {group}={w} but term {name!r} is missing")
             total = w * terms[name] if total is None else total + w * terms[name]
-    if total is None: raise ValueError(f"total_loss: every weight is 0 in {weights}")
+    if total is None:
+        raise ValueError(f"total_loss: every weight is 0 in {weights}")
     return total

@@ -18,18 +18,21 @@ RUN_LAST = ('fig2_understanding_vs_generation', 'results_summary')   # read what
 def repro_notebooks(root=None, pattern: str = '*.ipynb') -> list:
     "The papermill reproduction notebooks under `nbs/repro/`, in name order (those in `RUN_LAST` last)."
     d = project_root(root)/'nbs'/'repro'
-    return sorted((p for p in d.glob(pattern) if not p.name.startswith('_')), key=lambda p: (RUN_LAST.index(p.stem) + 1 if p.stem in RUN_LAST else 0, p.name))
+    return sorted((p for p in d.glob(pattern) if not p.name.startswith('_')),
+                  key=lambda p: (RUN_LAST.index(p.stem) + 1 if p.stem in RUN_LAST else 0, p.name))
 
 # %% ../nbs/99_repro.ipynb #ede6f5b1
 def select_notebooks(only=None, root=None) -> list:
     "Reproduction notebooks matching `only` (names or globs, comma-separated string or list; None = all)."
     nbs = repro_notebooks(root)
-    if not only: return nbs
+    if not only:
+        return nbs
     pats = [p.strip() for p in (only.split(',') if isinstance(only, str) else only) if p.strip()]
     pats = [p if p.endswith('.ipynb') or p.endswith('*') else p + '.ipynb' for p in pats]
     sel = [nb for nb in nbs if any(fnmatch.fnmatch(nb.name, p) for p in pats)]
     missing = [p for p in pats if not any(fnmatch.fnmatch(nb.name, p) for nb in nbs)]
-    if missing: raise FileNotFoundError(f"no reproduction notebook matches {missing}; available: {[nb.stem for nb in nbs]}")
+    if missing:
+        raise FileNotFoundError(f"no reproduction notebook matches {missing}; available: {[nb.stem for nb in nbs]}")
     return sel
 
 def _marker(nb: Path, params: dict) -> dict:
@@ -46,48 +49,65 @@ def declared_parameters(nb: Path) -> set:
     "Names assigned in the notebook's cell tagged `parameters` (papermill's injection point)."
     import ast, nbformat
     cells = [c for c in nbformat.read(nb, as_version=4).cells if 'parameters' in c.get('metadata', {}).get('tags', [])]
-    return {t.id for c in cells for n in ast.parse(c.source).body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    return {t.id for c in cells for n in ast.parse(c.source).body if isinstance(n, ast.Assign)
+            for t in n.targets if isinstance(t, ast.Name)}
 
 def _failure(e: Exception) -> str:
     "Cell and error of a papermill failure, one line."
     if type(e).__name__ == 'PapermillExecutionError':
-        return f"executed cell {e.exec_count} (parameters cell injected): {e.ename}: {str(e.evalue).splitlines()[0] if e.evalue else ''}"
+        return (f"executed cell {e.exec_count} (parameters cell injected): {e.ename}: "
+                f"{str(e.evalue).splitlines()[0] if e.evalue else ''}")
     return f"{type(e).__name__}: {e}"
 
 # %% ../nbs/99_repro.ipynb #839f0e84
-def run_repro(scale: str = 'smoke', seed: int = 0, only=None, jobs: int = 1, force: bool = False, kernel: str = 'python3',
-              root=None, out=None, store_only: bool = False) -> dict:
-    "Execute the reproduction notebooks with papermill at `scale`; returns {notebook: 'ok' | 'skipped' | 'failed: ...'}."
+def run_repro(scale: str = 'smoke', seed: int = 0, only=None, jobs: int = 1, force: bool = False,
+              kernel: str = 'python3', root=None, out=None, store_only: bool = False) -> dict:
+    "Execute the reproduction notebooks with papermill at `scale`; {notebook: 'ok' | 'skipped' | 'failed: ...'}."
     import papermill as pm
-    if scale not in SCALES: raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
-    root = project_root(root); out = Path(out or get_settings(root)['runs_dir']/'notebooks'/scale); out.mkdir(parents=True, exist_ok=True)
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
+    root = project_root(root)
+    out = Path(out or get_settings(root)['runs_dir']/'notebooks'/scale)
+    out.mkdir(parents=True, exist_ok=True)
     nbs = select_notebooks(only, root)
-    if not nbs: raise FileNotFoundError(f"no reproduction notebooks in {root/'nbs'/'repro'}")
-    params = dict(scale=scale, seed=seed, **({'store_only': True} if store_only else {}))   # store_only: plot what is stored
-    if jobs > 1: os.environ['OMP_NUM_THREADS'] = os.environ['VTP_THREADS'] = str(max(1, (os.cpu_count() or 1) // jobs))
+    if not nbs:
+        raise FileNotFoundError(f"no reproduction notebooks in {root/'nbs'/'repro'}")
+    # store_only: plot what is stored
+    params = dict(scale=scale, seed=seed, **({'store_only': True} if store_only else {}))
+    if jobs > 1:
+        os.environ['OMP_NUM_THREADS'] = os.environ['VTP_THREADS'] = str(max(1, (os.cpu_count() or 1) // jobs))
     def run_one(i, nb):
         done = out/f'{nb.stem}.done.json'
         if not force and done.exists() and json.loads(done.read_text()) == _marker(nb, params):
-            print(f"[{i}/{len(nbs)}] {nb.name}: done before (marker {done.name}), skipped", flush=True); return 'skipped'
-        t0 = time.time(); print(f"[{i}/{len(nbs)}] {nb.name} (scale={scale}) ...", flush=True)
+            print(f"[{i}/{len(nbs)}] {nb.name}: done before (marker {done.name}), skipped", flush=True)
+            return 'skipped'
+        t0 = time.time()
+        print(f"[{i}/{len(nbs)}] {nb.name} (scale={scale}) ...", flush=True)
         declared = declared_parameters(nb)               # pass only what the notebook's parameters cell declares
         try:
-            pm.execute_notebook(str(nb), str(out/nb.name), parameters={k: v for k, v in params.items() if k in declared or k in ('scale', 'seed')},
+            pm.execute_notebook(str(nb), str(out/nb.name),
+                                parameters={k: v for k, v in params.items() if k in declared or k in ('scale', 'seed')},
                                 kernel_name=kernel, language='python', cwd=str(nb.parent), progress_bar=False)
         except Exception as e:
-            msg = _failure(e); print(f"[{i}/{len(nbs)}] {nb.name} FAILED after {time.time() - t0:.0f}s: {msg} (see {out/nb.name})", flush=True)
+            msg = _failure(e)
+            print(f"[{i}/{len(nbs)}] {nb.name} FAILED after {time.time() - t0:.0f}s: {msg} (see {out/nb.name})",
+                  flush=True)
             return f'failed: {msg}'
         _record_environment(out/nb.name, root)
         done.write_text(json.dumps(_marker(nb, params)))
         print(f"[{i}/{len(nbs)}] {nb.name} done in {time.time() - t0:.0f}s -> {out/nb.name}", flush=True)
         return 'ok'
     if jobs > 1:
-        with ThreadPoolExecutor(jobs) as ex: res = list(ex.map(lambda a: run_one(*a), enumerate(nbs, 1)))
-    else: res = [run_one(i, nb) for i, nb in enumerate(nbs, 1)]
+        with ThreadPoolExecutor(jobs) as ex:
+            res = list(ex.map(lambda a: run_one(*a), enumerate(nbs, 1)))
+    else:
+        res = [run_one(i, nb) for i, nb in enumerate(nbs, 1)]
     status = {nb.stem: r for nb, r in zip(nbs, res)}
     failed = {k: v for k, v in status.items() if v.startswith('failed')}
-    print(f"summary: {sum(v == 'ok' for v in status.values())} ran, {sum(v == 'skipped' for v in status.values())} skipped, {len(failed)} failed")
-    if failed: raise RuntimeError('reproduction notebooks failed:\n' + '\n'.join(f'  {k}: {v}' for k, v in failed.items()))
+    print(f"summary: {sum(v == 'ok' for v in status.values())} ran, "
+          f"{sum(v == 'skipped' for v in status.values())} skipped, {len(failed)} failed")
+    if failed:
+        raise RuntimeError('reproduction notebooks failed:\n' + '\n'.join(f'  {k}: {v}' for k, v in failed.items()))
     return status
 
 # %% ../nbs/99_repro.ipynb #1c48d88d
@@ -96,12 +116,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description='Run the papermill reproduction notebooks in nbs/repro/.')
     p.add_argument('--scale', default=get_settings()['scale'], choices=SCALES)
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--only', default=None, help='comma-separated notebook names or globs, e.g. "fig4*,table2_generation"')
+    p.add_argument('--only', default=None,
+                   help='comma-separated notebook names or globs, e.g. "fig4*,table2_generation"')
     p.add_argument('--jobs', type=int, default=1, help='notebooks run concurrently (threads are split between them)')
     p.add_argument('--force', action='store_true', help='rerun notebooks that finished before')
-    p.add_argument('--store-only', action='store_true', help='plot only the points already in results/<scale>/ (no training)')
+    p.add_argument('--store-only', action='store_true',
+                   help='plot only the points already in results/<scale>/ (no training)')
     a = p.parse_args(argv)
-    try: run_repro(a.scale, a.seed, a.only, a.jobs, a.force, store_only=a.store_only)
-    except (RuntimeError, FileNotFoundError) as e: sys.exit(str(e))
+    try:
+        run_repro(a.scale, a.seed, a.only, a.jobs, a.force, store_only=a.store_only)
+    except (RuntimeError, FileNotFoundError) as e:
+        sys.exit(str(e))
 
-if __name__ == '__main__' and '__file__' in globals(): main()  # `python -m vtp_nbdev.repro`, not when run as a notebook
+if __name__ == '__main__' and '__file__' in globals():
+    main()  # `python -m vtp_nbdev.repro`, not when run as a notebook

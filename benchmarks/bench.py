@@ -159,7 +159,7 @@ class Bench:
     def peers(self, tr, data, preset):
         "timm ViT vs our trunk, open_clip text tower vs ours: forward + backward on identical shapes, timed interleaved."
         import timm, open_clip
-        from vtp_nbdev.tokenizer import flop_counter_mode
+        from vtp_nbdev.layers import flop_counter_mode
         c, dev, ours = tr.model.config, self.device, tr.model
         B = data['image'].shape[0]
         vit = timm.models.vision_transformer.VisionTransformer(
@@ -234,7 +234,7 @@ class Bench:
     def reference_vit(self, batch):
         "The reference point: a timm ViT-Ti/4 training step at 32 px (forward, cross-entropy, backward, fused AdamW)."
         import timm
-        from vtp_nbdev.tokenizer import flop_counter_mode
+        from vtp_nbdev.layers import flop_counter_mode
         dev = self.device
         reset_peak_memory(dev); torch.manual_seed(0)
         vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, num_classes=10).to(dev)
@@ -251,7 +251,8 @@ class Bench:
         "`n` class-balanced latents x `steps` Euler steps (batched), then decoded by the tokenizer's pixel decoder."
         from vtp_nbdev.dit import LightningDiT, dit_config, dit_forward_flops
         from vtp_nbdev.flow import sample_latents
-        from vtp_nbdev.tokenizer import VTPModel, vtp_config, flop_counter_mode
+        from vtp_nbdev.layers import flop_counter_mode
+        from vtp_nbdev.tokenizer import VTPModel, vtp_config
         from vtp_nbdev.data import to_uint8
         dev = self.device
         reset_peak_memory(dev)

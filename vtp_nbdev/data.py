@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from .config import get_settings
+from .runs import rank_world
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SHAPE_KINDS', 'COLOURS', 'SIZES', 'COUNTS', 'POSITIONS', 'BACKGROUNDS',
@@ -468,8 +469,7 @@ class ShardedStream(IterableDataset):
         if by not in ('sample', 'shard'): raise ValueError(f"ShardedStream: by={by!r}; expected 'sample' or 'shard'")
         if by == 'shard' and not hasattr(ds, 'shard_groups'): raise ValueError(f"ShardedStream: by='shard' needs tar shards, got {type(ds).__name__}")
         if rank is None or world is None:
-            d = torch.distributed
-            rank, world = (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+            rank, world = rank_world()
         self.ds, self.rank, self.world, self.seed, self.shuffle, self.by, self.epoch = ds, rank, world, seed, shuffle, by, 0
     def set_epoch(self, epoch: int): self.epoch = epoch
     def indices(self, worker: int = 0, workers: int = 1) -> list:

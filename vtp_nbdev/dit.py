@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from safetensors.torch import load_file
 from timm.layers import PatchEmbed, Mlp
-from .layers import RMSNorm, sdpa
-from .tokenizer import check_state_dict, flop_counter_mode
+from .layers import RMSNorm, sdpa, check_state_dict, flop_counter_mode
 from .runs import atomic_save, atomic_write
 
 # %% auto #0

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from .config import PlainConfig, neutral_field, get_device
 from .data import to_uint8
-from .tokenizer import VTPModel, flop_counter_mode
+from .layers import flop_counter_mode
+from .tokenizer import VTPModel
 from .runs import (Recipe, fit, training_cli, run_dir, batch_indices, to_device, gathered, shard_optimizer,
                             atomic_save)
 from .latents import LatentDataset, load_latents_stats, destandardize, tokenizer_folder

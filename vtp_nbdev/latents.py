@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .config import get_settings, get_device, config_hash
 from .data import get_dataset, uint8_to_model
 from .tokenizer import VTPModel
-from .pretrain import atomic_save
+from .runs import atomic_save
 
 # %% auto #0
 __all__ = ['tokenizer_folder', 'file_digest', 'tokenizer_hash', 'latents_run_config', 'latents_dir_for', 'encode_batch',

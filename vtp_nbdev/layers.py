@@ -9,13 +9,15 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count, sdpa_backward_flop_count
 
 from timm.layers import drop_path
 
 # %% auto #0
 __all__ = ['FFN_LAYERS', 'NORM_LAYERS', 'ROPE_DTYPES', 'RMSNorm', 'LayerScale', 'swiglu_hidden', 'SwiGLUFFN', 'Mlp', 'get_layer',
            'rope_rotate_half', 'rope_apply', 'RopePositionEmbedding', 'sdpa', 'SelfAttention', 'SelfAttentionBlock',
-           'PatchEmbed', 'init_weights_vit']
+           'PatchEmbed', 'init_weights_vit', 'StateDictMismatchError', 'check_state_dict', 'count_params',
+           'flop_counter_mode']
 
 # %% ../nbs/02_layers.ipynb #b235118d
 class RMSNorm(nn.Module):
@@ -220,3 +222,37 @@ def init_weights_vit(module: nn.Module):
             nn.init.zeros_(module.bias)
     elif isinstance(module, (nn.LayerNorm, RMSNorm, LayerScale, PatchEmbed)):
         module.reset_parameters()
+
+# %% ../nbs/02_layers.ipynb #f6c5d4e3
+class StateDictMismatchError(ValueError):
+    "A checkpoint's keys or shapes do not match the model."
+
+def _fmt_keys(title, items, limit=20):
+    rows = [f"  {k}: {v}" for k, v in items[:limit]] + ([f"  ... and {len(items) - limit} more"] if len(items) > limit else [])
+    return [f"{title} ({len(items)}):"] + rows if items else []
+
+def check_state_dict(model: nn.Module, sd: dict, source: str = 'checkpoint'):
+    "Raise `StateDictMismatchError` listing missing, unexpected and shape-mismatched keys (with shapes)."
+    ref = model.state_dict()
+    missing = [(k, tuple(ref[k].shape)) for k in ref if k not in sd]
+    unexpected = [(k, tuple(sd[k].shape)) for k in sd if k not in ref]
+    wrong = [(k, f"checkpoint {tuple(sd[k].shape)} vs model {tuple(ref[k].shape)}")
+             for k in ref if k in sd and tuple(sd[k].shape) != tuple(ref[k].shape)]
+    if missing or unexpected or wrong:
+        msg = [f"{source} does not match {type(model).__name__}:"] + _fmt_keys('missing keys', missing) \
+              + _fmt_keys('unexpected keys', unexpected) + _fmt_keys('shape mismatches', wrong)
+        raise StateDictMismatchError('\n'.join(msg))
+
+def count_params(m: nn.Module | None) -> int:
+    "Number of parameters of a module (0 for None)."
+    return 0 if m is None else sum(p.numel() for p in m.parameters())
+
+def flop_counter_mode(**kwargs) -> FlopCounterMode:
+    "`FlopCounterMode` that also counts the CPU SDPA kernel (forward and backward)."
+    aten = torch.ops.aten
+    fwd = lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)                 # args arrive as shapes
+    bwd = lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v)
+    return FlopCounterMode(custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: fwd,
+                                           aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd},
+                           **{'display': False, **kwargs})
+

@@ -13,22 +13,19 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.vgg import cfgs as _vgg_cfgs, make_layers as _vgg_make_layers
+from .runs import rank_world
 
 # %% auto #0
 __all__ = ['LOGIT_SCALE_INIT', 'LOGIT_SCALE_MAX', 'SIGLIP_LOGIT_SCALE_INIT', 'SIGLIP_LOGIT_BIAS_INIT', 'IMAGENET_MEAN',
-           'IMAGENET_STD', 'LOSS_PRESETS', 'LOSS_GROUPS', 'dist_ready', 'rank_world', 'gather_with_grad',
-           'exp_logit_scale', 'ClipLoss', 'SigLipLoss', 'teacher_temp_schedule', 'sinkhorn_knopp', 'DINOLoss',
-           'iBOTPatchLoss', 'KoLeoLoss', 'LPIPS', 'random_lpips_state_dict', 'ReconstructionLoss',
-           'PatchGANDiscriminator', 'hinge_d_loss', 'hinge_g_loss', 'adaptive_gan_weight', 'loss_weights', 'total_loss']
+           'IMAGENET_STD', 'LOSS_PRESETS', 'LOSS_GROUPS', 'dist_ready', 'gather_with_grad', 'exp_logit_scale',
+           'ClipLoss', 'SigLipLoss', 'teacher_temp_schedule', 'sinkhorn_knopp', 'DINOLoss', 'iBOTPatchLoss',
+           'KoLeoLoss', 'LPIPS', 'random_lpips_state_dict', 'ReconstructionLoss', 'PatchGANDiscriminator',
+           'hinge_d_loss', 'hinge_g_loss', 'adaptive_gan_weight', 'loss_weights', 'total_loss']
 
 # %% ../nbs/04_losses.ipynb #b0ef88fa
 def dist_ready() -> bool:
     "True when torch.distributed is available and a process group is initialised."
     return dist.is_available() and dist.is_initialized()
-
-def rank_world() -> tuple[int, int]:
-    "(rank, world size) of the default process group; (0, 1) when not distributed."
-    return (dist.get_rank(), dist.get_world_size()) if dist_ready() else (0, 1)
 
 class _GatherWithGrad(torch.autograd.Function):
     "All-gather along dim 0 whose backward sums the gradient over ranks and returns the local slice."

@@ -12,12 +12,13 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 from .config import PlainConfig, neutral_field, get_device, seed_everything, setup_threads
 from .data import get_dataset, MemoDataset, multicrop, block_masks, DATASETS
-from .tokenizer import VTPModel, VTPPretrainModel, vtp_config, flop_counter_mode, VTP_PRESETS
+from .layers import flop_counter_mode
+from .tokenizer import VTPModel, VTPPretrainModel, vtp_config, VTP_PRESETS
 from .losses import (ClipLoss, SigLipLoss, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT, DINOLoss,
                               iBOTPatchLoss, KoLeoLoss, ReconstructionLoss, loss_weights, total_loss,
                               teacher_temp_schedule, exp_logit_scale, LOSS_PRESETS)
 from .runs import (Recipe, fit, training_cli, run_dir, batch_indices, batch_to, rank_world, gathered,
-                            full_tensor, shard_optimizer, rewrite_jsonl, atomic_save)
+                            full_tensor, shard_optimizer, rewrite_jsonl)
 
 # %% auto #0
 __all__ = ['main', 'PretrainConfig', 'cosine_schedule', 'step_schedules', 'indices_on', 'masked_tokens', 'VTPPretrainer',
@@ -104,9 +105,8 @@ class PretrainConfig(PlainConfig):
                              "(the data on disk)")
 
     def data_kwargs(self) -> dict:
-        "Keyword arguments of `get_dataset`: `dataset_kwargs`, plus the run's seed for the datasets that draw with one."
-        seeded = self.dataset in ('shapes', 'fashion_mnist', 'image_folder')
-        return {'seed': self.seed, **self.dataset_kwargs} if seeded else dict(self.dataset_kwargs)
+        "Keyword arguments of `get_dataset`: the run's seed (datasets that draw nothing ignore it), then `dataset_kwargs`."
+        return {'seed': self.seed, **self.dataset_kwargs}
 
     def check_accumulation(self, world: int = 1):
         "Clear errors for gradient accumulation settings that cannot reproduce the full-batch step."

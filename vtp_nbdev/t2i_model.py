@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from safetensors.torch import load_file
 from .data import get_text_tokenizer
-from .layers import RMSNorm
-from .tokenizer import check_state_dict
+from .layers import RMSNorm, check_state_dict
 from .runs import atomic_save, atomic_write
 from .dit import LightningDiT, LightningDiTBlock, Attention, SwiGLUFFN, DIT_ARGS
 

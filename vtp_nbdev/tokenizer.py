@@ -5,7 +5,7 @@ Hugging Face checkpoint I/O with strict checking, and the training-only SSL head
 
 # %% ../nbs/03_tokenizer.ipynb #a119b1dd
 from __future__ import annotations
-import copy, json, math, os, typing
+import copy, json, math, typing
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -13,19 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.nn.utils.parametrizations import weight_norm
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count, sdpa_backward_flop_count
 from open_clip.transformer import Transformer as OpenClipTransformer, LayerNorm as OpenClipLayerNorm, QuickGELU, text_global_pool
 from .config import neutral_field, check_field_types
 from .layers import (PatchEmbed, RopePositionEmbedding, SelfAttentionBlock, init_weights_vit, get_layer,
-                              NORM_LAYERS, FFN_LAYERS, ROPE_DTYPES)
+                              NORM_LAYERS, FFN_LAYERS, ROPE_DTYPES, StateDictMismatchError, check_state_dict,
+                              count_params, flop_counter_mode)
+from .runs import atomic_save, atomic_write
 
 # %% auto #0
 __all__ = ['HF_CONFIG_KEYS', 'VISION_ARCHS', 'VTP_PRESETS', 'VTPConfig', 'vtp_config', 'VisionTrunk', 'PixelDecoder',
            'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'CNNLevel', 'CNNEncoder', 'CNNDecoder', 'check_images',
-           'StateDictMismatchError', 'check_state_dict', 'count_params', 'VTPModel', 'flop_counter_mode',
-           'vtp_forward_flops', 'DINOHead', 'make_teacher', 'ema_update', 'VTPPretrainModel']
+           'VTPModel', 'vtp_forward_flops', 'DINOHead', 'make_teacher', 'ema_update', 'VTPPretrainModel']
 
 # %% ../nbs/03_tokenizer.ipynb #1cfc478a
 HF_CONFIG_KEYS = ('architectures', 'transformers_version', 'model_type', 'dtype', 'torch_dtype', '_name_or_path')
@@ -458,35 +458,6 @@ def check_images(images, patch_size: int, where: str = 'VTPModel'):
         raise ValueError(f"{where}: image size {(H, W)} is not divisible by patch size {patch_size}; "
                          f"expected H and W positive multiples of {patch_size}")
 
-class StateDictMismatchError(ValueError):
-    "A checkpoint's keys or shapes do not match the model."
-
-def _fmt_keys(title, items, limit=20):
-    rows = [f"  {k}: {v}" for k, v in items[:limit]] + ([f"  ... and {len(items) - limit} more"] if len(items) > limit else [])
-    return [f"{title} ({len(items)}):"] + rows if items else []
-
-def check_state_dict(model: nn.Module, sd: dict, source: str = 'checkpoint'):
-    "Raise `StateDictMismatchError` listing missing, unexpected and shape-mismatched keys (with shapes)."
-    ref = model.state_dict()
-    missing = [(k, tuple(ref[k].shape)) for k in ref if k not in sd]
-    unexpected = [(k, tuple(sd[k].shape)) for k in sd if k not in ref]
-    wrong = [(k, f"checkpoint {tuple(sd[k].shape)} vs model {tuple(ref[k].shape)}")
-             for k in ref if k in sd and tuple(sd[k].shape) != tuple(ref[k].shape)]
-    if missing or unexpected or wrong:
-        msg = [f"{source} does not match {type(model).__name__}:"] + _fmt_keys('missing keys', missing) \
-              + _fmt_keys('unexpected keys', unexpected) + _fmt_keys('shape mismatches', wrong)
-        raise StateDictMismatchError('\n'.join(msg))
-
-def _atomic_write(path: Path, write):
-    "Call `write(tmp)` on a temporary sibling of `path`, then rename it over `path`."
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try: write(tmp); os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-
-def count_params(m: nn.Module | None) -> int:
-    "Number of parameters of a module (0 for None)."
-    return 0 if m is None else sum(p.numel() for p in m.parameters())
 
 # %% ../nbs/03_tokenizer.ipynb #9c965fbd
 class VTPModel(nn.Module):
@@ -691,20 +662,11 @@ class VTPModel(nn.Module):
         folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         cfg = {'architectures': ['VTPModel'], 'model_type': 'vtp', **self.config.to_dict()}
-        _atomic_write(folder/'model.safetensors', lambda p: save_file(sd, str(p), metadata={'format': 'pt'}))
-        _atomic_write(folder/'config.json', lambda p: p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + '\n'))
+        atomic_save(sd, folder/'model.safetensors', metadata={'format': 'pt'})
+        atomic_write(folder/'config.json', json.dumps(cfg, indent=2, sort_keys=True) + '\n')
         return folder
 
 # %% ../nbs/03_tokenizer.ipynb #c31f45bd
-def flop_counter_mode(**kwargs) -> FlopCounterMode:
-    "`FlopCounterMode` that also counts the CPU SDPA kernel (forward and backward)."
-    aten = torch.ops.aten
-    fwd = lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)                 # args arrive as shapes
-    bwd = lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v)
-    return FlopCounterMode(custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: fwd,
-                                           aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd},
-                           **{'display': False, **kwargs})
-
 def vtp_forward_flops(model: VTPModel) -> dict:
     "FLOPs of one forward per image (encoder, decoder) and per caption (text tower) at the config's image size."
     c, dev = model.config, next(model.trunk.parameters()).device   # works on the meta device too (no compute)

@@ -19,3 +19,34 @@ def test_user_documents_tell_no_development_history():
             for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
     assert not hits, '\n'.join(hits)
     assert not list((ROOT/'figures').glob('benchmarks_session*')), 'benchmark history files in figures/'
+
+
+QUICK_START_SMALL = {          # README value -> a test-sized value (every key must occur: README edits update this test)
+    "steps=300))": "steps=3, log_every=1))",
+    "evaluate_tokenizer(run/'final', 'shapes')":
+        "evaluate_tokenizer(run/'final', 'shapes', n_zero_shot=40, n_probe_train=64, n_probe_test=32, n_rec=32)",
+    "n=5000)": "n=64)",
+    "steps=500)": "steps=3, batch=16, log_every=1, ckpt_every=3)",
+    "n=16, steps=50)": "n=4, steps=2)",
+}
+
+
+def test_quick_start_runs(tmp_path, monkeypatch):
+    "The README's quick start, with test-sized numbers, runs end to end and returns what its comments say."
+    readme = (ROOT/'README.md').read_text()
+    block = re.search(r'## Quick start\n\n```python\n(.*?)```', readme, re.S)
+    assert block, "README has no python block under '## Quick start'"
+    code = block[1]
+    for old, new in QUICK_START_SMALL.items():
+        assert code.count(old) == 1, f"quick start: expected {old!r} once"
+        code = code.replace(old, new)
+    monkeypatch.setenv('VTP_RUNS_DIR', str(tmp_path))
+    ns = {}
+    exec(compile(code, 'README.md quick start', 'exec'), ns)
+    assert (ns['run']/'final'/'model.safetensors').is_file()
+    m = ns['metrics']
+    assert not m['notes'] and m['reconstruction']['psnr'] > 0 and m['reconstruction']['rFID'] is not None
+    assert 'linear_probe_bottleneck_top1' in m['linear_probe'] and 'zero_shot_top1_heldout' in m['zero_shot']
+    assert (ns['dit']/'final').is_dir()
+    assert tuple(ns['images'].shape) == (4, 3, 32, 32) and str(ns['images'].dtype) == 'torch.uint8'
+    assert len(ns['labels']) == 4

@@ -81,7 +81,7 @@ def generation_metrics(tokenizer, cfg: GenerationEvalConfig | None = None, runs_
         ref = get_dataset(cfg.dataset, 'test', res=imgs.shape[-1], **kw)
     m = fidelity_metrics(imgs, ref, extractor=fe, n2=cfg.n_ref, device=device)
     seconds = dict(latents_and_dit=t1 - t0, sampling=t2 - t1, metrics=time.time() - t2)
-    conditioning = json.loads((run/'done.json').read_text())['conditioning']
+    conditioning = json.loads((run/'done.json').read_text()).get('conditioning', 'class-conditional')
     m.update(dict(tokenizer=str(tokenizer), tokenizer_hash=tokenizer_hash(tokenizer), latents_dir=str(lat),
                   dit_run=str(run), dit_proxy=dit_cfg.to_dict(), generation_config=cfg.to_dict(),
                   conditioning=conditioning,

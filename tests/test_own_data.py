@@ -1,6 +1,7 @@
 """A user's own data, end to end: captioned images as tar shards and a CSV (with a few bad members) through
 pre-training, the GAN decoder stage, export, reload, evaluation (retrieval + reconstruction) and latent extraction;
-a labelled image folder through the scaling FLOP count, pre-training, latents and the DiT."""
+a labelled image folder through the scaling FLOP count, pre-training, latents and the DiT; caption-only latents
+through an unconditional DiT, its samples and the generation measurement with a named extractor."""
 import csv, io, json, tarfile, time, warnings
 from pathlib import Path
 
@@ -171,3 +172,48 @@ def test_image_folder_through_scaling_latents_and_dit(tmp_path):
     dit = train_dit(DiTTrainConfig(steps=2, batch=8, log_every=1, ckpt_every=2, model={'depth': 1}), lat,
                     tmp_path/'runs', 'cpu', progress=False)
     assert (dit/'final').is_dir()
+
+
+def test_caption_only_data_trains_an_unconditional_dit(user_data, tmp_path):
+    "Caption-only latents (every label -1) train an unconditional DiT that samples images; FD names its extractor."
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from vtp_nbdev.dit import load_lightningdit
+    from vtp_nbdev.flow import DiTTrainConfig, train_dit, sample_images
+    from vtp_nbdev.generate import GenerationEvalConfig, NoReferenceExtractorError, generation_metrics
+    from vtp_nbdev.tokenizer import vtp_config
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    VTPModel(vtp_config('tiny', train_clip=False)).save_pretrained(tmp_path/'tok')
+    runs, data = tmp_path/'runs', dict(source=user_data['shards'], skip_bad=True, test_frac=0.3)
+    lat = extract_latents(tmp_path/'tok', 'image_text', 'train', dataset_kwargs=data, runs_dir=runs, progress=False)
+    cfg = DiTTrainConfig(steps=2, batch=8, log_every=1, ckpt_every=2, model={'depth': 1})
+    run = train_dit(cfg, lat, runs, 'cpu', progress=False)
+    assert json.loads((run/'done.json').read_text())['conditioning'] == 'unconditional'
+    model, _ = load_lightningdit(run/'final')
+    assert (model.num_classes, model.y_embedder.dropout_prob) == (1, 0.)                  # one class, no null class
+    imgs, labels = sample_images(run, tmp_path/'tok', n=4, steps=3, device='cpu')
+    assert imgs.shape == (4, 3, 32, 32) and imgs.dtype == torch.uint8 and labels.tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match='without label dropout'):                         # no guidance unless asked
+        sample_images(run, tmp_path/'tok', n=2, steps=2, cfg_scale=2.0, device='cpu')
+    asked = train_dit(DiTTrainConfig(**{**cfg.to_dict(), 'model': {'depth': 1, 'class_dropout_prob': 0.1}}), lat,
+                      runs, 'cpu', progress=False)
+    assert sample_images(asked, tmp_path/'tok', n=2, steps=2, cfg_scale=2.0, device='cpu')[0].shape == (2, 3, 32, 32)
+
+    mixed = tmp_path/'mixed'                                                              # some labelled, some not
+    shutil.copytree(lat, mixed)
+    (mixed/'config.json').write_text(json.dumps({**json.loads((lat/'config.json').read_text()), 'copy': 'mixed'}))
+    shard = load_file(mixed/'shard-00000.safetensors')
+    shard['labels'][:3] = 0
+    save_file(shard, str(mixed/'shard-00000.safetensors'), metadata={'total_size': str(len(shard['labels']))})
+    with pytest.raises(ValueError, match=r'mix unlabelled latents \(label -1'):
+        train_dit(cfg, mixed, runs, 'cpu', progress=False)
+
+    gen = dict(dataset='image_text', dataset_kwargs=data, n_latents=8, n_samples=8, n_ref=8, steps=3,
+               dit=dict(preset='tiny', steps=2, batch=8, log_every=1, ckpt_every=2))
+    with pytest.raises(NoReferenceExtractorError, match="no reference extractor for dataset 'image_text'"):
+        generation_metrics(tmp_path/'tok', GenerationEvalConfig(**gen), runs_dir=runs, device='cpu', progress=False)
+    m = generation_metrics(tmp_path/'tok', GenerationEvalConfig(**gen, extractor='shapes'), runs_dir=runs,
+                           device='cpu', progress=False)
+    assert m['conditioning'] == m['label_sampling'] == 'unconditional' and m['FD_shapes'] > 0 and m['n2'] == 8
+    print(f"caption-only DiT: {time.perf_counter() - t0:.1f} s")

@@ -8,7 +8,7 @@ from vtp_nbdev.data import tokenize, shapes_sample, SPLIT_OFFSETS
 from vtp_nbdev.dit import dit_config
 from vtp_nbdev.flow import guided_velocity
 from vtp_nbdev.fid import attribute_accuracy, predict_attributes
-from vtp_nbdev.t2i import (T2IDiT, T2ITrainConfig, T2IConfig, NULL_CAPTION, flip_caption, flip_attributes, latents_captions,
+from vtp_nbdev.t2i import (T2IDiT, T2ITrainConfig, T2IConfig, flip_caption, flip_attributes, latents_captions,
                            caption_token_table, eval_prompts, train_t2i, load_t2i, sample_t2i, t2i_metrics, t2i_param_count)
 
 STRIP = ('time_s', 'samples_per_s')
@@ -58,7 +58,8 @@ def test_null_caption_dropout():
     assert 15 < dropped.sum() < 49 and torch.equal(d[~dropped], y[~dropped])      # about half, the rest untouched
     forced = net.caption_tokens(y, force_drop_ids=(torch.arange(64) % 2))         # forced drops override the random ones
     assert torch.equal((forced == null).all(1), torch.arange(64) % 2 == 1)
-    assert torch.equal(net.eval().caption_tokens(torch.full_like(y, NULL_CAPTION)), null.expand(64, -1))
+    assert torch.equal(net.null_label, null)                                      # guidance's unconditional input
+    assert not any(k.startswith('y_embedder') for k in net.state_dict())          # no label table
     with pytest.raises(ValueError, match='int64 token ids'): net(torch.randn(1, 16, 8, 8), torch.rand(1), y[:1, :8])
 
 
@@ -117,7 +118,7 @@ def test_resume_bit_identical(tiny_latents, tmp_path):
         a, b = load_file(full/'final'/n), load_file(part/'final'/n)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     model, transport = load_t2i(full/'final')
-    assert model.null_label == NULL_CAPTION and transport['use_cosine_loss']
+    assert torch.equal(model.null_label, tokenize('', 32)[0]) and transport['use_cosine_loss']
 
 
 def test_grad_accum_matches_full_batch(tiny_latents, tmp_path):

@@ -19,8 +19,8 @@ from .runs import atomic_save, atomic_write
 # %% auto #0
 __all__ = ['DIT_ARGS', 'DIT_PRESETS', 'TRANSPORT_KEYS', 'sincos_pos_embed_2d', 'rotate_pairs', 'VisionRotaryEmbeddingFast',
            'TimestepEmbedder', 'LabelEmbedder', 'modulate', 'SwiGLUFFN', 'Attention', 'LightningDiTBlock', 'FinalLayer',
-           'LightningDiT', 'check_dit_args', 'dit_config', 'build_dit', 'split_dit_config', 'read_dit_state_dict',
-           'load_lightningdit', 'save_lightningdit', 'dit_forward_flops']
+           'init_dit_weights', 'LightningDiT', 'check_dit_args', 'dit_config', 'build_dit', 'split_dit_config',
+           'read_dit_state_dict', 'load_lightningdit', 'save_lightningdit', 'dit_forward_flops']
 
 # %% ../nbs/10_dit.ipynb #6256935e
 def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
@@ -188,6 +188,27 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))   # (B, N, p²C)
 
 # %% ../nbs/10_dit.ipynb #ca555c71
+def init_dit_weights(model: nn.Module, label_table: Tensor | None = None):
+    "Official init of a DiT's modules: Xavier linears, sin-cos positions, N(0, .02) tables, zeroed adaLN and output."
+    def _basic(m):
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    model.apply(_basic)
+    model.pos_embed.copy_(sincos_pos_embed_2d(model.pos_embed.shape[-1], model.grid)[None])
+    w = model.x_embedder.proj.weight
+    nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.proj.bias)
+    if label_table is not None:
+        nn.init.normal_(label_table, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for m in [b.adaLN_modulation[-1] for b in model.blocks] + [model.final_layer.adaLN_modulation[-1],
+                                                               model.final_layer.linear]:
+        nn.init.zeros_(m.weight)
+        nn.init.zeros_(m.bias)
+
 class LightningDiT(nn.Module):
     "LightningDiT: patchify -> + sin-cos positions -> adaLN-Zero blocks (RoPE, RMSNorm, SwiGLU) -> unpatchify."
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 32, hidden_size: int = 1152,
@@ -217,24 +238,8 @@ class LightningDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        "Official init: Xavier linears, sin-cos positions, N(0, .02) label/timestep tables, zeroed adaLN and output."
-        def _basic(m):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        self.apply(_basic)
-        self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid)[None])
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
-                                                                  self.final_layer.linear]:
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
+        "Official init (`init_dit_weights`), the label table drawn from N(0, .02)."
+        init_dit_weights(self, self.y_embedder.embedding_table.weight)
 
     def unpatchify(self, x: Tensor) -> Tensor:
         "(N, T, p²C) -> (N, C, H, W)."

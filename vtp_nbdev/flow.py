@@ -24,8 +24,8 @@ from .dit import LightningDiT, DIT_PRESETS, dit_config, load_lightningdit, save_
 # %% auto #0
 __all__ = ['SAMPLERS', 'main', 'linear_path', 'logit_normal_t', 'velocity_losses', 'shift_time', 'time_grid', 'guided_velocity',
            'ode_sample', 'balanced_labels', 'sample_noise', 'sample_latents', 'DiTTrainConfig', 'DiTTrainer',
-           'step_draws', 'dit_accumulate', 'count_dit_step_flops', 'dit_run_key', 'DiTRecipe', 'dit_run_dir',
-           'train_dit', 'shard_dit', 'decode_latents', 'sample_images']
+           'step_draws', 'dit_accumulate', 'count_dit_step_flops', 'dit_run_key', 'latents_conditioning', 'DiTRecipe',
+           'dit_run_dir', 'train_dit', 'shard_dit', 'decode_latents', 'sample_images']
 
 # %% ../nbs/11_flow.ipynb #ba2e7682
 def linear_path(t: Tensor, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,7 +62,8 @@ def guided_velocity(model: nn.Module, x: Tensor, t: Tensor, y: Tensor, cfg_scale
     if cfg_scale == 1.0:
         return model(x, t, y)                           # (B, C, H, W)
     null = model.null_label if null_class is None else null_class
-    cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)])).chunk(2)
+    y_null = torch.as_tensor(null, device=y.device).expand_as(y)     # a class id, or a caption's token row
+    cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).chunk(2)
     k = cond.shape[1] if guide_channels is None else guide_channels
     g = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])       # (B, k, H, W)
     on = ((t >= cfg_interval[0]) & (t <= cfg_interval[1])).view(-1, *[1] * (x.ndim - 1))
@@ -114,6 +115,10 @@ def sample_latents(model: LightningDiT, n: int, labels: Tensor | None = None, se
     if len(bad := labels[(labels < 0) | (labels >= model.num_classes)]):
         raise ValueError(f"sample_latents: label {bad[0].item()} is outside [0, {model.num_classes}) "
                          "(the model's num_classes)")
+    if sampler_kw.get('cfg_scale', 1.0) != 1.0 and model.y_embedder.dropout_prob == 0:
+        raise ValueError(f"sample_latents: cfg_scale={sampler_kw['cfg_scale']} needs the null class, but the model "
+                         "was trained without label dropout (class_dropout_prob=0, as an unconditional DiT of "
+                         "unlabelled latents is unless asked); sample with cfg_scale=1")
     size = model.grid * model.patch_size
     out = []
     for s in range(0, n, batch_size):
@@ -246,16 +251,31 @@ def dit_run_key(cfg: DiTTrainConfig, latents_dir) -> dict:
     lat = json.loads((p/'config.json').read_text()) if (p/'config.json').exists() else str(p.resolve())
     return {**cfg.to_dict(), 'latents': lat}
 
-def _model_args(cfg: DiTTrainConfig, ds: LatentDataset) -> dict:
-    "Preset + overrides, with geometry and classes taken from the latents (conflicting overrides raise)."
+def latents_conditioning(ds: LatentDataset) -> str:
+    "'unconditional' when every latent is unlabelled (label -1), else 'class-conditional'; a mix or bad labels raise."
+    unlabelled = ds.labels == -1
+    if len(ds.labels) and unlabelled.all():
+        return 'unconditional'
+    if unlabelled.any():
+        raise ValueError(f"the latents in {ds.run} mix unlabelled latents (label -1: {int(unlabelled.sum())} of "
+                         f"{len(ds.labels)}) and labelled ones (classes [0, {ds.num_classes})); a DiT trains on "
+                         "labelled latents (class-conditional) or on unlabelled ones (unconditional), not both")
+    ds.check_labels()
+    return 'class-conditional'
+
+def _model_args(cfg: DiTTrainConfig, ds: LatentDataset, unconditional: bool = False) -> dict:
+    "Preset + overrides, geometry and classes from the latents (conflicting overrides raise); unconditional: 1 class."
     C, H, W = ds.shape
     if H != W:
         raise ValueError(f"LightningDiT needs square latents, got {H}x{W}")
-    data = dict(in_channels=C, input_size=H, num_classes=ds.num_classes)
+    data = dict(in_channels=C, input_size=H, num_classes=1 if unconditional else ds.num_classes)
     for k, v in data.items():
         if k in cfg.model and cfg.model[k] != v:
             raise ValueError(f"DiTTrainConfig.model[{k!r}]={cfg.model[k]} but the latents in {ds.run} have {k}={v}")
-    return dit_config(cfg.preset, **{**cfg.model, **data})
+    args = dit_config(cfg.preset, **{**cfg.model, **data})
+    if unconditional:
+        args['class_dropout_prob'] = cfg.model.get('class_dropout_prob', 0.)    # no null class unless asked
+    return args
 
 class DiTRecipe(Recipe):
     "What `fit` trains for `train_dit`: a class-conditional LightningDiT and its EMA on a latents run."
@@ -281,9 +301,9 @@ class DiTRecipe(Recipe):
         self.model_args = self.build_args(self.ds)
 
     def build_args(self, ds: LatentDataset) -> dict:
-        "The model's constructor arguments (geometry and classes from the latents)."
-        ds.check_labels()
-        return _model_args(self.cfg, ds)
+        "The model's constructor arguments (geometry and classes from the latents; one class when all unlabelled)."
+        self.conditioning = latents_conditioning(ds)
+        return _model_args(self.cfg, ds, self.conditioning == 'unconditional')
 
     def trainer(self) -> DiTTrainer:
         trainer = self.trainer_class(self.model_args, self.cfg)
@@ -300,8 +320,9 @@ class DiTRecipe(Recipe):
                                  fused=True)                             # one fused kernel (CPU and CUDA)
 
     def condition(self, idx: list, flip: Tensor) -> tuple[Tensor, Tensor]:
-        "(x1, y) of the latents `idx` (flipped copies where `flip`): y the class labels."
-        return self.ds.get_batch(idx, flip)
+        "(x1, y) of the latents `idx` (flipped copies where `flip`): y the class labels (0 when unconditional)."
+        x1, y = self.ds.get_batch(idx, flip)
+        return x1, (torch.zeros_like(y) if self.conditioning == 'unconditional' else y)
 
     def batch(self, step: int) -> dict:
         cfg, dev = self.cfg, self.device
@@ -343,7 +364,7 @@ class DiTRecipe(Recipe):
 
     def done_info(self) -> dict:
         "Extra `done.json` entries."
-        return dict(classes=self.ds.meta.get('classes'))
+        return dict(classes=self.ds.meta.get('classes'), conditioning=self.conditioning)
 
     def save_final(self, run: Path, trainer: DiTTrainer, state) -> dict:
         "`final/`: the EMA model (config + weights), the online weights and the latents' statistics."

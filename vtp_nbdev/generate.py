@@ -8,15 +8,15 @@ import json, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import torch
-from .config import PlainConfig, config_hash, get_device
+from .config import PlainConfig, config_hash, get_device, neutral_field
 from .data import get_dataset, to_uint8
 from .latents import extract_latents, tokenizer_folder, tokenizer_hash
 from .flow import DiTTrainConfig, train_dit, sample_images
-from .fid import fidelity_metrics, iter_uint8_batches
+from .fid import fidelity_metrics, iter_uint8_batches, make_extractor, REFERENCE_EXTRACTORS
 from .runs import write_json
 
 # %% auto #0
-__all__ = ['GenerationEvalConfig', 'generation_metrics']
+__all__ = ['GenerationEvalConfig', 'NoReferenceExtractorError', 'generation_extractor', 'generation_metrics']
 
 # %% ../nbs/12_generate.ipynb #b4bf9e78
 @dataclass
@@ -34,6 +34,23 @@ class GenerationEvalConfig(PlainConfig):
     cfg_scale: float = 1.0               # 1 = no guidance (the scaling-study proxy)
     cfg_interval: tuple = (0., 1.)
     seed: int = 0
+    dataset_kwargs: dict | None = neutral_field(None)   # the dataset's arguments (`source=` of `image_text`)
+    extractor: str | None = neutral_field(None)   # FD features; None: the dataset's reference network
+
+class NoReferenceExtractorError(ValueError):
+    "A generation measurement on a dataset that has no reference extractor, with none given."
+
+def generation_extractor(cfg: GenerationEvalConfig) -> str:
+    "The extractor of `cfg`: its `extractor`, else the dataset's reference network (`NoReferenceExtractorError`)."
+    if cfg.extractor is not None:
+        return cfg.extractor
+    if cfg.dataset in REFERENCE_EXTRACTORS:
+        return cfg.dataset
+    raise NoReferenceExtractorError(
+        f"generation_metrics: no reference extractor for dataset {cfg.dataset!r} (the project has "
+        f"{list(REFERENCE_EXTRACTORS)}); train one on labelled images like yours with `python "
+        "data_prep/train_reference_extractor.py --dataset image_folder --root DIR` and pass "
+        "GenerationEvalConfig(extractor='runs/reference/<name>.safetensors'), or extractor='inception-v3-compat'")
 
 # %% ../nbs/12_generate.ipynb #9f505925
 def generation_metrics(tokenizer, cfg: GenerationEvalConfig | None = None, runs_dir=None, device=None,
@@ -41,9 +58,11 @@ def generation_metrics(tokenizer, cfg: GenerationEvalConfig | None = None, runs_
     "gFID-style metrics of a tokenizer (run dir or VTP folder): latents -> DiT proxy -> samples -> FD/IS/P/R."
     cfg = cfg or GenerationEvalConfig()
     device = get_device(device)
+    fe = make_extractor(generation_extractor(cfg), device=device)      # before any work: a missing one is named
     t0 = time.time()
-    lat = extract_latents(tokenizer, cfg.dataset, 'train', cfg.n_latents, flips=True, runs_dir=runs_dir, device=device,
-                          seed=cfg.seed, progress=progress)
+    lat = extract_latents(tokenizer, cfg.dataset, 'train', cfg.n_latents, flips=True,
+                          dataset_kwargs=cfg.dataset_kwargs, runs_dir=runs_dir, device=device, seed=cfg.seed,
+                          progress=progress)
     dit_cfg = DiTTrainConfig.from_dict({'seed': cfg.seed, **cfg.dit})
     run = train_dit(dit_cfg, lat, runs_dir, device, progress=progress)
     key = dict(sampling={k: v for k, v in cfg.to_dict().items() if k not in ('dit', 'n_latents')},
@@ -55,15 +74,19 @@ def generation_metrics(tokenizer, cfg: GenerationEvalConfig | None = None, runs_
     imgs, labels = sample_images(run, tokenizer, cfg.n_samples, cfg.cfg_scale, cfg.steps, cfg.sampler, cfg.seed,
                                  cfg.timestep_shift, cfg.cfg_interval, device=device)
     t2 = time.time()
+    kw = dict(cfg.dataset_kwargs or {})
     if cfg.dataset == 'shapes':
-        ref = get_dataset(cfg.dataset, 'test', res=imgs.shape[-1], seed=cfg.seed, size=cfg.n_ref)
+        ref = get_dataset(cfg.dataset, 'test', res=imgs.shape[-1], **{**kw, 'seed': cfg.seed, 'size': cfg.n_ref})
     else:
-        ref = get_dataset(cfg.dataset, 'test', res=imgs.shape[-1])
-    m = fidelity_metrics(imgs, ref, extractor=cfg.dataset, n2=cfg.n_ref, device=device)
+        ref = get_dataset(cfg.dataset, 'test', res=imgs.shape[-1], **kw)
+    m = fidelity_metrics(imgs, ref, extractor=fe, n2=cfg.n_ref, device=device)
     seconds = dict(latents_and_dit=t1 - t0, sampling=t2 - t1, metrics=time.time() - t2)
+    conditioning = json.loads((run/'done.json').read_text()).get('conditioning', 'class-conditional')
     m.update(dict(tokenizer=str(tokenizer), tokenizer_hash=tokenizer_hash(tokenizer), latents_dir=str(lat),
                   dit_run=str(run), dit_proxy=dit_cfg.to_dict(), generation_config=cfg.to_dict(),
-                  label_sampling='class-balanced', n_samples=len(imgs), seconds=seconds))
+                  conditioning=conditioning,
+                  label_sampling='class-balanced' if conditioning == 'class-conditional' else 'unconditional',
+                  n_samples=len(imgs), seconds=seconds))
     torch.save(dict(images=imgs[:keep_samples], labels=labels[:keep_samples]), run/f'samples_{config_hash(key)}.pt')
     write_json(out, m)
     return m

@@ -19,7 +19,7 @@ from .tokenizer import VTPModel
 from .runs import fit, training_cli, write_json, log_spaced_steps
 from .latents import LatentDataset, extract_latents, load_latents_stats, tokenizer_folder, tokenizer_hash
 from .dit import dit_config
-from .t2i_model import NULL_CAPTION, T2IDiT, save_t2i, load_t2i
+from .t2i_model import T2IDiT, save_t2i, load_t2i
 from .flow import (DiTTrainConfig, DiTTrainer, DiTRecipe, dit_run_dir, ode_sample, sample_noise,
                             decode_latents)
 from .fid import attribute_accuracy, fidelity_metrics, REF_RES, ATTRIBUTE_VALUES

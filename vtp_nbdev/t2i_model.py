@@ -4,7 +4,7 @@
 
 # %% ../nbs/14a_t2i_model.ipynb #b940ff69
 from __future__ import annotations
-import json
+import inspect, json
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -14,11 +14,13 @@ from safetensors.torch import load_file
 from .data import get_text_tokenizer
 from .layers import RMSNorm, check_state_dict
 from .runs import atomic_save, atomic_write
-from .dit import LightningDiT, LightningDiTBlock, Attention, SwiGLUFFN, DIT_ARGS
+from timm.layers import PatchEmbed
+from .dit import (LightningDiT, LightningDiTBlock, Attention, SwiGLUFFN, TimestepEmbedder, FinalLayer,
+                           VisionRotaryEmbeddingFast, DIT_ARGS, check_dit_args, init_dit_weights)
 
 # %% auto #0
-__all__ = ['NULL_CAPTION', 'TEXT_ARGS', 'MaskedAttention', 'TextBlock', 'TextEncoder', 'CrossAttention', 'T2IBlock', 'T2IDiT',
-           'save_t2i', 'load_t2i']
+__all__ = ['TEXT_ARGS', 'MaskedAttention', 'TextBlock', 'TextEncoder', 'CrossAttention', 'T2IBlock', 'T2IDiT', 'save_t2i',
+           'load_t2i']
 
 # %% ../nbs/14a_t2i_model.ipynb #bc3bd1a5
 class MaskedAttention(Attention):
@@ -106,69 +108,73 @@ class T2IBlock(LightningDiTBlock):
         return super().forward(x, c, feat_rope)                          # (B, N, D)
 
 # %% ../nbs/14a_t2i_model.ipynb #c87794f1
-NULL_CAPTION = -1   # a token row of -1 = the null (empty) caption: the `null_label` of a T2I model
-
 TEXT_ARGS = ('text_width', 'text_depth', 'text_heads', 'context_length', 'vocab_size', 'text_seed',
              'caption_dropout_prob')
+
+_DIT_DEFAULTS = {k: p.default for k, p in inspect.signature(LightningDiT.__init__).parameters.items()
+                 if k in DIT_ARGS and k not in ('num_classes', 'class_dropout_prob')}
 
 def _null_tokens(context_length: int) -> Tensor:
     "The BPE ids of the empty caption, `[SOT, EOT, 0, ...]` (built without `tokenize`, so it works on the meta device)."
     t = get_text_tokenizer()
     return torch.tensor([t.sot_token_id, t.eot_token_id] + [0] * (context_length - 2), dtype=torch.long)
 
-class T2IDiT(LightningDiT):
+class T2IDiT(nn.Module):
     "Caption-conditioned LightningDiT: `forward(x, t, tokens (B, L), force_drop_ids)` -> velocity (B, C, H, W)."
+    unpatchify = LightningDiT.unpatchify
+
     def __init__(self, text_width: int = 64, text_depth: int = 2, text_heads: int = 4, context_length: int = 32,
                  vocab_size: int = 49408, text_seed: int = 0, caption_dropout_prob: float = 0.1, **dit_args):
-        if bad := sorted(set(dit_args) - set(DIT_ARGS) | set(dit_args) & {'num_classes', 'class_dropout_prob'}):
+        super().__init__()
+        if bad := sorted(set(dit_args) - set(_DIT_DEFAULTS)):
             raise ValueError(f"T2IDiT: unexpected arguments {bad} (no class labels: the caption is the condition; "
                              f"caption_dropout_prob replaces class_dropout_prob)")
         if context_length < 2 or text_width % text_heads:
             raise ValueError(f"T2IDiT: context_length={context_length} (>= 2) and text_width={text_width} divisible "
                              f"by text_heads={text_heads} required")
-        super().__init__(**dit_args, num_classes=1, class_dropout_prob=0.)
-        self.t2i_config = dict({k: v for k, v in self.config.items() if k not in ('num_classes', 'class_dropout_prob')},
-                               text_width=text_width, text_depth=text_depth, text_heads=text_heads,
-                               context_length=context_length,
-                               vocab_size=vocab_size, text_seed=text_seed, caption_dropout_prob=caption_dropout_prob)
-        a = self.t2i_config
-        self.y_embedder = None                                           # no label table
-        self.num_classes, self.null_label = 0, NULL_CAPTION   # no class labels; guidance's unconditional rows: -1
-        self.caption_dropout_prob = caption_dropout_prob
+        a = {**_DIT_DEFAULTS, **dit_args}
+        check_dit_args({**a, 'num_classes': 0}, 'T2IDiT')
+        self.t2i_config = dict(a, text_width=text_width, text_depth=text_depth, text_heads=text_heads,
+                               context_length=context_length, vocab_size=vocab_size, text_seed=text_seed,
+                               caption_dropout_prob=caption_dropout_prob)
+        D, heads = a['hidden_size'], a['num_heads']
+        self.in_channels, self.learn_sigma, self.patch_size = a['in_channels'], a['learn_sigma'], a['patch_size']
+        self.out_channels = 2 * self.in_channels if self.learn_sigma else self.in_channels
+        self.use_checkpoint, self.caption_dropout_prob = a['use_checkpoint'], caption_dropout_prob
         self.context_length, self.vocab_size = context_length, vocab_size
-        D = a['hidden_size']
-        self.blocks = nn.ModuleList([T2IBlock(D, a['num_heads'], text_width, a['mlp_ratio'], a['use_qknorm'],
-                                              a['use_swiglu'],
+        self.x_embedder = PatchEmbed(a['input_size'], self.patch_size, self.in_channels, D, bias=True)
+        self.t_embedder = TimestepEmbedder(D)
+        self.grid = a['input_size'] // self.patch_size
+        self.register_buffer('pos_embed', torch.zeros(1, self.grid ** 2, D))
+        self.feat_rope = VisionRotaryEmbeddingFast(D // heads // 2, self.grid) if a['use_rope'] else None
+        self.blocks = nn.ModuleList([T2IBlock(D, heads, text_width, a['mlp_ratio'], a['use_qknorm'], a['use_swiglu'],
                                               a['use_rmsnorm'], a['wo_shift']) for _ in range(a['depth'])])
+        self.final_layer = FinalLayer(D, self.patch_size, self.out_channels, a['use_rmsnorm'])
+        self.text_pool = nn.Linear(text_width, D)                          # pooled caption -> adaLN condition
+        init_dit_weights(self)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(text_seed)
             self.text = TextEncoder(text_width, text_depth, text_heads, context_length, vocab_size)
-        self.text_pool = nn.Linear(text_width, D)                          # pooled caption -> adaLN condition
-        self.register_buffer('null_tokens', _null_tokens(context_length), persistent=False)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        zeroed = [b.adaLN_modulation[-1] for b in self.blocks] + [b.cross_attn.proj for b in self.blocks]
-        for m in zeroed + [self.text_pool]:
+        for m in [b.cross_attn.proj for b in self.blocks] + [self.text_pool]:
             nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)               # adaLN-Zero; caption paths start closed
+            nn.init.zeros_(m.bias)               # caption paths start closed
+        # the empty caption: guidance's unconditional input
+        self.register_buffer('null_label', _null_tokens(context_length), persistent=False)
 
     def caption_tokens(self, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
-        "Token ids (B, L) with null rows (all −1), forced drops and training dropout replaced by the empty caption."
+        "Token ids (B, L) with forced drops and training dropout replaced by the empty caption (`null_label`)."
         if y.dim() != 2 or y.shape[1] != self.context_length or y.dtype != torch.long:
             raise ValueError(f"T2IDiT: captions must be int64 token ids (B, {self.context_length}) from "
                              f"vtp_nbdev.data.tokenize(..., {self.context_length}); got {tuple(y.shape)} {y.dtype}")
-        drop = (y == NULL_CAPTION).all(1)
-        if force_drop_ids is not None:
-            drop = drop | (force_drop_ids == 1)
-        elif self.training and self.caption_dropout_prob > 0:
-            drop = drop | (torch.rand(len(y), device=y.device) < self.caption_dropout_prob)
-        y = torch.where(drop[:, None], self.null_tokens, y)
         if (y < 0).any() or (y >= self.vocab_size).any():
-            raise ValueError(f"T2IDiT: token ids outside [0, {self.vocab_size}) (only whole rows of {NULL_CAPTION} "
-                             "mean the null caption)")
-        return y
+            raise ValueError(f"T2IDiT: token ids outside [0, {self.vocab_size})")
+        if force_drop_ids is not None:
+            drop = force_drop_ids == 1
+        elif self.training and self.caption_dropout_prob > 0:
+            drop = torch.rand(len(y), device=y.device) < self.caption_dropout_prob
+        else:
+            return y
+        return torch.where(drop[:, None], self.null_label, y)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
         "Velocity (B, C, H, W) for latents x (B, C, H, W), times t (B,) in [0, 1], caption ids y (B, L)."
@@ -182,6 +188,7 @@ class T2IDiT(LightningDiT):
                 x = block(x, c, self.feat_rope, ctx, mask)             # (B, T, D)
         x = self.unpatchify(self.final_layer(x, c))                       # (B, out_C, H, W)
         return x[:, :self.in_channels] if self.learn_sigma else x
+
 
 # %% ../nbs/14a_t2i_model.ipynb #cb7bca8f
 def save_t2i(model: T2IDiT, folder, transport: dict | None = None, weights: str = 'model.safetensors') -> Path:

@@ -152,12 +152,13 @@ def score_point(run, step: int, scale: str, gen: dict | None = None, device=None
     gen = gen if gen is not None else s['gen']
     folder = export_checkpoint(run, step)
     t0 = time.time()
+    user_data = {k: v for k, v in cfg.dataset_kwargs.items() if k != 'size'} if cfg.dataset != 'shapes' else {}
     ev = evaluate_tokenizer(folder, cfg.dataset, device=str(get_device(device)), probe_features=('bottleneck', 'last'),
-                            **s['eval'])
+                            dataset_kwargs=user_data, strict=True, **s['eval'])     # a point is whole or not stored
     ev['params_encoder'] = _encoder_params(folder)
     t1 = time.time()
-    g = generation_metrics(folder, GenerationEvalConfig.from_dict({**gen, 'dataset': cfg.dataset, 'seed': cfg.seed}),
-                           device=device, progress=progress)
+    gen_cfg = {**gen, 'dataset': cfg.dataset, 'seed': cfg.seed, **({'dataset_kwargs': user_data} if user_data else {})}
+    g = generation_metrics(folder, GenerationEvalConfig.from_dict(gen_cfg), device=device, progress=progress)
     zs, lp, rc = ev['zero_shot'], ev['linear_probe'], ev['reconstruction']
     rec = dict(scale=scale, method=cfg.losses, preset=cfg.preset, seed=cfg.seed, dataset=cfg.dataset,
                data_size=cfg.dataset_kwargs.get('size'), step=step, steps_total=cfg.steps, flops=flops_at(run, step),

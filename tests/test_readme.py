@@ -14,7 +14,8 @@ def test_readme_results_match_the_store():
 
 def test_user_documents_tell_no_development_history():
     pattern = re.compile(r'\bsessions?\b|issue #|\blent\b|\bsince fixed\b|\bfirst loan\b', re.I)
-    files = [ROOT/'README.md', *sorted((ROOT/'figures').glob('*.md')), *sorted((ROOT/'benchmarks').glob('*.py'))]
+    files = [ROOT/'README.md', *sorted((ROOT/'figures').glob('*.md')), *sorted((ROOT/'benchmarks').glob('*.py')),
+             *sorted((ROOT/'nbs').rglob('*.ipynb')), *sorted((ROOT/'vtp_nbdev').glob('*.py'))]
     hits = [f"{f.relative_to(ROOT)}:{i}: {line.strip()}" for f in files
             for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
     assert not hits, '\n'.join(hits)

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from .data import denormalize, to_uint8, get_dataset, ZERO_SHOT_TEMPLATES
-from .fid import (FeatureSet, REFERENCE_EXTRACTORS, INCEPTION, UINT8_POLICY, REF_RES, make_extractor, extractor_info,
-                           fidelity_metrics, metric_suffix)
+from .fid import (FeatureSet, REFERENCE_EXTRACTORS, INCEPTION, UINT8_POLICY, REF_RES, make_extractor,
+                           extractor_info, fidelity_metrics, metric_suffix)
 from .eval_understanding import model_device, iter_batches, zero_shot, linear_probe, retrieval, FEATURE_CHOICES
 
 # %% auto #0
@@ -21,7 +21,8 @@ __all__ = ['NO_EXTRACTOR_NOTE', 'psnr', 'ssim', 'reconstruction_metrics', 'has_l
 # %% ../nbs/07_eval_reconstruction.ipynb #7d2339ce
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 255.) -> torch.Tensor:
     "Per-image PSNR (B,) in dB of images (B, C, H, W) on a [0, data_range] scale."
-    if x.shape != y.shape: raise ValueError(f"psnr: shapes {tuple(x.shape)} and {tuple(y.shape)} differ")
+    if x.shape != y.shape:
+        raise ValueError(f"psnr: shapes {tuple(x.shape)} and {tuple(y.shape)} differ")
     mse = (x.double() - y.double()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
     return 10 * torch.log10(data_range ** 2 / mse)
 
@@ -32,8 +33,10 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 255., win: int = 11, sigma: float = 1.5,
          k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
     "Per-image SSIM (B,): Gaussian window, per channel, valid positions only, averaged."
-    if x.shape != y.shape: raise ValueError(f"ssim: shapes {tuple(x.shape)} and {tuple(y.shape)} differ")
-    if min(x.shape[-2:]) < win: raise ValueError(f"ssim: images {tuple(x.shape[-2:])} smaller than the {win}-px window")
+    if x.shape != y.shape:
+        raise ValueError(f"ssim: shapes {tuple(x.shape)} and {tuple(y.shape)} differ")
+    if min(x.shape[-2:]) < win:
+        raise ValueError(f"ssim: images {tuple(x.shape[-2:])} smaller than the {win}-px window")
     C = x.shape[1]
     g = _gaussian_window(win, sigma).to(x.device)
     blur = lambda t: F.conv2d(F.conv2d(t, g.view(1, 1, 1, -1).expand(C, 1, 1, win), groups=C),
@@ -48,10 +51,14 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 255., win: int = 
 # %% ../nbs/07_eval_reconstruction.ipynb #c1e5e2d6
 def _lpips_metric(lpips_path, device):
     "An LPIPS module from local weights, or (None, reason)."
-    if lpips_path is None: return None, 'skipped: no lpips_path given (LPIPS needs local VGG16 + LPIPS weights)'
-    if not Path(lpips_path).is_file(): return None, f'skipped: LPIPS weights file {lpips_path} not found'
-    try: from vtp_nbdev.losses import LPIPS
-    except ImportError as e: return None, f'skipped: vtp_nbdev.losses.LPIPS not importable ({e})'
+    if lpips_path is None:
+        return None, 'skipped: no lpips_path given (LPIPS needs local VGG16 + LPIPS weights)'
+    if not Path(lpips_path).is_file():
+        return None, f'skipped: LPIPS weights file {lpips_path} not found'
+    try:
+        from vtp_nbdev.losses import LPIPS
+    except ImportError as e:
+        return None, f'skipped: vtp_nbdev.losses.LPIPS not importable ({e})'
     return LPIPS(lpips_path).to(device), None
 
 NO_EXTRACTOR_NOTE = ("skipped: no reference extractor for dataset {name!r}; train one on your labelled images with "
@@ -61,7 +68,7 @@ NO_EXTRACTOR_NOTE = ("skipped: no reference extractor for dataset {name!r}; trai
 @torch.inference_mode()
 def reconstruction_metrics(model, dataset, n: int | None = 1000, batch_size: int = 128, dataset_name: str | None = None,
                            extractor='auto', lpips_path=None, device=None) -> dict:
-    "PSNR (uint8 headline + float), SSIM, rFID (FD in reference features), LPIPS of `model`'s reconstructions of `dataset`."
+    "PSNR (uint8 headline, float), SSIM, rFID (reference-feature FD), LPIPS of `model`'s reconstructions of `dataset`."
     dev = torch.device(device) if device else model_device(model)
     name = dataset_name or getattr(dataset, 'name', None)
     if extractor == 'auto':
@@ -81,13 +88,15 @@ def reconstruction_metrics(model, dataset, n: int | None = 1000, batch_size: int
     for x, _ in iter_batches(dataset, n, batch_size):
         x = x.to(dev)
         r = model.get_latents_decoded_images(model.get_reconstruction_latents(x)).float()   # (B, 3, H, W) normalised
-        if r.shape != x.shape: raise ValueError(f"reconstruction shape {tuple(r.shape)} differs from input {tuple(x.shape)}")
+        if r.shape != x.shape:
+            raise ValueError(f"reconstruction shape {tuple(r.shape)} differs from input {tuple(x.shape)}")
         xo, ro = to_uint8(x.float()), to_uint8(r)                                           # uint8 (round policy)
         rf = (denormalize(r).clamp(0, 1) * 255)                                             # float, unrounded
         sums['psnr'] += psnr(ro.float(), xo.float()).sum().item()
         sums['psnr_float'] += psnr(rf, xo.float()).sum().item()
         sums['ssim'] += ssim(ro.float(), xo.float()).sum().item()
-        if lp is not None: sums['lpips'] += lp(ro.float() / 127.5 - 1, xo.float() / 127.5 - 1).sum().item()
+        if lp is not None:
+            sums['lpips'] += lp(ro.float() / 127.5 - 1, xo.float() / 127.5 - 1).sum().item()
         if fe is not None and extractor != INCEPTION and tuple(x.shape[-2:]) != (REF_RES, REF_RES):
             fe = None
             fe_note = (f'skipped: the reference extractor reads {REF_RES}x{REF_RES} images, these are '
@@ -99,13 +108,17 @@ def reconstruction_metrics(model, dataset, n: int | None = 1000, batch_size: int
     out = dict(dataset=name, n=N, psnr=sums['psnr'] / N, psnr_float=sums['psnr_float'] / N, ssim=sums['ssim'] / N,
                headline='psnr (after uint8 rounding)', uint8_policy=UINT8_POLICY)
     out['lpips'] = sums['lpips'] / N if lp is not None else None
-    if lp_note: out['lpips_note'] = lp_note
+    if lp_note:
+        out['lpips_note'] = lp_note
     if fe is not None:
-        info = extractor_info(fe); key = '2048' if extractor == INCEPTION else 'feat'
-        fs = {k: FeatureSet({key: torch.cat(v)}, info['extractor'], info['extractor_sha256'], N) for k, v in feats.items()}
+        info = extractor_info(fe)
+        key = '2048' if extractor == INCEPTION else 'feat'
+        fs = {k: FeatureSet({key: torch.cat(v)}, info['extractor'], info['extractor_sha256'], N)
+              for k, v in feats.items()}
         m = fidelity_metrics(fs['rec'], fs['orig'], extractor=fe, metrics=('fd',))
         fd_key = 'FID' if extractor == INCEPTION else f'FD_{metric_suffix(info["extractor"])}'
-        out.update(rFID=m[fd_key], rFID_metric=fd_key, extractor=info['extractor'], extractor_sha256=info['extractor_sha256'])
+        out.update(rFID=m[fd_key], rFID_metric=fd_key, extractor=info['extractor'],
+                   extractor_sha256=info['extractor_sha256'])
     else:
         out.update(rFID=None, rFID_note=fe_note)
     out['seconds'] = round(time.perf_counter() - t0, 2)
@@ -158,7 +171,8 @@ def evaluate_tokenizer(model_or_folder, dataset='shapes', splits=('train', 'test
         templates = name
     labelled = has_labels(test_ds)
     notes = {}
-    res = dict(dataset=name, model=str(model_or_folder) if isinstance(model_or_folder, (str, Path)) else type(model).__name__,
+    res = dict(dataset=name,
+               model=str(model_or_folder) if isinstance(model_or_folder, (str, Path)) else type(model).__name__,
                config=cfg.to_dict() if hasattr(cfg, 'to_dict') else None, splits=list(splits),
                n_samples={s: len(d) for s, d in zip(splits, (train_ds, test_ds))}, labelled=labelled, notes=notes)
     if not labelled:

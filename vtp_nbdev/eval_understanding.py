@@ -26,15 +26,18 @@ def model_device(model) -> torch.device:
 def iter_batches(dataset, n: int | None = None, batch_size: int = 256):
     "Yield (images (B, 3, H, W), labels (B,)) for the first `n` samples of a dataset of dicts."
     m = len(dataset) if n is None else min(n, len(dataset))
-    if m <= 0: raise ValueError(f"dataset of {len(dataset)} samples, n={n}: nothing to evaluate")
+    if m <= 0:
+        raise ValueError(f"dataset of {len(dataset)} samples, n={n}: nothing to evaluate")
     for i in range(0, m, batch_size):
         items = [dataset[j] for j in range(i, min(i + batch_size, m))]
         if not isinstance(items[0], dict) or 'image' not in items[0]:
-            raise TypeError(f"dataset items must be dicts with 'image' and 'label' (vtp_nbdev.data), got {type(items[0]).__name__}")
+            raise TypeError("dataset items must be dicts with 'image' and 'label' (vtp_nbdev.data), "
+                            f"got {type(items[0]).__name__}")
         yield torch.stack([it['image'] for it in items]), torch.tensor([int(it.get('label', -1)) for it in items])
 
 def _labelled(y: torch.Tensor, what: str):
-    if (y < 0).any(): raise ValueError(f"{what} needs class labels; the dataset has unlabelled samples (label -1)")
+    if (y < 0).any():
+        raise ValueError(f"{what} needs class labels; the dataset has unlabelled samples (label -1)")
 
 # %% ../nbs/06_eval_understanding.ipynb #a56b61eb
 @torch.inference_mode()
@@ -46,7 +49,8 @@ def zero_shot_classifier(model, prompts: list, context_length: int | None = None
     e = model.get_clip_text_feature(tok, normalize=True).float()          # (sum P_c, E)
     out, i = [], 0
     for ps in prompts:
-        out.append(F.normalize(e[i:i + len(ps)].mean(0), dim=-1)); i += len(ps)
+        out.append(F.normalize(e[i:i + len(ps)].mean(0), dim=-1))
+        i += len(ps)
     return torch.stack(out)                                               # (C, E)
 
 def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> dict:
@@ -68,13 +72,15 @@ def zero_shot(model, dataset_name, dataset, n: int | None = 2000, batch_size: in
         _labelled(y, 'zero_shot')
         f = model.get_clip_image_feature(x.to(dev), normalize=True).float().cpu()   # (B, E)
         for w, Wc in heads.items():
-            for k, a in topk_accuracy(f @ Wc.cpu().T, y, ks).items(): hits[w][k] += a * len(y)
+            for k, a in topk_accuracy(f @ Wc.cpu().T, y, ks).items():
+                hits[w][k] += a * len(y)
         N += len(y)
     name = dataset_name if isinstance(dataset_name, str) else 'custom templates'
     out = dict(dataset=name, n=N, n_classes=len(classes), seconds=round(time.perf_counter() - t0, 2))
     for w in which:
         out[f'n_templates_{w}'] = len(zero_shot_prompts(dataset_name, classes[:1], w)[0])
-        for k in ks: out[f'zero_shot_top{k}_{w}'] = hits[w][k] / N
+        for k in ks:
+            out[f'zero_shot_top{k}_{w}'] = hits[w][k] / N
     return out
 
 # %% ../nbs/06_eval_understanding.ipynb #d11795fa
@@ -88,17 +94,21 @@ def _n_blocks(model, n: int = 4) -> int:
 def probe_features(model, dataset, n: int | None = None, features=FEATURE_CHOICES, batch_size: int = 256) -> dict:
     "Extract the chosen features once: name -> (N, F) float tensors, plus `labels` (N,)."
     bad = set(features) - set(FEATURE_CHOICES)
-    if bad: raise ValueError(f"unknown probe features {sorted(bad)}; expected a subset of {FEATURE_CHOICES}")
+    if bad:
+        raise ValueError(f"unknown probe features {sorted(bad)}; expected a subset of {FEATURE_CHOICES}")
     dev, k = model_device(model), _n_blocks(model)
-    out = {f: [] for f in features}; out['labels'] = []
+    out = {f: [] for f in features}
+    out['labels'] = []
     for x, y in iter_batches(dataset, n, batch_size):
         _labelled(y, 'linear probe')
         x = x.to(dev)
         if 'last' in features or 'last4_avgpool' in features:
             blocks = model.get_intermediate_layers_feature(x, k, return_class_token=True)   # k x ((B, N, D), (B, D))
-            if 'last' in features: out['last'].append(blocks[-1][1].float().cpu())          # (B, D)
+            if 'last' in features:
+                out['last'].append(blocks[-1][1].float().cpu())          # (B, D)
             if 'last4_avgpool' in features:
-                out['last4_avgpool'].append(torch.cat([c for _, c in blocks] + [blocks[-1][0].mean(1)], -1).float().cpu())  # (B, (k+1)D)
+                out['last4_avgpool'].append(
+                    torch.cat([c for _, c in blocks] + [blocks[-1][0].mean(1)], -1).float().cpu())  # (B, (k+1)D)
         if 'bottleneck' in features:
             out['bottleneck'].append(model.get_reconstruction_latents(x).float().mean((2, 3)).cpu())  # (B, d)
         out['labels'].append(y)
@@ -113,42 +123,55 @@ def train_linear_probe(x_train, y_train, x_test, y_test, lrs=PROBE_LRS, epochs: 
     "Grid of linear heads (one per lr) on standardised features; best on a val split carved from train, scored on test."
     old = torch.get_num_threads()
     torch.set_num_threads(threads)     # small ops: one thread is faster, and immune to a busy shared CPU
-    try: return _train_linear_probe(x_train, y_train, x_test, y_test, lrs, epochs, batch_size, weight_decay, val_frac, seed, num_classes)
-    finally: torch.set_num_threads(old)
+    try:
+        return _train_linear_probe(x_train, y_train, x_test, y_test, lrs, epochs, batch_size, weight_decay, val_frac,
+                                   seed, num_classes)
+    finally:
+        torch.set_num_threads(old)
 
-def _train_linear_probe(x_train, y_train, x_test, y_test, lrs, epochs, batch_size, weight_decay, val_frac, seed, num_classes):
-    if len(x_train) != len(y_train) or len(x_test) != len(y_test): raise ValueError("features and labels differ in length")
+def _train_linear_probe(x_train, y_train, x_test, y_test, lrs, epochs, batch_size, weight_decay, val_frac, seed,
+                        num_classes):
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise ValueError("features and labels differ in length")
     C = num_classes or int(max(y_train.max(), y_test.max())) + 1
     for split, y in (('train', y_train), ('test', y_test)):
         if len(bad := y[(y < 0) | (y >= C)]):
-            raise ValueError(f"linear probe: {split} label {bad[0].item()} is outside [0, {C}) (num_classes={C}; {len(bad)} bad labels)")
+            raise ValueError(f"linear probe: {split} label {bad[0].item()} is outside [0, {C}) "
+                             f"(num_classes={C}; {len(bad)} bad labels)")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x_train), generator=g)
     n_val = max(1, int(round(val_frac * len(x_train))))
-    if len(x_train) - n_val < 2: raise ValueError(f"linear probe: {len(x_train)} training samples are too few for a val split")
+    if len(x_train) - n_val < 2:
+        raise ValueError(f"linear probe: {len(x_train)} training samples are too few for a val split")
     iv, it = perm[:n_val], perm[n_val:]
     mu, sd = x_train[it].mean(0), x_train[it].std(0).clamp_min(1e-6)
     z = lambda a: (a.float() - mu) / sd
     xt, yt, xv, yv, xs = z(x_train[it]), y_train[it], z(x_train[iv]), y_train[iv], z(x_test)
     D, L = xt.shape[1], len(lrs)
-    W, b = torch.zeros(D, L, C), torch.zeros(L, C)                          # all heads side by side: one matmul per step
+    W, b = torch.zeros(D, L, C), torch.zeros(L, C)                 # all heads side by side: one matmul per step
     state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in (W, b)]
     lr0 = torch.tensor(lrs, dtype=torch.float32)
     b1, b2, eps = 0.9, 0.999, 1e-8
-    steps_per_epoch = math.ceil(len(xt) / batch_size); total = epochs * steps_per_epoch; step = 0
+    steps_per_epoch = math.ceil(len(xt) / batch_size)
+    total = epochs * steps_per_epoch
+    step = 0
     t0 = time.perf_counter()
     for ep in range(epochs):
         order = torch.randperm(len(xt), generator=g)
         for i in range(0, len(xt), batch_size):
-            idx = order[i:i + batch_size]; xb = xt[idx]; B = len(idx)
+            idx = order[i:i + batch_size]
+            xb = xt[idx]
+            B = len(idx)
             logits = (xb @ W.view(D, L * C)).view(B, L, C) + b                  # (B, L, C)
-            p = logits.softmax(-1); p[torch.arange(B), :, yt[idx]] -= 1            # dCE/dlogits, per head
+            p = logits.softmax(-1)
+            p[torch.arange(B), :, yt[idx]] -= 1            # dCE/dlogits, per head
             p /= B
             grads = ((xb.T @ p.view(B, L * C)).view(D, L, C), p.sum(0))            # (D, L, C), (L, C)
             step += 1
             lr = lr0 * 0.5 * (1 + math.cos(math.pi * (step - 1) / total))           # (L,) cosine schedule
             for prm, gr, (m, v), shape in ((W, grads[0], state[0], (1, L, 1)), (b, grads[1], state[1], (L, 1))):
-                m.mul_(b1).add_(gr, alpha=1 - b1); v.mul_(b2).addcmul_(gr, gr, value=1 - b2).clamp_(min=1e-30)  # no denormals
+                m.mul_(b1).add_(gr, alpha=1 - b1)
+                v.mul_(b2).addcmul_(gr, gr, value=1 - b2).clamp_(min=1e-30)  # no denormals
                 upd = (m / (1 - b1 ** step)) / ((v / (1 - b2 ** step)).sqrt() + eps)
                 prm.mul_(1 - lr.view(shape) * weight_decay).sub_(lr.view(shape) * upd)     # AdamW, one lr per head
     acc = lambda x, y: ((x @ W.view(D, L * C)).view(len(x), L, C) + b).argmax(-1).eq(y[:, None]).float().mean(0)  # (L,)
@@ -162,7 +185,8 @@ def _train_linear_probe(x_train, y_train, x_test, y_test, lrs, epochs, batch_siz
 FEATURE_DESCRIPTIONS = dict(
     bottleneck='d-dim reconstruction latent (get_reconstruction_latents), mean over positions',
     last='final-normed CLS of the last block (get_last_layer_feature cls_token)',
-    last4_avgpool='CLS of the last {k} blocks (final-normed) + mean patch token of the last block (DINOv2 linear-probe features)')
+    last4_avgpool='CLS of the last {k} blocks (final-normed) + mean patch token of the last block '
+                  '(DINOv2 linear-probe features)')
 
 def linear_probe(model, train_dataset, test_dataset, n_train: int | None = 5000, n_test: int | None = 2000,
                  features=FEATURE_CHOICES, batch_size: int = 256, **probe_kwargs) -> dict:

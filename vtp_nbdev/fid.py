@@ -22,7 +22,8 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric, KEY_METRIC_FID
 from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
 from torch_fidelity.metric_isc import isc_features_to_metric, KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD
-from torch_fidelity.metric_prc import prc_features_to_metric, KEY_METRIC_PRECISION, KEY_METRIC_RECALL, KEY_METRIC_F_SCORE
+from torch_fidelity.metric_prc import (prc_features_to_metric, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
+                                      KEY_METRIC_F_SCORE)
 from .data import normalize, to_uint8, SHAPE_KINDS, COLOURS, SIZES, COUNTS, POSITIONS
 
 # %% auto #0
@@ -35,7 +36,8 @@ __all__ = ['REF_RES', 'UINT8_POLICY', 'SHAPES_HEADS', 'REFERENCE_EXTRACTORS', 'I
 
 # %% ../nbs/08_fid.ipynb #563dc9a7
 REF_RES = 32
-UINT8_POLICY = 'round'   # uint8 = round(clamp(denormalize(x), 0, 1) * 255) (vtp_nbdev.data.to_uint8); uint8 input unchanged
+# uint8 = round(clamp(denormalize(x), 0, 1) * 255) (vtp_nbdev.data.to_uint8); uint8 input unchanged
+UINT8_POLICY = 'round'
 
 SHAPES_HEADS = (('logits', 20), ('shape', len(SHAPE_KINDS)), ('colour', len(COLOURS)), ('size', len(SIZES)),
                 ('count', len(COUNTS)), ('position', len(POSITIONS)))
@@ -52,11 +54,14 @@ class RefCNN(nn.Module):
         self.heads = nn.ModuleDict({k: nn.Linear(feat_dim, n) for k, n in heads})
         self.res = res
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)): nn.init.kaiming_normal_(m.weight, nonlinearity='relu'); nn.init.zeros_(m.bias)
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
+                nn.init.zeros_(m.bias)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         "Penultimate features (B, F) of uint8 or ImageNet-normalised images (B, 3, res, res)."
-        if x.dtype == torch.uint8: x = normalize(x.float() / 255)
+        if x.dtype == torch.uint8:
+            x = normalize(x.float() / 255)
         x = x.contiguous(memory_format=torch.channels_last)                # faster CPU convolutions
         return F.relu(self.fc(self.body(x)))                                # (B, F)
 
@@ -67,9 +72,11 @@ class RefCNN(nn.Module):
 
 # %% ../nbs/08_fid.ipynb #5846ed2c
 REFERENCE_EXTRACTORS = {
-    'shapes': ('data_prep/reference/shapes.safetensors', 'a13cf2b3220164eff88f49609fb56cd63f315c0d1ab7b29bc569d64503e09c32',
+    'shapes': ('data_prep/reference/shapes.safetensors',
+               'a13cf2b3220164eff88f49609fb56cd63f315c0d1ab7b29bc569d64503e09c32',
                dict(widths=(16, 32, 64), feat_dim=128, heads=SHAPES_HEADS, res=REF_RES)),
-    'fashion_mnist': ('data_prep/reference/fashion_mnist.safetensors', '0fa127344dc3b020b663c64477726f6f80db13cb3bfe9bcea33d1477c8d1a7fb',
+    'fashion_mnist': ('data_prep/reference/fashion_mnist.safetensors',
+                      '0fa127344dc3b020b663c64477726f6f80db13cb3bfe9bcea33d1477c8d1a7fb',
                       dict(widths=(16, 32, 64), feat_dim=128, heads=(('logits', 10),), res=REF_RES)),
 }
 
@@ -85,7 +92,8 @@ def sha256_file(path) -> str:
     "Hex sha256 of a file's bytes."
     h = hashlib.sha256()
     with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
     return h.hexdigest()
 
 def load_reference_extractor(name: str, path=None, device='cpu', verify: bool = True) -> RefCNN:
@@ -95,8 +103,9 @@ def load_reference_extractor(name: str, path=None, device='cpu', verify: bool = 
     rel, sha, arch = REFERENCE_EXTRACTORS[name]
     path = Path(path) if path is not None else repo_root()/rel
     if not path.is_file():
-        raise FileNotFoundError(f"reference extractor {name!r}: weights file {path} not found; it is committed at {rel} "
-                                f"(or re-create it with `python data_prep/train_reference_extractor.py --dataset {name}`)")
+        raise FileNotFoundError(f"reference extractor {name!r}: weights file {path} not found; "
+                                f"it is committed at {rel} (or re-create it with "
+                                f"`python data_prep/train_reference_extractor.py --dataset {name}`)")
     if verify and (got := sha256_file(path)) != sha:
         raise ChecksumError(f"reference extractor {name!r}: {path} has sha256 {got}, expected {sha} (file changed or "
                             f"corrupted: restore it with git, or retrain and update REFERENCE_EXTRACTORS)")
@@ -112,12 +121,15 @@ def check_batch(x, res: int | None = REF_RES, where: str = 'batch') -> torch.Ten
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"{where}: shape {tuple(x.shape)}; expected (B, 3, H, W) with 3 RGB channels")
     if res is not None and tuple(x.shape[-2:]) != (res, res):
-        raise ValueError(f"{where}: images are {x.shape[-2]}x{x.shape[-1]}; the reference extractor expects {res}x{res} "
+        raise ValueError(f"{where}: images are {x.shape[-2]}x{x.shape[-1]}; "
+                         f"the reference extractor expects {res}x{res} "
                          "(resize the samples, or use the 'inception-v3-compat' extractor for other sizes)")
-    if x.dtype == torch.uint8: return x
+    if x.dtype == torch.uint8:
+        return x
     if not x.is_floating_point():
         raise ValueError(f"{where}: dtype {x.dtype}; expected uint8 in [0, 255] or float ImageNet-normalised images")
-    if not torch.isfinite(x).all(): raise ValueError(f"{where}: contains NaN or infinite values")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{where}: contains NaN or infinite values")
     if x.numel() and x.min() >= 0 and x.max() > 10:
         raise ValueError(f"{where}: float values in [0, {x.max().item():.0f}] look like [0, 255] pixels; pass uint8, "
                          "or ImageNet-normalised floats (vtp_nbdev.data.normalize(x / 255))")
@@ -133,13 +145,17 @@ class RefFeatureExtractor(FeatureExtractorBase):
         self.weights_path = feature_extractor_weights_path or repo_root()/REFERENCE_EXTRACTORS[self.ref_name][0]
 
     @classmethod
-    def get_provided_features_list(cls): return ('feat',) + tuple(k for k, _ in REFERENCE_EXTRACTORS[cls.ref_name][2]['heads'])
+    def get_provided_features_list(cls):
+        return ('feat',) + tuple(k for k, _ in REFERENCE_EXTRACTORS[cls.ref_name][2]['heads'])
     @staticmethod
-    def get_default_feature_layer_for_metric(metric): return {'isc': 'logits', 'fid': 'feat', 'kid': 'feat', 'prc': 'feat'}[metric]
+    def get_default_feature_layer_for_metric(metric):
+        return {'isc': 'logits', 'fid': 'feat', 'kid': 'feat', 'prc': 'feat'}[metric]
     @staticmethod
-    def can_be_compiled(): return False
+    def can_be_compiled():
+        return False
     @staticmethod
-    def get_dummy_input_for_compile(): return torch.zeros(1, 3, REF_RES, REF_RES, dtype=torch.uint8)
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, REF_RES, REF_RES, dtype=torch.uint8)
 
     def forward(self, x):
         out = self.net(check_batch(x, REF_RES, self.name))
@@ -151,17 +167,20 @@ def ref_extractor_name(dataset: str) -> str:
 
 for _n in REFERENCE_EXTRACTORS:
     if ref_extractor_name(_n) not in FEATURE_EXTRACTORS_REGISTRY:   # idempotent on re-import
-        register_feature_extractor(ref_extractor_name(_n), type(f'RefFeatureExtractor_{_n}', (RefFeatureExtractor,), dict(ref_name=_n)))
+        register_feature_extractor(ref_extractor_name(_n),
+                                   type(f'RefFeatureExtractor_{_n}', (RefFeatureExtractor,), dict(ref_name=_n)))
 
 # %% ../nbs/08_fid.ipynb #86024785
 INCEPTION = 'inception-v3-compat'
 INCEPTION_FILE = 'weights-inception-2015-12-05-6726825d.pth'
 
 def inception_weights_path(path=None) -> Path | None:
-    "The local Inception weights: `path`, else $VTP_INCEPTION_WEIGHTS, else torch hub's checkpoints folder; None if absent."
+    "The local Inception weights: `path`, else $VTP_INCEPTION_WEIGHTS, else torch hub's checkpoints; None if absent."
     for p in (path, os.environ.get('VTP_INCEPTION_WEIGHTS'), Path(torch.hub.get_dir())/'checkpoints'/INCEPTION_FILE):
-        if p and Path(p).is_file(): return Path(p)
-    if path is not None: raise FileNotFoundError(f"Inception weights file {path} does not exist")
+        if p and Path(p).is_file():
+            return Path(p)
+    if path is not None:
+        raise FileNotFoundError(f"Inception weights file {path} does not exist")
     return None
 
 def make_extractor(name: str = 'shapes', weights_path=None, device='cpu', features=None) -> FeatureExtractorBase:
@@ -169,12 +188,15 @@ def make_extractor(name: str = 'shapes', weights_path=None, device='cpu', featur
     if name == INCEPTION:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         local = inception_weights_path(weights_path)
-        try: fe = FeatureExtractorInceptionV3(INCEPTION, list(features or ('2048', 'logits_unbiased')),
-                                              feature_extractor_weights_path=str(local) if local else None, verbose=False)
+        try:
+            fe = FeatureExtractorInceptionV3(INCEPTION, list(features or ('2048', 'logits_unbiased')),
+                                             feature_extractor_weights_path=str(local) if local else None,
+                                             verbose=False)
         except Exception as e:
             where = Path(torch.hub.get_dir())/'checkpoints'/INCEPTION_FILE
-            raise FileNotFoundError(f"Inception weights unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                                    f"put {INCEPTION_FILE} at {where} (or set TORCH_HOME / VTP_INCEPTION_WEIGHTS)") from None
+            raise FileNotFoundError(f"Inception weights unavailable ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:120]}); put {INCEPTION_FILE} at {where} "
+                                    "(or set TORCH_HOME / VTP_INCEPTION_WEIGHTS)") from None
         fe.weights_path = local or Path(torch.hub.get_dir())/'checkpoints'/INCEPTION_FILE
     else:
         if str(name).endswith('.safetensors'):                # a reference network trained on the user's data
@@ -223,46 +245,60 @@ def register_reference_extractor(path, name: str | None = None) -> str:
     return name
 
 # %% ../nbs/08_fid.ipynb #b27f5da9
-def save_samples(images: torch.Tensor, folder, fmt: str = 'safetensors', start: int = 0, shard_size: int = 1000) -> list:
-    "Write images (N, 3, H, W; uint8 or normalised float, rounded) as safetensors shards or PNG files; returns the paths."
+def save_samples(images: torch.Tensor, folder, fmt: str = 'safetensors', start: int = 0,
+                 shard_size: int = 1000) -> list:
+    "Write images (N, 3, H, W; uint8 or normalised float, rounded) as safetensors shards or PNG files; returns paths."
     x = check_batch(images, None, 'save_samples')
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     if fmt == 'safetensors':
         for i in range(0, len(x), shard_size):
             p = folder/f'samples_{start + i:08d}.safetensors'
-            save_file({'images': x[i:i + shard_size].contiguous()}, str(p), metadata={'uint8_policy': UINT8_POLICY}); paths.append(p)
+            save_file({'images': x[i:i + shard_size].contiguous()}, str(p), metadata={'uint8_policy': UINT8_POLICY})
+            paths.append(p)
     elif fmt == 'png':
         for i, im in enumerate(x.permute(0, 2, 3, 1).numpy()):
-            p = folder/f'{start + i:08d}.png'; Image.fromarray(im).save(p); paths.append(p)
-    else: raise ValueError(f"save_samples: fmt={fmt!r}; expected 'safetensors' or 'png'")
+            p = folder/f'{start + i:08d}.png'
+            Image.fromarray(im).save(p)
+            paths.append(p)
+    else:
+        raise ValueError(f"save_samples: fmt={fmt!r}; expected 'safetensors' or 'png'")
     return paths
 
 def _folder_batches(folder: Path, batch_size: int):
     "uint8 batches from a folder of safetensors shards or PNG files."
     shards, pngs = sorted(folder.glob('*.safetensors')), sorted(folder.glob('*.png'))
-    if shards and pngs: raise ValueError(f"{folder}: holds both .safetensors shards and .png files; keep one kind per folder")
+    if shards and pngs:
+        raise ValueError(f"{folder}: holds both .safetensors shards and .png files; keep one kind per folder")
     if shards:
         for s in shards:
             d = load_file(str(s))
-            if 'images' not in d: raise KeyError(f"{s}: no 'images' tensor; expected a uint8 (n, 3, H, W) tensor named 'images'")
-            for i in range(0, len(d['images']), batch_size): yield d['images'][i:i + batch_size], str(s)
+            if 'images' not in d:
+                raise KeyError(f"{s}: no 'images' tensor; expected a uint8 (n, 3, H, W) tensor named 'images'")
+            for i in range(0, len(d['images']), batch_size):
+                yield d['images'][i:i + batch_size], str(s)
     elif pngs:
         for i in range(0, len(pngs), batch_size):
             arrs = []
             for p in pngs[i:i + batch_size]:
-                with Image.open(p) as im: arrs.append(np.asarray(im.convert('RGB')))
-            if len({a.shape for a in arrs}) > 1: raise ValueError(f"{folder}: PNG files of different sizes near {pngs[i]}")
+                with Image.open(p) as im:
+                    arrs.append(np.asarray(im.convert('RGB')))
+            if len({a.shape for a in arrs}) > 1:
+                raise ValueError(f"{folder}: PNG files of different sizes near {pngs[i]}")
             yield torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous(), str(pngs[i])
-    else: raise FileNotFoundError(f"{folder}: no *.png files or *.safetensors shards found")
+    else:
+        raise FileNotFoundError(f"{folder}: no *.png files or *.safetensors shards found")
 
 def iter_uint8_batches(source, batch_size: int = 500, n: int | None = None, res: int | None = REF_RES):
     "Stream a source (tensor, folder, Dataset, iterable of batches) as checked uint8 batches, at most `n` images."
     if isinstance(source, (str, Path)):
-        if not Path(source).is_dir(): raise FileNotFoundError(f"image source {source} is not a folder")
+        if not Path(source).is_dir():
+            raise FileNotFoundError(f"image source {source} is not a folder")
         it = _folder_batches(Path(source), batch_size)
     elif torch.is_tensor(source):
-        if source.dim() != 4: raise ValueError(f"tensor source: shape {tuple(source.shape)}; expected (N, 3, H, W)")
+        if source.dim() != 4:
+            raise ValueError(f"tensor source: shape {tuple(source.shape)}; expected (N, 3, H, W)")
         it = ((source[i:i + batch_size], f'images[{i}:{i + batch_size}]') for i in range(0, len(source), batch_size))
     elif isinstance(source, Dataset):
         def _ds():
@@ -273,14 +309,19 @@ def iter_uint8_batches(source, batch_size: int = 500, n: int | None = None, res:
         it = _ds()
     elif hasattr(source, '__iter__'):
         it = ((b['image'] if isinstance(b, dict) else b, f'batch {k}') for k, b in enumerate(source))
-    else: raise TypeError(f"unsupported image source {type(source).__name__}; expected a tensor, folder, Dataset or iterable of batches")
+    else:
+        raise TypeError(f"unsupported image source {type(source).__name__}; "
+                        "expected a tensor, folder, Dataset or iterable of batches")
     seen = 0
     for x, where in it:
         x = check_batch(x, res, where)
-        if n is not None: x = x[:n - seen]
-        if len(x): yield x
+        if n is not None:
+            x = x[:n - seen]
+        if len(x):
+            yield x
         seen += len(x)
-        if n is not None and seen >= n: return
+        if n is not None and seen >= n:
+            return
 
 # %% ../nbs/08_fid.ipynb #ca00f6a4
 @dataclass
@@ -293,7 +334,8 @@ class FeatureSet:
     uint8_policy: str = UINT8_POLICY
     def save(self, path):
         "Write as safetensors with the provenance in the metadata."
-        meta = dict(extractor=self.extractor, extractor_sha256=self.extractor_sha256, n=str(self.n), uint8_policy=self.uint8_policy)
+        meta = dict(extractor=self.extractor, extractor_sha256=self.extractor_sha256, n=str(self.n),
+                    uint8_policy=self.uint8_policy)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.feats.items()}, str(path), metadata=meta)
         return path
@@ -301,9 +343,12 @@ class FeatureSet:
     def load(cls, path) -> 'FeatureSet':
         "Read a FeatureSet written by `save`."
         from safetensors import safe_open
-        with safe_open(str(path), 'pt') as f: meta = f.metadata() or {}
-        if 'extractor' not in meta: raise ValueError(f"{path}: not a FeatureSet file (no extractor in its metadata)")
-        return cls(load_file(str(path)), meta['extractor'], meta['extractor_sha256'], int(meta['n']), meta.get('uint8_policy', UINT8_POLICY))
+        with safe_open(str(path), 'pt') as f:
+            meta = f.metadata() or {}
+        if 'extractor' not in meta:
+            raise ValueError(f"{path}: not a FeatureSet file (no extractor in its metadata)")
+        return cls(load_file(str(path)), meta['extractor'], meta['extractor_sha256'], int(meta['n']),
+                   meta.get('uint8_policy', UINT8_POLICY))
 
 @torch.inference_mode()
 def extract_features(source, extractor='shapes', batch_size: int = 500, n: int | None = None, device='cpu',
@@ -314,9 +359,11 @@ def extract_features(source, extractor='shapes', batch_size: int = 500, n: int |
     dev = next(fe.parameters()).device
     chunks = {k: [] for k in fe.get_requested_features_list()}
     for x in iter_uint8_batches(source, batch_size, n, res):
-        for k, v in fe.convert_features_tuple_to_dict(fe(x.to(dev))).items(): chunks[k].append(v.float().cpu())
+        for k, v in fe.convert_features_tuple_to_dict(fe(x.to(dev))).items():
+            chunks[k].append(v.float().cpu())
     total = sum(len(c) for c in chunks[next(iter(chunks))])
-    if total == 0: raise ValueError("extract_features: the source yielded no images")
+    if total == 0:
+        raise ValueError("extract_features: the source yielded no images")
     info = extractor_info(fe)
     return FeatureSet({k: torch.cat(v) for k, v in chunks.items()}, info['extractor'], info['extractor_sha256'], total)
 
@@ -342,35 +389,41 @@ def fidelity_metrics(input1, input2=None, extractor='shapes', metrics=METRICS, b
                      isc_splits: int = 10, rng_seed: int = 2020) -> dict:
     "FD / KID / IS / precision-recall of `input1` (generated) against `input2` (reference), with provenance."
     bad = set(metrics) - set(METRICS)
-    if bad: raise ValueError(f"unknown metrics {sorted(bad)}; expected a subset of {METRICS}")
+    if bad:
+        raise ValueError(f"unknown metrics {sorted(bad)}; expected a subset of {METRICS}")
     binary = [m for m in metrics if m != 'is']
-    if binary and input2 is None: raise ValueError(f"metrics {binary} need a reference set input2")
+    if binary and input2 is None:
+        raise ValueError(f"metrics {binary} need a reference set input2")
     fe = extractor if isinstance(extractor, FeatureExtractorBase) else \
-        make_extractor(INCEPTION if extractor == INCEPTION else extractor.removeprefix('vtp-ref-'), weights_path, device)
+        make_extractor(INCEPTION if extractor == INCEPTION else extractor.removeprefix('vtp-ref-'), weights_path,
+                       device)
     f1 = _as_features(input1, fe, batch_size, n1, device, 'input1')
     f2 = _as_features(input2, fe, batch_size, n2, device, 'input2') if binary else None
     inception = fe.get_name() == INCEPTION
     feat, logits = ('2048', 'logits_unbiased') if inception else ('feat', 'logits')
     s = metric_suffix(fe.get_name())
     out = dict(extractor_info(fe), n1=f1.n, uint8_policy=UINT8_POLICY)
-    if f2 is not None: out['n2'] = f2.n
+    if f2 is not None:
+        out['n2'] = f2.n
     kw = dict(verbose=False, rng_seed=rng_seed)
     if 'fd' in metrics:
-        st1, st2 = fid_features_to_statistics(f1.feats[feat].double()), fid_features_to_statistics(f2.feats[feat].double())
+        st1, st2 = (fid_features_to_statistics(f1.feats[feat].double()),
+                    fid_features_to_statistics(f2.feats[feat].double()))
         out['FID' if inception else f'FD_{s}'] = fid_statistics_to_metric(st1, st2, False)[KEY_METRIC_FID]
     if 'kid' in metrics:
         k = min(kid_subset_size, f1.n, f2.n)
         subsets = 1 if k == f1.n == f2.n else kid_subsets           # subsets of everything are all the same set
         r = kid_features_to_metric(f1.feats[feat], f2.feats[feat], kid_subsets=subsets, kid_subset_size=k, **kw)
-        out.update({f'KID_{s}_mean': r[KEY_METRIC_KID_MEAN], f'KID_{s}_std': r[KEY_METRIC_KID_STD], 'kid_subset_size': k,
-                    'kid_subsets': subsets})
+        out.update({f'KID_{s}_mean': r[KEY_METRIC_KID_MEAN], f'KID_{s}_std': r[KEY_METRIC_KID_STD],
+                    'kid_subset_size': k, 'kid_subsets': subsets})
     if 'is' in metrics:
         r = isc_features_to_metric(f1.feats[logits], isc_splits, True, rng_seed)
         out.update({f'IS_{s}_mean': r[KEY_METRIC_ISC_MEAN], f'IS_{s}_std': r[KEY_METRIC_ISC_STD]})
     if 'prc' in metrics:
-        r = prc_features_to_metric(f1.feats[feat], f2.feats[feat], prc_neighborhood=prc_neighborhood, prc_batch_size=10000,
-                                   save_cpu_ram=f1.n * f2.n > 25_000_000, **kw)
-        out.update({f'precision_{s}': r[KEY_METRIC_PRECISION], f'recall_{s}': r[KEY_METRIC_RECALL], f'f_score_{s}': r[KEY_METRIC_F_SCORE]})
+        r = prc_features_to_metric(f1.feats[feat], f2.feats[feat], prc_neighborhood=prc_neighborhood,
+                                   prc_batch_size=10000, save_cpu_ram=f1.n * f2.n > 25_000_000, **kw)
+        out.update({f'precision_{s}': r[KEY_METRIC_PRECISION], f'recall_{s}': r[KEY_METRIC_RECALL],
+                    f'f_score_{s}': r[KEY_METRIC_F_SCORE]})
     return out
 
 # %% ../nbs/08_fid.ipynb #88489877
@@ -378,30 +431,39 @@ class Uint8Images(Dataset):
     "A source held in memory as uint8 (3, H, W) items (torch-fidelity's input), rounded; a PNG folder stays a path."
     def __init__(self, source, res: int | None = REF_RES):
         if isinstance(source, (str, Path)) and Path(source).is_dir() and not list(Path(source).glob('*.safetensors')):
-            self.x = None; self.folder = str(source); return
+            self.x = None
+            self.folder = str(source)
+            return
         self.x = torch.cat(list(iter_uint8_batches(source, 1000, res=res)))
-    def __len__(self): return len(self.x)
-    def __getitem__(self, i): return self.x[i]
+    def __len__(self):
+        return len(self.x)
+    def __getitem__(self, i):
+        return self.x[i]
 
 def torch_fidelity_metrics(input1, input2=None, extractor='shapes', metrics=METRICS, batch_size: int = 500,
                            weights_path=None, device='cpu', **kwargs) -> dict:
-    "Same metrics via `torch_fidelity.calculate_metrics` and the registered extractor (keys renamed as `fidelity_metrics`)."
+    "Same metrics via `torch_fidelity.calculate_metrics` and the registered extractor (keys as in `fidelity_metrics`)."
     name = INCEPTION if extractor == INCEPTION else ref_extractor_name(extractor)
-    fe = make_extractor(extractor, weights_path, features=['2048'] if name == INCEPTION else ['feat'])  # clear error if absent
-    info = extractor_info(fe); weights_path = fe.weights_path
+    fe = make_extractor(extractor, weights_path,
+                        features=['2048'] if name == INCEPTION else ['feat'])  # clear error if absent
+    info = extractor_info(fe)
+    weights_path = fe.weights_path
     res = None if name == INCEPTION else REF_RES
     wrap = lambda s: (lambda d: d.folder if d.x is None else d)(Uint8Images(s, res))
-    i1 = wrap(input1); i2 = wrap(input2) if input2 is not None else None
-    kw = dict(input1=i1, input2=i2, feature_extractor=name, fid='fd' in metrics, kid='kid' in metrics, isc='is' in metrics,
-              prc='prc' in metrics, cuda=torch.device(device).type == 'cuda', batch_size=batch_size, verbose=False, cache=False,
-              save_cpu_ram=True, samples_find_ext='png', feature_extractor_weights_path=None if weights_path is None else str(weights_path))
+    i1 = wrap(input1)
+    i2 = wrap(input2) if input2 is not None else None
+    kw = dict(input1=i1, input2=i2, feature_extractor=name, fid='fd' in metrics, kid='kid' in metrics,
+              isc='is' in metrics, prc='prc' in metrics, cuda=torch.device(device).type == 'cuda',
+              batch_size=batch_size, verbose=False, cache=False, save_cpu_ram=True, samples_find_ext='png',
+              feature_extractor_weights_path=None if weights_path is None else str(weights_path))
     count = lambda d: None if d is None else len(list(Path(d).glob('*.png'))) if isinstance(d, str) else len(d)
-    if 'kid' in metrics: kw['kid_subset_size'] = min(kwargs.pop('kid_subset_size', 1000), count(i1), count(i2))
+    if 'kid' in metrics:
+        kw['kid_subset_size'] = min(kwargs.pop('kid_subset_size', 1000), count(i1), count(i2))
     r = torch_fidelity.calculate_metrics(**kw, **kwargs)
     s = metric_suffix(name)
-    ren = {KEY_METRIC_FID: 'FID' if name == INCEPTION else f'FD_{s}', KEY_METRIC_KID_MEAN: f'KID_{s}_mean', KEY_METRIC_KID_STD: f'KID_{s}_std',
-           KEY_METRIC_ISC_MEAN: f'IS_{s}_mean', KEY_METRIC_ISC_STD: f'IS_{s}_std', KEY_METRIC_PRECISION: f'precision_{s}',
-           KEY_METRIC_RECALL: f'recall_{s}', KEY_METRIC_F_SCORE: f'f_score_{s}'}
+    ren = {KEY_METRIC_FID: 'FID' if name == INCEPTION else f'FD_{s}', KEY_METRIC_KID_MEAN: f'KID_{s}_mean',
+           KEY_METRIC_KID_STD: f'KID_{s}_std', KEY_METRIC_ISC_MEAN: f'IS_{s}_mean', KEY_METRIC_ISC_STD: f'IS_{s}_std',
+           KEY_METRIC_PRECISION: f'precision_{s}', KEY_METRIC_RECALL: f'recall_{s}', KEY_METRIC_F_SCORE: f'f_score_{s}'}
     out = dict(extractor=info['extractor'], extractor_sha256=info['extractor_sha256'], uint8_policy=UINT8_POLICY,
                n1=count(i1), n2=count(i2))
     return dict(out, **{ren.get(k, k): v for k, v in r.items()})
@@ -423,8 +485,9 @@ def predict_attributes(images, batch_size: int = 500, device='cpu') -> list:
 def attribute_accuracy(images, attrs: list, batch_size: int = 500, device='cpu') -> dict:
     "Fraction of images whose predicted attributes match the requested ones (per attribute, and all at once)."
     pred = predict_attributes(images, batch_size, device)
-    if len(pred) != len(attrs): raise ValueError(f"attribute_accuracy: {len(pred)} images but {len(attrs)} attribute dicts")
+    if len(pred) != len(attrs):
+        raise ValueError(f"attribute_accuracy: {len(pred)} images but {len(attrs)} attribute dicts")
     out = {f'attr_{k}_acc': float(np.mean([p[k] == a[k] for p, a in zip(pred, attrs)])) for k in ATTRIBUTE_VALUES}
     out['attr_all_acc'] = float(np.mean([all(p[k] == a[k] for k in ATTRIBUTE_VALUES) for p, a in zip(pred, attrs)]))
-    return dict(out, n=len(pred), extractor=ref_extractor_name('shapes'), extractor_sha256=REFERENCE_EXTRACTORS['shapes'][1],
-                uint8_policy=UINT8_POLICY)
+    return dict(out, n=len(pred), extractor=ref_extractor_name('shapes'),
+                extractor_sha256=REFERENCE_EXTRACTORS['shapes'][1], uint8_policy=UINT8_POLICY)

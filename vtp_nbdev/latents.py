@@ -27,15 +27,18 @@ def tokenizer_folder(src) -> Path:
     "The VTP folder of `src`: the folder itself, or `<run>/final` of a pre-training run."
     src = Path(src)
     for f in (src, src/'final'):
-        if (f/'config.json').is_file() and (f/'model.safetensors').is_file(): return f
-    raise FileNotFoundError(f"{src}: not a VTP checkpoint folder (config.json + model.safetensors) nor a pre-training run with final/")
+        if (f/'config.json').is_file() and (f/'model.safetensors').is_file():
+            return f
+    raise FileNotFoundError(f"{src}: not a VTP checkpoint folder (config.json + model.safetensors) "
+                            "nor a pre-training run with final/")
 
 def file_digest(*paths, chunk: int = 1 << 24) -> str:
     "SHA-256 (hex) over the bytes of `paths`, streamed."
     h = hashlib.sha256()
     for p in paths:
         with open(p, 'rb') as f:
-            while b := f.read(chunk): h.update(b)
+            while b := f.read(chunk):
+                h.update(b)
     return h.hexdigest()
 
 def tokenizer_hash(src, n: int = 12) -> str:
@@ -44,8 +47,9 @@ def tokenizer_hash(src, n: int = 12) -> str:
     return file_digest(f/'config.json', f/'model.safetensors')[:n]
 
 # %% ../nbs/09_latents.ipynb #c9d86bff
-def latents_run_config(tokenizer, dataset: str = 'shapes', split: str = 'train', n: int | None = None, flips: bool = True,
-                       dataset_kwargs: dict | None = None, stats_samples: int = 10_000, seed: int = 0) -> dict:
+def latents_run_config(tokenizer, dataset: str = 'shapes', split: str = 'train', n: int | None = None,
+                       flips: bool = True, dataset_kwargs: dict | None = None, stats_samples: int = 10_000,
+                       seed: int = 0) -> dict:
     "Everything that determines the content of a latents run (its hash is the run directory's name)."
     return dict(tokenizer=tokenizer_hash(tokenizer), dataset=dataset, split=split, n=n, flips=bool(flips),
                 dataset_kwargs=dict(dataset_kwargs or {}), stats_samples=stats_samples, seed=seed)
@@ -58,9 +62,12 @@ def _load_images(ds, idx) -> tuple[Tensor, Tensor]:
     "Normalised images (B, 3, H, W) and labels (B,) (-1 when unlabelled) of dataset indices `idx`."
     raws = [ds.raw(i) for i in idx] if hasattr(ds, 'raw') else None
     if raws is not None:
-        imgs = torch.stack([uint8_to_model(r[0]) for r in raws]); lbl = [r[2] for r in raws]
+        imgs = torch.stack([uint8_to_model(r[0]) for r in raws])
+        lbl = [r[2] for r in raws]
     else:
-        items = [ds[i] for i in idx]; imgs = torch.stack([s['image'] for s in items]); lbl = [s.get('label') for s in items]
+        items = [ds[i] for i in idx]
+        imgs = torch.stack([s['image'] for s in items])
+        lbl = [s.get('label') for s in items]
     return imgs, torch.tensor([-1 if l is None else int(l) for l in lbl], dtype=torch.long)
 
 @torch.no_grad()
@@ -72,18 +79,22 @@ def encode_batch(model: VTPModel, images: Tensor, flips: bool = True) -> tuple[T
 # %% ../nbs/09_latents.ipynb #f342c181
 def extract_latents(tokenizer, dataset: str = 'shapes', split: str = 'train', n: int | None = None, flips: bool = True,
                     dataset_kwargs: dict | None = None, runs_dir=None, device=None, batch_size: int = 256,
-                    shard_size: int = 10_000, stats_samples: int = 10_000, seed: int = 0, progress: bool = True) -> Path:
-    "Encode the first `n` images (all when None) of a split (+ flips) into `runs/latents/<hash>/`; reused when complete."
+                    shard_size: int = 10_000, stats_samples: int = 10_000, seed: int = 0,
+                    progress: bool = True) -> Path:
+    "Encode the first `n` images (all when None) of a split (+ flips) into `runs/latents/<hash>/`; reused if complete."
     cfg = latents_run_config(tokenizer, dataset, split, n, flips, dataset_kwargs, stats_samples, seed)
     run = latents_dir_for(cfg, runs_dir)
-    if (run/'done.json').exists() and (run/'latents_stats.safetensors').exists(): return run
+    if (run/'done.json').exists() and (run/'latents_stats.safetensors').exists():
+        return run
     folder, device = tokenizer_folder(tokenizer), get_device(device)
     model = VTPModel.from_pretrained(folder, device=str(device)).eval()
     c = model.config
     ds = get_dataset(dataset, split, res=c.image_size, patch_size=c.vision_patch_size, **cfg['dataset_kwargs'])
     total = len(ds) if n is None else n
-    if not 0 < total <= len(ds): raise ValueError(f"extract_latents: n={n} but {dataset!r} split {split!r} has {len(ds)} images")
-    if batch_size <= 0 or shard_size <= 0: raise ValueError(f"batch_size={batch_size} and shard_size={shard_size} must be positive")
+    if not 0 < total <= len(ds):
+        raise ValueError(f"extract_latents: n={n} but {dataset!r} split {split!r} has {len(ds)} images")
+    if batch_size <= 0 or shard_size <= 0:
+        raise ValueError(f"batch_size={batch_size} and shard_size={shard_size} must be positive")
     run.mkdir(parents=True, exist_ok=True)
     if (run/'config.json').exists() and json.loads((run/'config.json').read_text()) != json.loads(json.dumps(cfg)):
         raise RuntimeError(f"{run}/config.json differs from this extraction's config: refusing to reuse it")
@@ -93,40 +104,51 @@ def extract_latents(tokenizer, dataset: str = 'shapes', split: str = 'train', n:
     for k in range(n_shards):
         lo, hi = k * shard_size, min(total, (k + 1) * shard_size)
         path = run/f'shard-{k:05d}.safetensors'
-        if path.exists() and _shard_len(path) == hi - lo: bar.update(hi - lo); continue
+        if path.exists() and _shard_len(path) == hi - lo:
+            bar.update(hi - lo)
+            continue
         out = {'latents': [], 'latents_flip': [], 'labels': []}
         for s in range(lo, hi, batch_size):
             images, labels = _load_images(ds, range(s, min(hi, s + batch_size)))
             z, zf = encode_batch(model, images.to(device), flips)
-            out['latents'].append(z.float().cpu()); out['labels'].append(labels)
-            if flips: out['latents_flip'].append(zf.float().cpu())
+            out['latents'].append(z.float().cpu())
+            out['labels'].append(labels)
+            if flips:
+                out['latents_flip'].append(zf.float().cpu())
             bar.update(len(labels))
         atomic_save({k2: torch.cat(v) for k2, v in out.items() if v}, path, metadata={'total_size': str(hi - lo)})
     bar.close()
     stats = compute_latents_stats(run, stats_samples, seed)
-    atomic_save(stats, run/'latents_stats.safetensors', metadata={'samples': str(min(stats_samples, total)), 'seed': str(seed)})
+    atomic_save(stats, run/'latents_stats.safetensors',
+                metadata={'samples': str(min(stats_samples, total)), 'seed': str(seed)})
     shape = list(stats['mean'].shape[1:2]) + list(_shard_shape(run/'shard-00000.safetensors')[2:])
-    done = dict(n=total, flips=flips, shards=n_shards, latent_shape=shape, num_classes=len(getattr(ds, 'classes', ()) or ()),
-                classes=list(getattr(ds, 'classes', ()) or ()), tokenizer_folder=str(folder), seconds=time.time() - t0,
+    done = dict(n=total, flips=flips, shards=n_shards, latent_shape=shape,
+                num_classes=len(getattr(ds, 'classes', ()) or ()), classes=list(getattr(ds, 'classes', ()) or ()),
+                tokenizer_folder=str(folder), seconds=time.time() - t0,
                 images_per_s=total * (1 + flips) / max(time.time() - t0, 1e-9))
     (run/'done.json').write_text(json.dumps(done, indent=1))
     return run
 
 def _shard_len(path) -> int:
     try:
-        with safe_open(str(path), 'pt') as f: return f.get_slice('labels').get_shape()[0]
-    except Exception: return -1                                       # unreadable: rewrite it
+        with safe_open(str(path), 'pt') as f:
+            return f.get_slice('labels').get_shape()[0]
+    except Exception:
+        return -1                                       # unreadable: rewrite it
 
 def _read_tensor(path, key: str) -> Tensor:
-    with safe_open(str(path), 'pt') as f: return f.get_tensor(key)
+    with safe_open(str(path), 'pt') as f:
+        return f.get_tensor(key)
 
 def _shard_shape(path) -> list:
-    with safe_open(str(path), 'pt') as f: return f.get_slice('latents').get_shape()
+    with safe_open(str(path), 'pt') as f:
+        return f.get_slice('latents').get_shape()
 
 # %% ../nbs/09_latents.ipynb #f02a31af
 def _shards(run) -> list:
     files = sorted(Path(run).glob('shard-*.safetensors'))
-    if not files: raise FileNotFoundError(f"{run}: no latent shards (shard-*.safetensors)")
+    if not files:
+        raise FileNotFoundError(f"{run}: no latent shards (shard-*.safetensors)")
     return files
 
 def compute_latents_stats(run, samples: int = 10_000, seed: int = 0) -> dict:
@@ -138,17 +160,21 @@ def compute_latents_stats(run, samples: int = 10_000, seed: int = 0) -> dict:
     picked, start = [], 0
     for f, s in zip(files, sizes):
         local = idx[(idx >= start) & (idx < start + s)] - start
-        if len(local): picked.append(load_file(str(f))['latents'][local])
+        if len(local):
+            picked.append(load_file(str(f))['latents'][local])
         start += s
     z = torch.cat(picked).double()                                    # (M, C, h, w)
     return dict(mean=z.mean(dim=(0, 2, 3), keepdim=True).float(), std=z.std(dim=(0, 2, 3), keepdim=True).float())
 
 def load_latents_stats(src) -> dict:
     "The `mean`, `std` tensors of a latents run (or of a `latents_stats.safetensors` file)."
-    p = Path(src); p = p/'latents_stats.safetensors' if p.is_dir() else p
-    if not p.is_file(): raise FileNotFoundError(f"latents statistics {p} not found (run extract_latents first)")
+    p = Path(src)
+    p = p/'latents_stats.safetensors' if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"latents statistics {p} not found (run extract_latents first)")
     s = load_file(str(p))
-    if set(s) != {'mean', 'std'}: raise KeyError(f"{p}: expected tensors 'mean' and 'std', found {sorted(s)}")
+    if set(s) != {'mean', 'std'}:
+        raise KeyError(f"{p}: expected tensors 'mean' and 'std', found {sorted(s)}")
     return s
 
 def standardize(z: Tensor, stats: dict, multiplier: float = 1.0) -> Tensor:
@@ -165,11 +191,13 @@ class LatentDataset(torch.utils.data.Dataset):
     def __init__(self, run, standardize: bool = True, multiplier: float = 1.0, max_memory_bytes: int = 4 << 30):
         self.run, self.files = Path(run), _shards(run)
         self.sizes = [_shard_len(f) for f in self.files]
-        if min(self.sizes) < 0: raise ValueError(f"{run}: unreadable shard {self.files[self.sizes.index(-1)]}")
+        if min(self.sizes) < 0:
+            raise ValueError(f"{run}: unreadable shard {self.files[self.sizes.index(-1)]}")
         self.offsets = torch.tensor([0] + self.sizes).cumsum(0)
         self.n = int(self.offsets[-1])
         with safe_open(str(self.files[0]), 'pt') as f:
-            keys = set(f.keys()); self.shape = tuple(f.get_slice('latents').get_shape()[1:])
+            keys = set(f.keys())
+            self.shape = tuple(f.get_slice('latents').get_shape()[1:])
         self.has_flips = 'latents_flip' in keys
         self.stats = load_latents_stats(run) if standardize else None
         self.multiplier = multiplier
@@ -184,22 +212,26 @@ class LatentDataset(torch.utils.data.Dataset):
             self.latents_flip = torch.cat([s['latents_flip'] for s in t]) if self.has_flips else None
 
     @property
-    def num_classes(self) -> int: return int(self.meta.get('num_classes') or int(self.labels.max()) + 1)
+    def num_classes(self) -> int:
+        return int(self.meta.get('num_classes') or int(self.labels.max()) + 1)
 
     def check_labels(self, what: str = 'class-conditional training'):
         "Raise ValueError unless every label is a class in [0, num_classes)."
         if len(self.labels) and (self.labels == -1).all():
             raise ValueError(f"the latents in {self.run} are unlabelled (every label is -1); {what} needs labels")
         bad = self.labels[(self.labels < 0) | (self.labels >= self.num_classes)]
-        if len(bad): raise ValueError(f"label {bad[0].item()} in the latents {self.run} is outside [0, {self.num_classes}) "
-                                      f"(num_classes={self.num_classes}; {len(bad)} bad labels)")
+        if len(bad):
+            raise ValueError(f"label {bad[0].item()} in the latents {self.run} is outside [0, {self.num_classes}) "
+                             f"(num_classes={self.num_classes}; {len(bad)} bad labels)")
 
-    def __len__(self): return self.n
+    def __len__(self):
+        return self.n
 
     def _raw(self, idx: Tensor, flip: Tensor) -> Tensor:
         if self.in_memory:
             z = self.latents[idx]
-            if self.has_flips and flip.any(): z = torch.where(flip[:, None, None, None], self.latents_flip[idx], z)
+            if self.has_flips and flip.any():
+                z = torch.where(flip[:, None, None, None], self.latents_flip[idx], z)
             return z
         out = torch.empty(len(idx), *self.shape)
         shard = torch.searchsorted(self.offsets, idx, right=True) - 1
@@ -208,19 +240,23 @@ class LatentDataset(torch.utils.data.Dataset):
             with safe_open(str(self.files[s]), 'pt') as f:
                 for key, want in (('latents', False), ('latents_flip', True)):
                     rows = sel[flip[sel] == want] if self.has_flips else (sel if not want else sel[:0])
-                    if len(rows) == 0: continue
+                    if len(rows) == 0:
+                        continue
                     sl = f.get_slice(key)
                     for r in rows.tolist():
-                        j = int(idx[r] - self.offsets[s]); out[r] = sl[j:j + 1][0]
+                        j = int(idx[r] - self.offsets[s])
+                        out[r] = sl[j:j + 1][0]
         return out
 
     def get_batch(self, idx, flip=None) -> tuple[Tensor, Tensor]:
         "Standardised latents (B, C, h, w) and labels (B,) of indices `idx`; `flip` picks the flipped copies."
         idx = torch.as_tensor(idx, dtype=torch.long)
-        if (idx < 0).any() or (idx >= self.n).any(): raise IndexError(f"LatentDataset: indices out of range for {self.n} latents")
+        if (idx < 0).any() or (idx >= self.n).any():
+            raise IndexError(f"LatentDataset: indices out of range for {self.n} latents")
         flip = torch.zeros(len(idx), dtype=torch.bool) if flip is None else torch.as_tensor(flip, dtype=torch.bool)
         z = self._raw(idx, flip & self.has_flips)
-        if self.stats is not None: z = standardize(z, self.stats, self.multiplier)
+        if self.stats is not None:
+            z = standardize(z, self.stats, self.multiplier)
         return z, self.labels[idx]
 
     def __getitem__(self, i):

@@ -234,22 +234,28 @@ _LPIPS_TAPS = (3, 8, 15, 22, 29)   # indices in vgg16.features of relu1_2, relu2
 def _read_state_dict(path) -> dict:
     "A flat tensor dict from a .safetensors file or a torch file (weights_only)."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"LPIPS weights file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"LPIPS weights file {str(path)!r} does not exist")
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
         return load_file(str(path))
     sd = torch.load(path, map_location='cpu', weights_only=True)
-    if isinstance(sd, dict) and 'state_dict' in sd and isinstance(sd['state_dict'], dict): sd = sd['state_dict']
-    if not isinstance(sd, dict): raise ValueError(f"LPIPS weights file {str(path)!r}: expected a state dict, got {type(sd).__name__}")
+    if isinstance(sd, dict) and 'state_dict' in sd and isinstance(sd['state_dict'], dict):
+        sd = sd['state_dict']
+    if not isinstance(sd, dict):
+        raise ValueError(f"LPIPS weights file {str(path)!r}: expected a state dict, got {type(sd).__name__}")
     return sd
 
 def _lpips_key(k: str) -> str | None:
     "Our key for a torchvision / lpips key, or None for keys that LPIPS does not use."
-    if k.startswith('classifier.') or k.startswith('scaling_layer.'): return None
+    if k.startswith('classifier.') or k.startswith('scaling_layer.'):
+        return None
     m = re.fullmatch(r'(?:net\.slice\d\.|features\.)(\d+)\.(weight|bias)', k)
-    if m: return f'vgg.{m[1]}.{m[2]}' if int(m[1]) <= _LPIPS_TAPS[-1] else None
+    if m:
+        return f'vgg.{m[1]}.{m[2]}' if int(m[1]) <= _LPIPS_TAPS[-1] else None
     m = re.fullmatch(r'lin(\d)\.(?:model\.1\.)?weight', k)
-    if m: return f'lins.{m[1]}.weight'
+    if m:
+        return f'lins.{m[1]}.weight'
     return k
 
 class LPIPS(nn.Module):
@@ -263,7 +269,8 @@ class LPIPS(nn.Module):
         sd = {}
         for p in paths:
             for k, v in _read_state_dict(p).items():
-                if (k2 := _lpips_key(k)) is not None: sd[k2] = v
+                if (k2 := _lpips_key(k)) is not None:
+                    sd[k2] = v
         missing, unexpected = set(self.state_dict()) - set(sd), set(sd) - set(self.state_dict())
         if missing or unexpected:
             raise KeyError(f"LPIPS weights {[str(p) for p in paths]}: missing keys {sorted(missing)[:6]}, unexpected "
@@ -283,7 +290,8 @@ class LPIPS(nn.Module):
         h, out = (x - self.shift) / self.scale, []
         for i, layer in enumerate(self.vgg):
             h = layer(h)
-            if i in _LPIPS_TAPS: out.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))   # (B, C_k, H_k, W_k)
+            if i in _LPIPS_TAPS:
+                out.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))   # (B, C_k, H_k, W_k)
         return out
 
     def forward(self, x, y):
@@ -298,7 +306,8 @@ def random_lpips_state_dict(seed: int = 0) -> dict:
     "Random VGG16 + LPIPS lin weights with the loadable key layout (for tests and demos, not a metric)."
     g = torch.Generator().manual_seed(seed)
     vgg = _vgg_make_layers(_vgg_cfgs['D'])[:_LPIPS_TAPS[-1] + 1]
-    sd = {f'features.{k}': torch.randn(v.shape, generator=g) * (0.01 if k.endswith('bias') else (2 / v[0].numel()) ** 0.5)
+    sd = {f'features.{k}': torch.randn(v.shape, generator=g)
+                           * (0.01 if k.endswith('bias') else (2 / v[0].numel()) ** 0.5)
           for k, v in vgg.state_dict().items()}
     sd.update({f'lin{i}.model.1.weight': torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(_LPIPS_CHANNELS)})
     return sd
@@ -344,7 +353,8 @@ class ReconstructionLoss(nn.Module):
             to_pm1 = lambda x: (x * self.std + self.mean) * 2 - 1                    # normalised -> [-1, 1]
             out['lpips'] = self.lpips(to_pm1(recon.float()), to_pm1(target.float())).mean()
             out['rec'] = l1 + self.perceptual_weight * out['lpips']
-        else: out['rec'] = l1
+        else:
+            out['rec'] = l1
         return out if output_dict else out['rec']
 
 # %% ../nbs/04_losses.ipynb #6cdd39b8

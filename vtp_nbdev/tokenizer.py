@@ -15,7 +15,8 @@ from torch import nn, Tensor
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.nn.utils.parametrizations import weight_norm
-from open_clip.transformer import Transformer as OpenClipTransformer, LayerNorm as OpenClipLayerNorm, QuickGELU, text_global_pool
+from open_clip.transformer import (Transformer as OpenClipTransformer, LayerNorm as OpenClipLayerNorm, QuickGELU,
+                                   text_global_pool)
 from .config import neutral_field, check_field_types
 from .layers import (PatchEmbed, RopePositionEmbedding, SelfAttentionBlock, init_weights_vit, get_layer,
                               NORM_LAYERS, FFN_LAYERS, ROPE_DTYPES, StateDictMismatchError, check_state_dict,
@@ -31,10 +32,12 @@ __all__ = ['HF_CONFIG_KEYS', 'VISION_ARCHS', 'VTP_PRESETS', 'VTPConfig', 'vtp_co
 HF_CONFIG_KEYS = ('architectures', 'transformers_version', 'model_type', 'dtype', 'torch_dtype', '_name_or_path')
 # the smallest allowed value of each size field (bottleneck 0 or None: no bottleneck)
 VISION_ARCHS = ('vit', 'cnn')
-_SIZE_FIELDS = {**dict.fromkeys(('image_size', 'vision_patch_size', 'vision_embed_dim', 'vision_num_heads', 'text_context_length',
-                                  'text_vocab_size', 'text_embed_dim', 'text_num_heads', 'decoder_embed_dim', 'decoder_num_heads',
-                                  'dino_out_dim', 'dino_hidden_dim', 'dino_bottleneck_dim'), 1),
-                **dict.fromkeys(('vision_depth', 'text_depth', 'decoder_depth', 'vision_feature_bottleneck', 'dino_nlayers'), 0)}
+_SIZE_FIELDS = {**dict.fromkeys(('image_size', 'vision_patch_size', 'vision_embed_dim', 'vision_num_heads',
+                                 'text_context_length', 'text_vocab_size', 'text_embed_dim', 'text_num_heads',
+                                 'decoder_embed_dim', 'decoder_num_heads', 'dino_out_dim', 'dino_hidden_dim',
+                                 'dino_bottleneck_dim'), 1),
+                **dict.fromkeys(('vision_depth', 'text_depth', 'decoder_depth', 'vision_feature_bottleneck',
+                                 'dino_nlayers'), 0)}
 
 @dataclass
 class VTPConfig:
@@ -87,7 +90,7 @@ class VTPConfig:
     dino_bottleneck_dim: int = 256
     dino_nlayers: int = 3
     vision_arch: str = neutral_field('vit')       # 'cnn': the LDM-style CNN auto-encoder (reconstruction only)
-    cnn_channel_mult: tuple = neutral_field(())   # CNN: width multiplier of each resolution level (log2(patch) + 1 levels)
+    cnn_channel_mult: tuple = neutral_field(())   # CNN: width multiplier per resolution level (log2(patch) + 1 levels)
 
     def __post_init__(self):
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -104,48 +107,65 @@ class VTPConfig:
         "Raise ValueError naming the first inconsistent field."
         for k, lo in _SIZE_FIELDS.items():
             v = getattr(self, k)
-            if v is not None and v < lo: raise ValueError(f"{k}={v} must be a {'positive' if lo else 'non-negative'} integer")
-        if self.vision_arch not in VISION_ARCHS: raise ValueError(f"vision_arch={self.vision_arch!r}; expected one of {list(VISION_ARCHS)}")
+            if v is not None and v < lo:
+                raise ValueError(f"{k}={v} must be a {'positive' if lo else 'non-negative'} integer")
+        if self.vision_arch not in VISION_ARCHS:
+            raise ValueError(f"vision_arch={self.vision_arch!r}; expected one of {list(VISION_ARCHS)}")
         cnn = self.vision_arch == 'cnn'
-        if cnn: self._validate_cnn()
-        elif self.cnn_channel_mult: raise ValueError(f"cnn_channel_mult={self.cnn_channel_mult} is only used with vision_arch='cnn'")
+        if cnn:
+            self._validate_cnn()
+        elif self.cnn_channel_mult:
+            raise ValueError(f"cnn_channel_mult={self.cnn_channel_mult} is only used with vision_arch='cnn'")
         for pre, D, h in (('vision', self.vision_embed_dim, self.vision_num_heads),
                           ('decoder', self.decoder_embed_dim, self.decoder_num_heads),
                           ('text', self.text_embed_dim, self.text_num_heads)):
-            if cnn and pre != 'text': continue                  # no attention heads to split in the CNN's widths
-            if D % h: raise ValueError(f"{pre}_embed_dim={D} is not divisible by {pre}_num_heads={h}")
+            if cnn and pre != 'text':
+                continue                  # no attention heads to split in the CNN's widths
+            if D % h:
+                raise ValueError(f"{pre}_embed_dim={D} is not divisible by {pre}_num_heads={h}")
             if pre != 'text' and (D // h) % 4:
                 raise ValueError(f"{pre}: head dim {D}//{h}={D // h} must be divisible by 4 for 2D RoPE")
         if self.image_size % self.vision_patch_size:
-            raise ValueError(f"image_size={self.image_size} is not divisible by vision_patch_size={self.vision_patch_size}")
+            raise ValueError(f"image_size={self.image_size} is not divisible by "
+                             f"vision_patch_size={self.vision_patch_size}")
         choices = dict(vision_ffn_layer=FFN_LAYERS, decoder_ffn_layer=FFN_LAYERS, vision_norm_layer=NORM_LAYERS,
                        decoder_norm_layer=NORM_LAYERS, rope_dtype=ROPE_DTYPES, vision_clip_feat=('cls', 'pooled'),
                        text_pool_type=('first', 'last', 'argmax', 'none'), text_proj_type=('linear', 'none'))
         for k, ok in choices.items():
-            if getattr(self, k) not in ok: raise ValueError(f"{k}={getattr(self, k)!r}; expected one of {sorted(ok)}")
-        if self.text_embed_cls: raise ValueError("text_embed_cls=True (CoCa-style text CLS) is not supported")
-        if self.num_registers < 0: raise ValueError(f"num_registers={self.num_registers} must be >= 0")
+            if getattr(self, k) not in ok:
+                raise ValueError(f"{k}={getattr(self, k)!r}; expected one of {sorted(ok)}")
+        if self.text_embed_cls:
+            raise ValueError("text_embed_cls=True (CoCa-style text CLS) is not supported")
+        if self.num_registers < 0:
+            raise ValueError(f"num_registers={self.num_registers} must be >= 0")
 
     def _validate_cnn(self):
-        "The CNN auto-encoder's constraints: reconstruction only, a power-of-2 downsampling factor matched by the levels."
+        "The CNN auto-encoder's constraints: reconstruction only, a power-of-2 downsampling matched by the levels."
         if self.train_clip:
-            raise ValueError("vision_arch='cnn' is a reconstruction-only auto-encoder: train_clip=True needs the ViT tokenizer "
-                             "(CLS token, CLIP head, text tower); set train_clip=False (losses='AE') or use a ViT preset")
-        if not self.train_reconstruction: raise ValueError("vision_arch='cnn' needs train_reconstruction=True (it is an auto-encoder)")
+            raise ValueError("vision_arch='cnn' is a reconstruction-only auto-encoder: train_clip=True needs the ViT "
+                             "tokenizer (CLS token, CLIP head, text tower); set train_clip=False (losses='AE') or use "
+                             "a ViT preset")
+        if not self.train_reconstruction:
+            raise ValueError("vision_arch='cnn' needs train_reconstruction=True (it is an auto-encoder)")
         f, L = self.vision_patch_size, len(self.cnn_channel_mult)
-        if f & (f - 1): raise ValueError(f"vision_arch='cnn': vision_patch_size={f} (the downsampling factor) must be a power of 2")
+        if f & (f - 1):
+            raise ValueError(f"vision_arch='cnn': vision_patch_size={f} (the downsampling factor) must be a power of 2")
         if 2 ** (L - 1) != f or any(not isinstance(m, int) or m < 1 for m in self.cnn_channel_mult):
-            raise ValueError(f"vision_arch='cnn': cnn_channel_mult={self.cnn_channel_mult} must hold log2(vision_patch_size={f}) + 1 = "
-                             f"{f.bit_length()} positive integers (one per resolution level)")
+            raise ValueError(f"vision_arch='cnn': cnn_channel_mult={self.cnn_channel_mult} must hold "
+                             f"log2(vision_patch_size={f}) + 1 = {f.bit_length()} positive integers "
+                             "(one per resolution level)")
         for k in ('vision_depth', 'decoder_depth', 'vision_feature_bottleneck'):
-            if not getattr(self, k): raise ValueError(f"vision_arch='cnn': {k}={getattr(self, k)} must be a positive integer")
-        if self.num_registers: raise ValueError(f"vision_arch='cnn': num_registers={self.num_registers} must be 0 (no tokens)")
+            if not getattr(self, k):
+                raise ValueError(f"vision_arch='cnn': {k}={getattr(self, k)} must be a positive integer")
+        if self.num_registers:
+            raise ValueError(f"vision_arch='cnn': num_registers={self.num_registers} must be 0 (no tokens)")
 
     def to_dict(self) -> dict:
         "All fields, except the hash-neutral extras while they hold their defaults (see `neutral_field`)."
         d = asdict(self)
         for f in fields(self):
-            if f.metadata.get('hash_neutral') and d[f.name] == f.default: del d[f.name]
+            if f.metadata.get('hash_neutral') and d[f.name] == f.default:
+                del d[f.name]
         return d
 
     @classmethod
@@ -153,14 +173,16 @@ class VTPConfig:
         "Build from a `config.json` dict; unknown keys raise (Hugging Face bookkeeping keys are ignored)."
         names = {f.name for f in fields(cls)}
         unknown = sorted(k for k in d if k not in names and k not in HF_CONFIG_KEYS)
-        if unknown: raise ValueError(f"unknown VTP config keys {unknown}; expected keys of VTPConfig ({len(names)} fields)")
+        if unknown:
+            raise ValueError(f"unknown VTP config keys {unknown}; expected keys of VTPConfig ({len(names)} fields)")
         return cls(**{k: v for k, v in d.items() if k in names})
 
 # %% ../nbs/03_tokenizer.ipynb #7a81750a
 def _sizes(enc, dec, txt) -> dict:
     "Config fields from (width, depth, heads) of the encoder, pixel decoder and text tower."
     return dict(vision_embed_dim=enc[0], vision_depth=enc[1], vision_num_heads=enc[2], decoder_embed_dim=dec[0],
-                decoder_depth=dec[1], decoder_num_heads=dec[2], text_embed_dim=txt[0], text_depth=txt[1], text_num_heads=txt[2])
+                decoder_depth=dec[1], decoder_num_heads=dec[2], text_embed_dim=txt[0], text_depth=txt[1],
+                text_num_heads=txt[2])
 
 def _cnn(ch, mult, enc_blocks, dec_blocks) -> dict:
     "Config fields of a CNN auto-encoder: base width, level multipliers, ResNet blocks per level (encoder, decoder)."
@@ -185,7 +207,8 @@ VTP_PRESETS = {
 
 def vtp_config(name: str, **overrides) -> VTPConfig:
     "The preset `name` (see `VTP_PRESETS`) with field `overrides`."
-    if name not in VTP_PRESETS: raise ValueError(f"unknown VTP preset {name!r}; expected one of {list(VTP_PRESETS)}")
+    if name not in VTP_PRESETS:
+        raise ValueError(f"unknown VTP preset {name!r}; expected one of {list(VTP_PRESETS)}")
     return VTPConfig.from_dict({**VTP_PRESETS[name], **overrides})
 
 # %% ../nbs/03_tokenizer.ipynb #016e26fe
@@ -195,10 +218,12 @@ class VisionTrunk(nn.Module):
                  ffn_layer='swiglu', norm_layer='rmsnorm', init_values=None, qk_norm=False, bottleneck_dim=None,
                  num_registers=0, rope_dtype='fp32', in_chans=3):
         super().__init__()
-        self.img_size, self.patch_size, self.embed_dim, self.num_registers = img_size, patch_size, embed_dim, num_registers
+        self.img_size, self.patch_size, self.embed_dim, self.num_registers = (img_size, patch_size, embed_dim,
+                                                                              num_registers)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim))
-        if num_registers: self.storage_tokens = nn.Parameter(torch.empty(1, num_registers, embed_dim))
+        if num_registers:
+            self.storage_tokens = nn.Parameter(torch.empty(1, num_registers, embed_dim))
         self.rope_embed = RopePositionEmbedding(embed_dim, num_heads, dtype=rope_dtype)
         self.blocks = nn.ModuleList([SelfAttentionBlock(embed_dim, num_heads, ffn_ratio, norm_layer, ffn_layer,
                                                         init_values, qk_norm) for _ in range(depth)])
@@ -206,19 +231,22 @@ class VisionTrunk(nn.Module):
         self.mask_token = nn.Parameter(torch.empty(1, embed_dim))
         self.bottleneck_dim = bottleneck_dim or embed_dim
         # official: no bottleneck layer when d == D
-        self.feature_bottleneck = nn.Linear(embed_dim, self.bottleneck_dim, bias=False) if self.bottleneck_dim != embed_dim else None
+        self.feature_bottleneck = (nn.Linear(embed_dim, self.bottleneck_dim, bias=False)
+                                   if self.bottleneck_dim != embed_dim else None)
         self.init_weights()
 
     def init_weights(self):
         "DINOv3 init: RoPE periods, CLS/registers N(0, 0.02), mask token 0, trunc-normal linears, reset norms."
         self.rope_embed.reset_parameters()
         nn.init.normal_(self.cls_token, std=0.02)
-        if self.num_registers: nn.init.normal_(self.storage_tokens, std=0.02)
+        if self.num_registers:
+            nn.init.normal_(self.storage_tokens, std=0.02)
         nn.init.zeros_(self.mask_token)
         self.apply(init_weights_vit)
 
     @property
-    def num_prefix(self) -> int: return 1 + self.num_registers
+    def num_prefix(self) -> int:
+        return 1 + self.num_registers
 
     def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
         "Patch-embed, apply iBOT masks, prepend CLS and registers: (B, 1+R+N, D) and the grid (H/p, W/p)."
@@ -226,10 +254,12 @@ class VisionTrunk(nn.Module):
         B, N, _ = x.shape
         if masks is not None:
             if masks.shape != (B, N) or masks.dtype != torch.bool:
-                raise ValueError(f"masks must be a bool tensor of shape {(B, N)}, got {masks.dtype} {tuple(masks.shape)}")
+                raise ValueError(f"masks must be a bool tensor of shape {(B, N)}, "
+                                 f"got {masks.dtype} {tuple(masks.shape)}")
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
             cls = self.cls_token
-        else: cls = self.cls_token + 0 * self.mask_token
+        else:
+            cls = self.cls_token + 0 * self.mask_token
         prefix = [cls.expand(B, -1, -1)] + ([self.storage_tokens.expand(B, -1, -1)] if self.num_registers else [])
         return torch.cat(prefix + [x], dim=1), (H, W)                      # (B, 1+R+N, D)
 
@@ -237,14 +267,16 @@ class VisionTrunk(nn.Module):
         "Final-normed CLS (B, D) and patch tokens (B, N, D) at full width."
         x, (H, W) = self.prepare_tokens(x, masks)
         rope = self.rope_embed(H, W)
-        for blk in self.blocks: x = blk(x, rope)                             # (B, 1+R+N, D)
+        for blk in self.blocks:
+            x = blk(x, rope)                             # (B, 1+R+N, D)
         x = self.norm(x)
         return x[:, 0], x[:, self.num_prefix:]
 
     def set_drop_path(self, rate: float):
         "Stochastic depth rising linearly from 0 (first block) to `rate` (last block); 0 disables it."
         n = len(self.blocks)
-        for i, blk in enumerate(self.blocks): blk.drop_path = rate * i / max(1, n - 1)
+        for i, blk in enumerate(self.blocks):
+            blk.drop_path = rate * i / max(1, n - 1)
         return self
 
     def bottleneck(self, t: Tensor) -> Tensor:
@@ -255,22 +287,28 @@ class VisionTrunk(nn.Module):
                                 return_class_token: bool = False, norm: bool = True) -> tuple:
         "Outputs of the last `n` blocks (or blocks with indices `n`): patch tokens, optionally with CLS (DINOv3 API)."
         x, (H, W) = self.prepare_tokens(x)
-        take = range(len(self.blocks) - n, len(self.blocks)) if isinstance(n, int) else [i % len(self.blocks) for i in n]
+        take = (range(len(self.blocks) - n, len(self.blocks)) if isinstance(n, int)
+                else [i % len(self.blocks) for i in n])
         rope, outs = self.rope_embed(H, W), []
         for i, blk in enumerate(self.blocks):
             x = blk(x, rope)
-            if i in take: outs.append(x)
-        if len(outs) != len(take): raise ValueError(f"requested blocks {list(take)} of {len(self.blocks)}")
-        if norm: outs = [self.norm(o) for o in outs]
+            if i in take:
+                outs.append(x)
+        if len(outs) != len(take):
+            raise ValueError(f"requested blocks {list(take)} of {len(self.blocks)}")
+        if norm:
+            outs = [self.norm(o) for o in outs]
         cls, patch = [o[:, 0] for o in outs], [o[:, self.num_prefix:] for o in outs]
-        if reshape: patch = [p.reshape(p.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous() for p in patch]  # (B, D, H, W)
+        if reshape:
+            patch = [p.reshape(p.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous() for p in patch]  # (B, D, H, W)
         return tuple(zip(patch, cls)) if return_class_token else tuple(patch)
 
 # %% ../nbs/03_tokenizer.ipynb #aa19a748
 class PixelDecoder(nn.Module):
     "Latent (B, d, h, w) -> image (B, 3, h*p, w*p): 1x1 conv in, RoPE ViT blocks, norm, 1x1 conv out, PixelShuffle(p)."
     def __init__(self, in_chans=64, out_chans=3, upscale_factor=16, embed_dim=1024, depth=24, num_heads=16,
-                 ffn_ratio=4.0, ffn_layer='swiglu', norm_layer='layernorm', init_values=None, qk_norm=False, rope_dtype='fp32'):
+                 ffn_ratio=4.0, ffn_layer='swiglu', norm_layer='layernorm', init_values=None, qk_norm=False,
+                 rope_dtype='fp32'):
         super().__init__()
         self.embed_dim, self.upscale_factor = embed_dim, upscale_factor
         self.proj_in = nn.Conv2d(in_chans, embed_dim, kernel_size=1)
@@ -284,14 +322,17 @@ class PixelDecoder(nn.Module):
 
     def init_weights(self):
         "Trunc-normal(0.02) 1x1 convs with zero bias, DINOv3 init for the blocks."
-        for m in (self.proj_in, self.proj_out): nn.init.trunc_normal_(m.weight, std=0.02); nn.init.zeros_(m.bias)
+        for m in (self.proj_in, self.proj_out):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
         self.apply(init_weights_vit)
 
     def forward(self, z: Tensor) -> Tensor:
         B, _, H, W = z.shape
         x = self.proj_in(z).flatten(2).transpose(1, 2)                  # (B, HW, Dd)
         rope = self.rope_embed(H, W)
-        for blk in self.blocks: x = blk(x, rope)                        # (B, HW, Dd)
+        for blk in self.blocks:
+            x = blk(x, rope)                        # (B, HW, Dd)
         x = self.norm(x).transpose(1, 2).reshape(B, self.embed_dim, H, W)  # (B, Dd, H, W)
         return self.pixel_shuffle(self.proj_out(x))                     # (B, 3, H*p, W*p)
 
@@ -332,14 +373,16 @@ class Downsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, stride=2)
-    def forward(self, x: Tensor) -> Tensor: return self.conv(F.pad(x, (0, 1, 0, 1)))   # (B, C, H/2, W/2)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))   # (B, C, H/2, W/2)
 
 class Upsample(nn.Module):
     "Nearest-neighbour x2 upsampling then a 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W)."
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-    def forward(self, x: Tensor) -> Tensor: return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))  # (B, C, 2H, 2W)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))  # (B, C, 2H, 2W)
 
 class CNNLevel(nn.Module):
     "One resolution level: ResNet `blocks`, then `resample` (a `Downsample`/`Upsample`, or None at the last level)."
@@ -347,16 +390,19 @@ class CNNLevel(nn.Module):
         super().__init__()
         self.blocks, self.resample = nn.ModuleList(blocks), resample
     def forward(self, x: Tensor) -> Tensor:
-        for b in self.blocks: x = b(x)
+        for b in self.blocks:
+            x = b(x)
         return x if self.resample is None else self.resample(x)
 
 # %% ../nbs/03_tokenizer.ipynb #d9f13155
 class CNNEncoder(nn.Module):
-    "LDM-style CNN encoder with `VisionTrunk`'s interface: stem, ResNet levels, stride-2 downsampling, mid block, 1x1 conv to d."
-    def __init__(self, img_size=256, patch_size=16, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, bottleneck_dim=64, in_chans=3):
+    "LDM-style CNN encoder, `VisionTrunk`'s interface: stem, ResNet levels, stride-2 downsampling, mid block, 1x1 conv."
+    def __init__(self, img_size=256, patch_size=16, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                 bottleneck_dim=64, in_chans=3):
         super().__init__()
         if 2 ** (len(ch_mult) - 1) != patch_size:
-            raise ValueError(f"cnn_channel_mult={tuple(ch_mult)}: {len(ch_mult)} levels downsample by {2 ** (len(ch_mult) - 1)}, not by patch_size={patch_size}")
+            raise ValueError(f"cnn_channel_mult={tuple(ch_mult)}: {len(ch_mult)} levels downsample by "
+                             f"{2 ** (len(ch_mult) - 1)}, not by patch_size={patch_size}")
         widths = [ch * m for m in ch_mult]
         self.img_size, self.patch_size, self.num_prefix = img_size, patch_size, 0
         self.embed_dim, self.bottleneck_dim = widths[-1], bottleneck_dim
@@ -364,7 +410,8 @@ class CNNEncoder(nn.Module):
         levels, c = [], ch
         for i, w in enumerate(widths):
             levels.append(CNNLevel([ResnetBlock(c if j == 0 else w, w) for j in range(num_res_blocks)],
-                                   Downsample(w) if i < len(widths) - 1 else None)); c = w
+                                   Downsample(w) if i < len(widths) - 1 else None))
+            c = w
         self.down = nn.ModuleList(levels)
         self.mid = nn.ModuleList([ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)])
         self.norm = _group_norm(c)
@@ -375,16 +422,19 @@ class CNNEncoder(nn.Module):
         return [*self.down[-1].blocks, *self.mid]
 
     def _run(self, x: Tensor, take=()) -> tuple[Tensor, list]:
-        "The last feature map (B, C, h, w) (before the final norm) and those after the latent blocks with indices `take`."
+        "The last feature map (B, C, h, w) (before the final norm) and those after the latent blocks indexed by `take`."
         p = self.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
-            raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by patch size {p} (the CNN's downsampling factor)")
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by patch size {p} "
+                             "(the CNN's downsampling factor)")
         h = self.conv_in(x)                                                  # (B, ch, H, W)
-        for lvl in self.down[:-1]: h = lvl(h)                                # (B, C_i, H/2^i, W/2^i)
+        for lvl in self.down[:-1]:
+            h = lvl(h)                                # (B, C_i, H/2^i, W/2^i)
         outs = []
         for i, b in enumerate(self.latent_blocks()):
             h = b(h)                                                         # (B, C, H/p, W/p)
-            if i in take: outs.append(h)
+            if i in take:
+                outs.append(h)
         return h, outs
 
     def final_norm(self, h: Tensor) -> Tensor:
@@ -393,7 +443,9 @@ class CNNEncoder(nn.Module):
 
     def forward_features(self, x: Tensor, masks: Tensor | None = None) -> tuple[Tensor, Tensor]:
         "Mean-pooled (B, C) and per-position (B, N, C) final-normed features (the CLS / patch-token interface)."
-        if masks is not None: raise ValueError("masks: iBOT masking needs the ViT tokenizer; the CNN auto-encoder (vision_arch='cnn') has no mask token")
+        if masks is not None:
+            raise ValueError("masks: iBOT masking needs the ViT tokenizer; "
+                             "the CNN auto-encoder (vision_arch='cnn') has no mask token")
         h, _ = self._run(x)
         t = self.final_norm(h).flatten(2).transpose(1, 2)                   # (B, N, C)
         return t.mean(1), t
@@ -404,24 +456,29 @@ class CNNEncoder(nn.Module):
 
     def set_drop_path(self, rate: float):
         "No stochastic depth in the CNN: only 0 is accepted."
-        if rate: raise ValueError(f"drop_path={rate}: stochastic depth needs the ViT tokenizer; the CNN auto-encoder has none (use 0)")
+        if rate:
+            raise ValueError(f"drop_path={rate}: stochastic depth needs the ViT tokenizer; "
+                             "the CNN auto-encoder has none (use 0)")
         return self
 
     def get_intermediate_layers(self, x: Tensor, n: Union[int, Sequence[int]] = 1, reshape: bool = False,
                                 return_class_token: bool = False, norm: bool = True) -> tuple:
-        "Outputs of the last `n` (or indexed) latent-resolution blocks as tokens (B, N, C) (or maps), with their mean as class token."
+        "Last `n` (or indexed) latent-resolution blocks as tokens (B, N, C) (or maps), with their mean as class token."
         L = len(self.latent_blocks())
-        if isinstance(n, int) and not 0 < n <= L: raise ValueError(f"requested the last {n} blocks; the CNN has {L} at the latent resolution")
+        if isinstance(n, int) and not 0 < n <= L:
+            raise ValueError(f"requested the last {n} blocks; the CNN has {L} at the latent resolution")
         take = sorted(range(L - n, L) if isinstance(n, int) else {i % L for i in n})
         _, outs = self._run(x, take)
-        if norm: outs = [self.final_norm(o) for o in outs]
+        if norm:
+            outs = [self.final_norm(o) for o in outs]
         patch = [o.flatten(2).transpose(1, 2) for o in outs]                # (B, N, C) each
         cls = [p.mean(1) for p in patch]                                      # (B, C) each
-        if reshape: patch = [o.contiguous() for o in outs]                    # (B, C, h, w)
+        if reshape:
+            patch = [o.contiguous() for o in outs]                    # (B, C, h, w)
         return tuple(zip(patch, cls)) if return_class_token else tuple(patch)
 
 class CNNDecoder(nn.Module):
-    "Mirror of `CNNEncoder`: 1x1 conv d -> C, mid block, ResNet levels with nearest upsampling + conv, GroupNorm + SiLU, 3x3 conv to pixels."
+    "Mirror of `CNNEncoder`: 1x1 conv d -> C, mid block, upsampling ResNet levels, GroupNorm + SiLU, 3x3 conv out."
     def __init__(self, in_chans=64, out_chans=3, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=3):
         super().__init__()
         widths = [ch * m for m in ch_mult]
@@ -431,15 +488,18 @@ class CNNDecoder(nn.Module):
         levels = []
         for i in reversed(range(len(widths))):
             levels.append(CNNLevel([ResnetBlock(c if j == 0 else widths[i], widths[i]) for j in range(num_res_blocks)],
-                                   Upsample(widths[i]) if i > 0 else None)); c = widths[i]
+                                   Upsample(widths[i]) if i > 0 else None))
+            c = widths[i]
         self.up = nn.ModuleList(levels)
         self.norm = _group_norm(c)
         self.proj_out = nn.Conv2d(c, out_chans, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.proj_in(z)                                                  # (B, C, h, w)
-        for b in self.mid: h = b(h)                                          # (B, C, h, w)
-        for lvl in self.up: h = lvl(h)                                       # (B, C_i, 2h, 2w) ... (B, ch, h*f, w*f)
+        for b in self.mid:
+            h = b(h)                                          # (B, C, h, w)
+        for lvl in self.up:
+            h = lvl(h)                                       # (B, C_i, 2h, 2w) ... (B, ch, h*f, w*f)
         return self.proj_out(F.silu(self.norm(h)))                           # (B, 3, h*f, w*f)
 
 # %% ../nbs/03_tokenizer.ipynb #c1250b8a
@@ -465,38 +525,48 @@ class VTPModel(nn.Module):
     def __init__(self, config: VTPConfig):
         super().__init__()
         self.config = c = config
-        if c.vision_arch == 'cnn': return self._init_cnn()
-        self.trunk = VisionTrunk(c.image_size, c.vision_patch_size, c.vision_embed_dim, c.vision_depth, c.vision_num_heads,
-                                 c.vision_mlp_ratio, c.vision_ffn_layer, c.vision_norm_layer, c.vision_init_values,
-                                 c.vision_use_qk_norm, c.vision_feature_bottleneck, c.num_registers, c.rope_dtype)
+        if c.vision_arch == 'cnn':
+            return self._init_cnn()
+        self.trunk = VisionTrunk(c.image_size, c.vision_patch_size, c.vision_embed_dim, c.vision_depth,
+                                 c.vision_num_heads, c.vision_mlp_ratio, c.vision_ffn_layer, c.vision_norm_layer,
+                                 c.vision_init_values, c.vision_use_qk_norm, c.vision_feature_bottleneck,
+                                 c.num_registers, c.rope_dtype)
         d = self.trunk.bottleneck_dim
         self.visual_proj = nn.Linear(c.vision_embed_dim if c.vision_bottleneck_ae_only else d, c.text_embed_dim,
                                      bias=False) if c.train_clip else None
-        self.pixel_decoder = PixelDecoder(d, 3, c.vision_patch_size, c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads,
-                                          4.0, c.decoder_ffn_layer, c.decoder_norm_layer, c.decoder_init_values,
-                                          c.decoder_use_qk_norm, c.rope_dtype) if c.train_reconstruction else None
-        if c.train_clip: self._init_text()
+        self.pixel_decoder = PixelDecoder(d, 3, c.vision_patch_size, c.decoder_embed_dim, c.decoder_depth,
+                                          c.decoder_num_heads, 4.0, c.decoder_ffn_layer, c.decoder_norm_layer,
+                                          c.decoder_init_values, c.decoder_use_qk_norm,
+                                          c.rope_dtype) if c.train_reconstruction else None
+        if c.train_clip:
+            self._init_text()
         self.init_weights()
 
     def _init_cnn(self):
         "The CNN auto-encoder (reconstruction only: no CLIP head, no text tower)."
         c = self.config
-        self.trunk = CNNEncoder(c.image_size, c.vision_patch_size, c.vision_embed_dim, c.cnn_channel_mult, c.vision_depth,
-                                c.vision_feature_bottleneck)
-        self.pixel_decoder = CNNDecoder(c.vision_feature_bottleneck, 3, c.decoder_embed_dim, c.cnn_channel_mult, c.decoder_depth)
+        self.trunk = CNNEncoder(c.image_size, c.vision_patch_size, c.vision_embed_dim, c.cnn_channel_mult,
+                                c.vision_depth, c.vision_feature_bottleneck)
+        self.pixel_decoder = CNNDecoder(c.vision_feature_bottleneck, 3, c.decoder_embed_dim, c.cnn_channel_mult,
+                                        c.decoder_depth)
         self.visual_proj = None
 
     def _init_text(self):
         "OpenCLIP text tower, flattened onto the model as in the official checkpoint."
         c, W = self.config, self.config.text_embed_dim
-        self.text_transformer = OpenClipTransformer(W, c.text_depth, c.text_num_heads, c.text_mlp_ratio, c.text_ls_init_value,
-                                                    act_layer=QuickGELU if c.text_quick_gelu else nn.GELU, norm_layer=OpenClipLayerNorm)
+        self.text_transformer = OpenClipTransformer(W, c.text_depth, c.text_num_heads, c.text_mlp_ratio,
+                                                    c.text_ls_init_value,
+                                                    act_layer=QuickGELU if c.text_quick_gelu else nn.GELU,
+                                                    norm_layer=OpenClipLayerNorm)
         self.token_embedding = nn.Embedding(c.text_vocab_size, W)
         self.positional_embedding = nn.Parameter(torch.empty(c.text_context_length, W))
         self.ln_final = OpenClipLayerNorm(W)
-        if c.text_proj_type == 'none': self.text_projection = None
-        elif c.text_proj_bias: self.text_projection = nn.Linear(W, W)
-        else: self.text_projection = nn.Parameter(torch.empty(W, W))
+        if c.text_proj_type == 'none':
+            self.text_projection = None
+        elif c.text_proj_bias:
+            self.text_projection = nn.Linear(W, W)
+        else:
+            self.text_projection = nn.Parameter(torch.empty(W, W))
         self.register_buffer('attn_mask', None if c.text_no_causal_mask else self.build_causal_mask(), persistent=False)
         shape = [1] if c.nonscalar_logit_scale else []
         self.logit_scale = nn.Parameter(torch.empty(shape))
@@ -510,29 +580,38 @@ class VTPModel(nn.Module):
     def init_weights(self):
         "Init the CLIP parts (the trunk and decoder init themselves): OpenCLIP text init, trunc-normal visual_proj."
         c = self.config
-        if not c.train_clip: return
+        if not c.train_clip:
+            return
         nn.init.trunc_normal_(self.visual_proj.weight, std=0.02)
         W, L = c.text_embed_dim, c.text_depth
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         proj_std, attn_std, fc_std = W ** -0.5 * (2 * L) ** -0.5, W ** -0.5, (2 * W) ** -0.5
         for b in self.text_transformer.resblocks:
-            nn.init.normal_(b.attn.in_proj_weight, std=attn_std); nn.init.zeros_(b.attn.in_proj_bias)
-            nn.init.normal_(b.attn.out_proj.weight, std=proj_std); nn.init.zeros_(b.attn.out_proj.bias)
-            nn.init.normal_(b.mlp.c_fc.weight, std=fc_std); nn.init.zeros_(b.mlp.c_fc.bias)
-            nn.init.normal_(b.mlp.c_proj.weight, std=proj_std); nn.init.zeros_(b.mlp.c_proj.bias)
+            nn.init.normal_(b.attn.in_proj_weight, std=attn_std)
+            nn.init.zeros_(b.attn.in_proj_bias)
+            nn.init.normal_(b.attn.out_proj.weight, std=proj_std)
+            nn.init.zeros_(b.attn.out_proj.bias)
+            nn.init.normal_(b.mlp.c_fc.weight, std=fc_std)
+            nn.init.zeros_(b.mlp.c_fc.bias)
+            nn.init.normal_(b.mlp.c_proj.weight, std=proj_std)
+            nn.init.zeros_(b.mlp.c_proj.bias)
         if isinstance(self.text_projection, nn.Linear):
-            nn.init.normal_(self.text_projection.weight, std=W ** -0.5); nn.init.zeros_(self.text_projection.bias)
-        elif self.text_projection is not None: nn.init.normal_(self.text_projection, std=W ** -0.5)
+            nn.init.normal_(self.text_projection.weight, std=W ** -0.5)
+            nn.init.zeros_(self.text_projection.bias)
+        elif self.text_projection is not None:
+            nn.init.normal_(self.text_projection, std=W ** -0.5)
         with torch.no_grad():
             self.logit_scale.fill_(c.init_logit_scale or math.log(1 / 0.07))
-            if self.logit_bias is not None: self.logit_bias.fill_(c.init_logit_bias)
+            if self.logit_bias is not None:
+                self.logit_bias.fill_(c.init_logit_bias)
 
     def set_rope_dtype(self, dtype: str):
         "Switch RoPE numerics of trunk and decoder: 'bf16' (official) or 'fp32'."
         self.config = replace(self.config, rope_dtype=dtype)
         for m in (self.trunk, self.pixel_decoder):
-            if m is not None and hasattr(m, 'rope_embed'): m.rope_embed.set_dtype(dtype)   # the CNN has no RoPE
+            if m is not None and hasattr(m, 'rope_embed'):
+                m.rope_embed.set_dtype(dtype)   # the CNN has no RoPE
         return self
 
     # ---- training entry points: one trunk pass shared by CLIP, SSL and reconstruction ----
@@ -553,7 +632,8 @@ class VTPModel(nn.Module):
         "Full-width patch tokens (B, N, D) -> reconstruction latents (B, d, h, w)."
         z = self.bottleneck(patch_tokens)                                   # (B, N, d)
         B, N, d = z.shape
-        if N != grid[0] * grid[1]: raise ValueError(f"{N} patch tokens do not fill a {grid[0]}x{grid[1]} grid")
+        if N != grid[0] * grid[1]:
+            raise ValueError(f"{N} patch tokens do not fill a {grid[0]}x{grid[1]} grid")
         return z.transpose(1, 2).reshape(B, d, *grid)                       # (B, d, h, w)
 
     def clip_image_feature_from_tokens(self, cls: Tensor, patch: Tensor, normalize: bool = True) -> Tensor:
@@ -564,7 +644,8 @@ class VTPModel(nn.Module):
         return F.normalize(f, dim=-1) if normalize else f
 
     def _need(self, attr, flag):
-        if getattr(self, attr, None) is None: raise RuntimeError(f"{attr} is disabled: set {flag}=True in the config")
+        if getattr(self, attr, None) is None:
+            raise RuntimeError(f"{attr} is disabled: set {flag}=True in the config")
 
     def _grid(self, images: Tensor) -> tuple[int, int]:
         p = self.config.vision_patch_size
@@ -572,9 +653,10 @@ class VTPModel(nn.Module):
 
     # ---- official inference API ----
     def get_last_layer_feature(self, images: Tensor, use_bottleneck: bool = False) -> dict:
-        "Final-normed last-layer `cls_token` (B, D) and `patch_tokens` (B, N, D) (both through the bottleneck if asked)."
+        "Final-normed last-layer `cls_token` (B, D) and `patch_tokens` (B, N, D) (through the bottleneck if asked)."
         cls, patch = self.forward_features(images)
-        if use_bottleneck: cls, patch = self.bottleneck(cls), self.bottleneck(patch)
+        if use_bottleneck:
+            cls, patch = self.bottleneck(cls), self.bottleneck(patch)
         return dict(cls_token=cls, patch_tokens=patch)
 
     def get_intermediate_layers_feature(self, images: Tensor, n: Union[int, Sequence[int]] = 1, reshape: bool = False,
@@ -598,14 +680,17 @@ class VTPModel(nn.Module):
         mask = None if self.attn_mask is None else self.attn_mask[:L, :L]
         x = self.ln_final(self.text_transformer(x, attn_mask=mask))         # (B, L, W)
         x = text_global_pool(x, tokens, self.config.text_pool_type)         # (B, W)
-        if isinstance(self.text_projection, nn.Linear): x = self.text_projection(x)
-        elif self.text_projection is not None: x = x @ self.text_projection  # (B, E)
+        if isinstance(self.text_projection, nn.Linear):
+            x = self.text_projection(x)
+        elif self.text_projection is not None:
+            x = x @ self.text_projection  # (B, E)
         return F.normalize(x, dim=-1) if normalize else x
 
     def get_clip_logits(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         "Image-to-text and text-to-image logits scaled by exp(logit_scale) (+ bias)."
         logits = self.logit_scale.exp() * self.get_clip_image_feature(images) @ self.get_clip_text_feature(tokens).T
-        if self.logit_bias is not None: logits = logits + self.logit_bias
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
         return logits, logits.T
 
     def get_reconstruction_latents(self, images: Tensor) -> Tensor:
@@ -627,7 +712,8 @@ class VTPModel(nn.Module):
         "Load a VTP Hugging Face folder (`config.json` + `model.safetensors`) with strict key and shape checks."
         folder = Path(folder)
         for f in ('config.json', 'model.safetensors'):
-            if not (folder/f).is_file(): raise FileNotFoundError(f"VTP checkpoint folder {folder}: missing {f}")
+            if not (folder/f).is_file():
+                raise FileNotFoundError(f"VTP checkpoint folder {folder}: missing {f}")
         cfg_file, weights = folder/'config.json', folder/'model.safetensors'
         try:
             d = json.loads(cfg_file.read_text(encoding='utf-8'))
@@ -639,7 +725,8 @@ class VTPModel(nn.Module):
             cfg = VTPConfig.from_dict({**d, 'rope_dtype': rope_dtype or d.get('rope_dtype', 'bf16')})
         except (TypeError, ValueError) as e:
             raise type(e)(f"{cfg_file}: {e}") from None
-        with torch.device('meta'): model = cls(cfg)
+        with torch.device('meta'):
+            model = cls(cfg)
         try:
             sd = load_file(weights, device=str(device))
         except (SafetensorError, OSError, RuntimeError) as e:
@@ -659,7 +746,8 @@ class VTPModel(nn.Module):
 
     def save_pretrained(self, folder):
         "Write `config.json` and `model.safetensors` (each atomically) in the official folder format."
-        folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         cfg = {'architectures': ['VTPModel'], 'model_type': 'vtp', **self.config.to_dict()}
         atomic_save(sd, folder/'model.safetensors', metadata={'format': 'pt'})
@@ -673,20 +761,24 @@ def vtp_forward_flops(model: VTPModel) -> dict:
     img = torch.zeros(1, 3, c.image_size, c.image_size, device=dev)
     out = {}
     with torch.no_grad():
-        with flop_counter_mode() as fc: z = model.get_reconstruction_latents(img)
+        with flop_counter_mode() as fc:
+            z = model.get_reconstruction_latents(img)
         out['encoder'] = fc.get_total_flops()
         if model.pixel_decoder is not None:
-            with flop_counter_mode() as fc: model.get_latents_decoded_images(z)
+            with flop_counter_mode() as fc:
+                model.get_latents_decoded_images(z)
             out['decoder'] = fc.get_total_flops()
         if c.train_clip:
-            with flop_counter_mode() as fc: model.get_clip_text_feature(torch.ones(1, c.text_context_length, dtype=torch.long, device=dev))
+            with flop_counter_mode() as fc:
+                model.get_clip_text_feature(torch.ones(1, c.text_context_length, dtype=torch.long, device=dev))
             out['text'] = fc.get_total_flops()
     return out
 
 # %% ../nbs/03_tokenizer.ipynb #9a0f9123
 class DINOHead(nn.Module):
     "DINO/iBOT projection head: MLP -> L2-normalised bottleneck -> weight-normed prototype logits."
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256, nlayers: int = 3):
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 nlayers: int = 3):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (max(nlayers, 1) - 1) + [bottleneck_dim]
         layers = []
@@ -694,9 +786,12 @@ class DINOHead(nn.Module):
             layers += [nn.Linear(a, b)] + ([nn.GELU()] if i < len(dims) - 2 else [])
         self.mlp = nn.Sequential(*layers)
         for l in self.mlp:
-            if isinstance(l, nn.Linear): nn.init.trunc_normal_(l.weight, std=0.02); nn.init.zeros_(l.bias)
+            if isinstance(l, nn.Linear):
+                nn.init.trunc_normal_(l.weight, std=0.02)
+                nn.init.zeros_(l.bias)
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        with torch.no_grad(): self.last_layer.parametrizations.weight.original0.fill_(1)
+        with torch.no_grad():
+            self.last_layer.parametrizations.weight.original0.fill_(1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)                                                                   # (..., bottleneck)
@@ -725,10 +820,12 @@ class VTPPretrainModel(nn.Module):
         super().__init__()
         c = config
         if ssl and c.vision_arch == 'cnn':
-            raise ValueError("ssl=True: DINO/iBOT need the ViT tokenizer (CLS and mask tokens); vision_arch='cnn' trains only with losses='AE'")
+            raise ValueError("ssl=True: DINO/iBOT need the ViT tokenizer (CLS and mask tokens); "
+                             "vision_arch='cnn' trains only with losses='AE'")
         self.model = VTPModel(c)
-        self.dino_head = DINOHead(c.vision_embed_dim if c.vision_bottleneck_ae_only else self.model.trunk.bottleneck_dim,
-                                  c.dino_out_dim, c.dino_hidden_dim, c.dino_bottleneck_dim, c.dino_nlayers) if ssl else None
+        self.dino_head = DINOHead(
+            c.vision_embed_dim if c.vision_bottleneck_ae_only else self.model.trunk.bottleneck_dim,
+            c.dino_out_dim, c.dino_hidden_dim, c.dino_bottleneck_dim, c.dino_nlayers) if ssl else None
         self.teacher = make_teacher(self.model.trunk, self.dino_head) if ssl else None
 
     def student(self) -> nn.ModuleDict:
@@ -737,4 +834,5 @@ class VTPPretrainModel(nn.Module):
 
     def update_teacher(self, momentum: float):
         "EMA step of the teacher towards the student."
-        if self.teacher is not None: ema_update(self.teacher, self.student(), momentum)
+        if self.teacher is not None:
+            ema_update(self.teacher, self.student(), momentum)

@@ -228,7 +228,8 @@ class StateDictMismatchError(ValueError):
     "A checkpoint's keys or shapes do not match the model."
 
 def _fmt_keys(title, items, limit=20):
-    rows = [f"  {k}: {v}" for k, v in items[:limit]] + ([f"  ... and {len(items) - limit} more"] if len(items) > limit else [])
+    more = [f"  ... and {len(items) - limit} more"] if len(items) > limit else []
+    rows = [f"  {k}: {v}" for k, v in items[:limit]] + more
     return [f"{title} ({len(items)}):"] + rows if items else []
 
 def check_state_dict(model: nn.Module, sd: dict, source: str = 'checkpoint'):

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 from .config import PlainConfig, neutral_field, get_device, seed_everything, setup_threads
-from .data import get_dataset, MemoDataset, multicrop, block_masks, DATASETS
+from .data import get_dataset, MemoDataset, multicrop, block_masks, stream_key, DATASETS
 from .layers import flop_counter_mode
 from .tokenizer import VTPModel, VTPPretrainModel, vtp_config, VTP_PRESETS
 from .losses import (ClipLoss, SigLipLoss, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT, DINOLoss,
@@ -218,15 +218,16 @@ class VTPPretrainer(nn.Module):
     def ssl_targets(self, images, step) -> dict:
         "Multi-crops and iBOT masks of `images` with the EMA teacher's DINO and iBOT targets (no gradient)."
         cfg, net, m = self.cfg, self.net, self.net.model
-        rank, world = rank_world()   # draws for the global batch, our rows kept
+        rank, world = rank_world()   # crops: draws for the global batch, our rows kept
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         crops = multicrop(images, 2, cfg.n_local_crops, m.config.vision_patch_size, generator=g, rank=rank, world=world)
         glob, loc = torch.cat(crops[:2]), crops[2:]                                # (2b, 3, H, W), [(b, 3, l, l)]
         b = images.shape[0]
         gh = glob.shape[-2] // m.config.vision_patch_size
         gw = glob.shape[-1] // m.config.vision_patch_size
-        masks = block_masks(2 * b * world, (gh, gw), cfg.mask_ratio, cfg.mask_prob, generator=g)           # (2bW, N)
-        masks = masks.view(2, b * world, -1)[:, rank::world].reshape(2 * b, -1)   # (2b, N), on the CPU
+        # masks: drawn for our rows only, keyed by (seed, step, global row): the same on any number of ranks
+        ids = (torch.arange(2)[:, None] * b * world + rank + world * torch.arange(b)).flatten()   # (2b,)
+        masks = block_masks(ids, (gh, gw), cfg.mask_ratio, cfg.mask_prob, key=stream_key(cfg.seed, step))  # (2b, N)
         temp = step_schedules(cfg, step)['teacher_temp']
         with torch.no_grad():
             t_cls, t_patch = net.teacher.trunk.forward_features(glob)              # (2b, D), (2b, N, D)

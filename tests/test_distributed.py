@@ -150,6 +150,38 @@ def test_benchmark_quick_run_writes_report(tmp_path):
         assert s in text, s
 
 
+def test_host_scan_quick_run_writes_report(tmp_path):
+    out = tmp_path/'h.md'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'bench.py'), '--host-scan', '--quick', '--out', str(out)],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    for s in ('Host CPU:', 'amx_bf16', '| world | local batch_clip |', '| 64 | 4 | 2 |', 'extrapolated'):
+        assert s in text, s
+
+
+def _uncached_indices(step, batch, n, seed):
+    out, pos = [], step * batch
+    while len(out) < batch:
+        epoch, off = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = perm[off:off + batch - len(out)].tolist()
+        out += take
+        pos += len(take)
+    return out
+
+
+@pytest.mark.parametrize('world', [1, 2, 4])
+def test_cached_batch_indices_equal_the_per_step_permutation(world):
+    "Indices from the per-epoch cached permutation == a permutation drawn every step, across epoch boundaries."
+    for n, batch, seed in ((37, 8, 0), (100, 12, 3), (16, 16, 1)):
+        for step in range(3 * n // batch + 2):
+            want = _uncached_indices(step, batch, n, seed)
+            for rank in range(world):
+                assert batch_indices(step, batch, n, seed, rank, world) == want[rank::world], (n, batch, step, rank)
+
+
 def test_width_scan_table_and_local_peaks():
     sys.path.insert(0, str(ROOT/'benchmarks'))
     import bench

@@ -656,9 +656,10 @@ def stream_key(*ints: int) -> int:
         k = hash32((k + hash32(i & M32)) & M32)
     return k
 
-def counter_uniform(state: torch.Tensor, j: int) -> torch.Tensor:
-    "Uniform [0, 1) float64 draw number `j` of the counter-based streams `state` (int64, one per sample)."
-    return hash32(state ^ hash32(j + 1)).double() / 2 ** 32
+def counter_uniform(state: torch.Tensor, j: int, k: int = 1) -> torch.Tensor:
+    "Uniform [0, 1) float64 draws number j..j+k-1 of the counter-based streams `state` (int64, one per sample): (n, k)."
+    salt = torch.tensor([hash32(j + 1 + i) for i in range(k)])
+    return hash32(state[:, None] ^ salt).double() / 2 ** 32
 
 def block_masks(batch, grid: tuple, ratio_range=(0.1, 0.5), mask_prob=0.5, min_block=4, generator=None,
                 key: int | None = None) -> torch.Tensor:
@@ -671,8 +672,9 @@ def block_masks(batch, grid: tuple, ratio_range=(0.1, 0.5), mask_prob=0.5, min_b
     s = hash32((hash32(ids & M32) + key) & M32)                  # (n,): each image's stream
     masks = torch.zeros(len(ids), gh, gw, dtype=torch.bool)
     lo, hi = ratio_range
-    target = (N * (lo + (hi - lo) * counter_uniform(s, 1))).round().clamp(min=1).long()   # (n,) patches to mask
-    rows = (counter_uniform(s, 0) < mask_prob).nonzero().squeeze(1)                      # the masked images
+    u = counter_uniform(s, 0, 2)                                 # (n, 2): masked or not, ratio
+    target = (N * (lo + (hi - lo) * u[:, 1])).round().clamp(min=1).long()              # (n,) patches to mask
+    rows = (u[:, 0] < mask_prob).nonzero().squeeze(1)                                  # the masked images
     r, c = torch.arange(gh), torch.arange(gw)
     la, lb = math.log(0.3), math.log(1 / 0.3)
     for it in range(100):                                        # one block per image short of its target
@@ -680,13 +682,13 @@ def block_masks(batch, grid: tuple, ratio_range=(0.1, 0.5), mask_prob=0.5, min_b
         rows, left = rows[left > 0], left[left > 0]
         if not len(rows):
             break
-        st, j = s[rows], 2 + 4 * it
-        area = left.clamp(max=max(1, min_block)) + counter_uniform(st, j) * (left - min_block).clamp(min=0)
-        ar = (la + counter_uniform(st, j + 1) * (lb - la)).exp()
+        u = counter_uniform(s[rows], 2 + 4 * it, 4)              # (m, 4): area, aspect ratio, top, left
+        area = left.clamp(max=max(1, min_block)) + u[:, 0] * (left - min_block).clamp(min=0)
+        ar = (la + u[:, 1] * (lb - la)).exp()
         h = (area * ar).sqrt().round().clamp(1, gh)
         w = (area / ar).sqrt().round().clamp(1, gw)
-        t = (counter_uniform(st, j + 2) * (gh - h + 1)).floor()
-        l = (counter_uniform(st, j + 3) * (gw - w + 1)).floor()
+        t = (u[:, 2] * (gh - h + 1)).floor()
+        l = (u[:, 3] * (gw - w + 1)).floor()
         in_r = (r >= t[:, None]) & (r < (t + h)[:, None])        # (m, gh)
         in_c = (c >= l[:, None]) & (c < (l + w)[:, None])        # (m, gw)
         masks[rows] |= in_r[:, :, None] & in_c[:, None, :]

@@ -33,6 +33,8 @@ def test_new_fields_leave_existing_hashes_alone():
     assert config_hash(DiTTrainConfig().to_dict()) == '94fd705024f9'
     assert 'grad_accum' not in PretrainConfig().to_dict() and PretrainConfig(grad_accum=2).to_dict()['grad_accum'] == 2
     assert config_hash(DiTTrainConfig(grad_accum=2).to_dict()) != config_hash(DiTTrainConfig().to_dict())
+    assert 'precision' not in PretrainConfig().to_dict()                     # fp32: not hashed
+    assert PretrainConfig(precision='auto').to_dict()['precision'] == 'auto'  # other choices: hashed apart
 
 
 @pytest.mark.parametrize('losses', ['AE', 'CLIP+SSL+AE'])

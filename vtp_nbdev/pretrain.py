@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
-from .config import PlainConfig, neutral_field, get_device, seed_everything, setup_threads
+from .config import (PlainConfig, neutral_field, get_device, seed_everything, setup_threads,
+                              cpu_precision, PRECISIONS)
 from .data import get_dataset, MemoDataset, multicrop, block_masks, stream_key, DATASETS
 from .layers import flop_counter_mode
 from .tokenizer import VTPModel, VTPPretrainModel, vtp_config, VTP_PRESETS
@@ -65,6 +66,7 @@ class PretrainConfig(PlainConfig):
     num_workers: int = neutral_field(0)
     grad_accum: int = neutral_field(1)   # micro-batches per step (same global batch; not hashed while 1)
     compile: bool = neutral_field(False) # torch.compile each transformer block (not hashed while off)
+    precision: str = neutral_field('fp32')   # CPU: 'auto' (bf16 with AMX-BF16), 'fp32' or 'bf16'
 
     def __post_init__(self):
         for k in ('mask_ratio', 'teacher_temp', 'ema_momentum', 'betas'):
@@ -82,6 +84,8 @@ class PretrainConfig(PlainConfig):
         if (self.uses_ssl and self.batch_ssl > self.batch_clip) or self.batch_rec > self.batch_clip:
             raise ValueError(f"batch_ssl={self.batch_ssl} and batch_rec={self.batch_rec} must be <= "
                              f"batch_clip={self.batch_clip} (subsets of the batch)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; expected one of {list(PRECISIONS)}")
         if self.clip_loss not in ('softmax', 'siglip'):
             raise ValueError(f"clip_loss={self.clip_loss!r}; expected 'softmax' or 'siglip'")
         if self.dino_mode not in ('centering', 'sinkhorn_knopp'):
@@ -415,6 +419,8 @@ class PretrainRecipe(Recipe):
         ds = get_dataset(cfg.dataset, 'train', res=mc.image_size, patch_size=mc.vision_patch_size,
                          context_length=mc.text_context_length, **cfg.data_kwargs())
         self.ds = MemoDataset(ds)
+        # CPU runs: bf16 autocast of the forward passes where `precision` resolves to bf16 (CUDA: `fit`'s own)
+        self.cpu_bf16 = torch.device(device).type == 'cpu' and cpu_precision(cfg.precision) == 'bf16'
 
     def trainer(self) -> VTPPretrainer:
         return VTPPretrainer(self.cfg)
@@ -451,9 +457,11 @@ class PretrainRecipe(Recipe):
         return step_schedules(self.cfg, step)
 
     def loss(self, net: nn.Module, trainer: VTPPretrainer, batch: dict, step: int) -> tuple:
-        return net(batch, step)
+        with torch.autocast('cpu', torch.bfloat16, enabled=self.cpu_bf16):
+            return net(batch, step)
 
     def accumulate(self, net: nn.Module, trainer: VTPPretrainer, batch: dict, step: int, amp) -> tuple:
+        amp = torch.autocast('cpu', torch.bfloat16) if self.cpu_bf16 else amp
         return accumulate_grads(trainer, batch, step, self.cfg.grad_accum, net, amp)
 
     @property

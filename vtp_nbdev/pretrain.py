@@ -457,7 +457,7 @@ class PretrainRecipe(Recipe):
         return step_schedules(self.cfg, step)
 
     def loss(self, net: nn.Module, trainer: VTPPretrainer, batch: dict, step: int) -> tuple:
-        with torch.autocast('cpu', torch.bfloat16, enabled=self.cpu_bf16):
+        with torch.autocast('cpu', torch.bfloat16) if self.cpu_bf16 else contextlib.nullcontext():
             return net(batch, step)
 
     def accumulate(self, net: nn.Module, trainer: VTPPretrainer, batch: dict, step: int, amp) -> tuple:

@@ -4,6 +4,7 @@
     python benchmarks/bench.py --device cuda [--compile] [--batch 32]   # GPU: the paper presets, bf16 autocast
     python benchmarks/bench.py --quick --out /tmp/b.md                  # a few seconds: checks that everything runs
     python benchmarks/bench.py --width-scan          # CPU: MFU against model width, eager vs compiled (about 6 minutes)
+    python benchmarks/bench.py --host-scan           # per-rank host time of masks + indices vs world size (~1 minute)
 
 Rows (medians of `--iters` timed calls after 2 warm-up calls):
 - peak: a large square matmul (fp32 on CPU; fp32 and bf16 on CUDA): the denominator of MFU;
@@ -391,6 +392,97 @@ def width_scan_table(b: Bench, table: list) -> list:
     return out
 
 
+HOST_STEP = dict(samples_per_s=995.6, batch=256,
+                 what='paper_S CLIP+SSL+AE step, compiled blocks, H200, per-GPU batch 256 (figures/benchmarks_cuda.md)')
+CPU_FLAGS = ('avx2', 'avx512_bf16', 'amx_bf16')
+
+
+def cpu_flags() -> str:
+    "The model name and the avx2 / avx512_bf16 / amx_bf16 flags of this host's CPU, from /proc/cpuinfo."
+    try: info = Path('/proc/cpuinfo').read_text().splitlines()
+    except OSError: return platform.processor() or platform.machine()
+    name = next((l.split(':', 1)[1].strip() for l in info if l.startswith('model name')), '?')
+    flags = set(next((l.split(':', 1)[1].split() for l in info if l.startswith('flags')), []))
+    return name + ' (' + ', '.join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS) + ')'
+
+
+def host_scan(a) -> list:
+    "Per-rank host time of the iBOT masks and batch indices of one step, vectorised per rank vs the global-batch loop."
+    from vtp_nbdev.data import block_masks, block_masks_loop, stream_key
+    from vtp_nbdev.runs import batch_indices, epoch_permutation
+    b_ssl, b_clip, n, grid = a.host_ssl, a.host_clip, a.dataset_size, (16, 16)       # paper_S: 256 px, patch 16
+    worlds = [int(w) for w in a.host_worlds.split(',')]
+    loop_n = 8 if a.quick else 64                                     # masks of the old loop timed per round
+    def old_indices(step):                                            # the permutation drawn afresh every step
+        out, pos = [], step * b_clip
+        while len(out) < b_clip:
+            epoch, off = divmod(pos, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(1_000_003 + epoch))
+            take = perm[off:off + b_clip - len(out)].tolist()
+            out += take
+            pos += len(take)
+        return out
+    t = time.perf_counter(); epoch_permutation.cache_clear(); epoch_permutation(n, 1, 0)
+    perm_s = time.perf_counter() - t                                  # paid once per epoch
+    ts = {k: [] for k in ('loop_mask', 'old_idx', *[f'mask{w}' for w in worlds], *[f'idx{w}' for w in worlds])}
+    for r in range(a.host_rounds):
+        cases = [('loop_mask', lambda: block_masks_loop(loop_n, grid, generator=torch.Generator().manual_seed(r))),
+                 ('old_idx', lambda: old_indices(1))]
+        for w in worlds:
+            b = b_ssl // w
+            ids = (torch.arange(2)[:, None] * b_ssl + (w - 1) + w * torch.arange(b)).flatten()   # the last rank's rows
+            cases += [(f'mask{w}', lambda ids=ids: block_masks(ids, grid, key=stream_key(0, r))),
+                      (f'idx{w}', lambda w=w: batch_indices(1, b_clip, n, 1, w - 1, w))]
+        for k, fn in (cases if r % 2 else cases[::-1]):               # interleaved, alternating order
+            t = time.perf_counter(); fn(); ts[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in ts.items()}
+    loop_s = med['loop_mask'] / loop_n * 2 * b_ssl                   # every rank drew the global batch's masks
+    steps_per_epoch = n / b_clip
+    rows = []
+    for w in worlds:
+        step_s = b_clip / w / HOST_STEP['samples_per_s']
+        new = med[f'mask{w}'] + med[f'idx{w}'] + perm_s / steps_per_epoch
+        old = loop_s + med['old_idx']
+        cells = [w, b_clip // w, 2 * b_ssl // w, f"{med[f'mask{w}'] * 1e3:.1f}", f"{med[f'idx{w}'] * 1e3:.2f}",
+                 f'{new * 1e3:.1f}', f'{old * 1e3:,.0f}', f'{step_s * 1e3:,.0f}', f'**{new / step_s:.2%}**',
+                 f'{old / step_s:.0%}']
+        rows.append('| ' + ' | '.join(map(str, cells)) + ' |')
+        print(rows[-1], flush=True)
+    notes = [f"Old masks: {loop_n} masks of `block_masks_loop` timed per round "
+             f"({med['loop_mask'] / loop_n * 1e3:.2f} ms per mask), extrapolated to the {2 * b_ssl} masks of the "
+             f"global batch that every rank drew. Old indices: `torch.randperm({n:,})` every step "
+             f"({med['old_idx'] * 1e3:.0f} ms). New indices: the cached epoch permutation's slice; its one draw per "
+             f"epoch ({perm_s * 1e3:.0f} ms, {steps_per_epoch:.0f} steps per epoch) is added to the total spread over "
+             "the epoch's steps."]
+    return rows, notes
+
+
+def report_host_scan(a, cmd, dev, load0, t_start):
+    "Run the host scan and write its report."
+    rows, notes = host_scan(a)
+    load1, wall = os.getloadavg(), time.time() - t_start
+    print(f'done in {wall:.0f} s; load average {load0[0]:.2f} -> {load1[0]:.2f}', flush=True)
+    if not a.out: return rows
+    step = HOST_STEP
+    when = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+    lines = ['# Host time per step: iBOT masks and batch indices (cpu)', '', *([f'> {a.note}', ''] if a.note else []),
+             f"Command: `{cmd}` ({wall:.0f} s), {when}  ", f"Host CPU: {cpu_flags()}; {machine(dev)}.  ",
+             f"1-minute load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end "
+             f"(on {os.cpu_count()} logical CPUs).", '',
+             f"The paper's batches (`batch_ssl` {a.host_ssl:,}, `batch_clip` {a.host_clip:,}) over `world` ranks; each "
+             "rank draws the iBOT masks (16x16 patch grid, 2 global crops) and the dataset indices of its share of a "
+             f"step on a dataset of {a.dataset_size:,} samples. Medians of {a.host_rounds} interleaved rounds "
+             "(alternating order) on this host. The step time per rank is its local `batch_clip` / "
+             f"{step['samples_per_s']} samples/s, the {step['what']}; for local batches above {step['batch']} it is "
+             "extrapolated linearly. The masks and indices are timed on this host's CPU, not on the GPU machine's "
+             "host (an Intel Xeon there).", '', *notes, '',
+             '| world | local batch_clip | masks per rank | masks ms | indices ms | total ms | old total ms | step ms | '
+             'total / step | old / step |', '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|', *rows]
+    out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True); out.write_text('\n'.join(lines) + '\n')
+    print('wrote', out)
+    return rows
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
@@ -405,6 +497,13 @@ def parse_args(argv=None):
     p.add_argument('--iters', type=int, default=5); p.add_argument('--threads', type=int, default=0)
     p.add_argument('--no-peers', action='store_true'); p.add_argument('--no-sampling', action='store_true')
     p.add_argument('--width-scan', action='store_true', help='CPU: MFU against width instead of the default rows (tokenizer presets tiny/S/B/L, DiT 64-384 wide, eager and compiled) -> figures/benchmarks_width.md')
+    p.add_argument('--host-scan', action='store_true',
+                   help="per-rank host time of a step's iBOT masks and batch indices at the paper's batches over "
+                        "simulated world sizes, vectorised vs the global-batch loop -> figures/benchmarks_host.md")
+    p.add_argument('--host-ssl', type=int, default=4096); p.add_argument('--host-clip', type=int, default=16384)
+    p.add_argument('--host-worlds', default='1,2,8,64'); p.add_argument('--host-rounds', type=int, default=5)
+    p.add_argument('--dataset-size', type=int, default=1_281_167,
+                   help='--host-scan: samples in the dataset (default: ImageNet-1k train)')
     p.add_argument('--quick', action='store_true', help='tiny sizes and 1 iteration: checks that every row runs (seconds)')
     p.add_argument('--out', help="markdown report (default figures/benchmarks.md, figures/benchmarks_cuda.md with --device cuda; '' = none)")
     p.add_argument('--note', default='', help='a sentence written under the title of the report (e.g. about the machine load)')
@@ -420,6 +519,8 @@ def parse_args(argv=None):
         if getattr(a, k) is None: setattr(a, k, d[k])
     a.scale = d['scale']
     if a.width_scan and a.device != 'cpu': p.error('--width-scan measures the CPU presets: use it with --device cpu')
+    if a.quick and a.host_scan: a.host_ssl, a.host_clip, a.host_rounds, a.dataset_size = 64, 256, 1, 10_000
+    if a.out is None and a.host_scan: a.out = 'figures/benchmarks_host.md'
     if a.out is None: a.out = 'figures/benchmarks_cuda.md' if a.device == 'cuda' else 'figures/benchmarks_width.md' if a.width_scan else 'figures/benchmarks.md'
     return a
 
@@ -432,6 +533,7 @@ def main(argv=None):
     if a.threads: torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     load0 = os.getloadavg(); t_start = time.time()
+    if a.host_scan: return report_host_scan(a, cmd, dev, load0, t_start)
     peak = matmul_peak(dev)
     print(f'fp32 matmul peak {peak / 1e9:.1f} GFLOP/s', flush=True)
     peaks = f"fp32 matmul peak **{peak / 1e9:.1f} GFLOP/s**"

@@ -8,6 +8,7 @@ from PIL import Image
 from vtp_nbdev.data import (ShapesDataset, FashionMNISTDataset, ImageFolderDataset, ImageTextDataset, TarShardDataset,
                             BadSampleError, get_dataset, load_image, multicrop, block_masks, tokenize, shapes_sample,
                             read_idx, SHAPES_CLASSES, to_uint8)
+from vtp_nbdev.data import block_masks_loop, stream_key
 
 
 def _png(path, arr):
@@ -257,3 +258,41 @@ def test_held_out_splits_by_key_hash(tmp_path):
         get_dataset('image_folder', 'val', root=root, res=8)
     with pytest.raises(FileNotFoundError, match='holds no .tar shards'):
         get_dataset('image_text', source=tmp_path/'folder')
+
+
+def _loop_and_vectorised(n, grid, **kw):
+    return (block_masks_loop(n, grid, generator=torch.Generator().manual_seed(1), **kw),
+            block_masks(n, grid, key=stream_key(1, 0), **kw))
+
+
+def test_block_masks_statistics_match_the_reference_loop():
+    ref, vec = _loop_and_vectorised(3000, (16, 16), ratio_range=(0.1, 0.5), mask_prob=0.5)
+    fr, fv = ref.float().mean(1), vec.float().mean(1)
+    for f in (fr, fv):
+        assert abs((f > 0).float().mean() - 0.5) < 0.03                      # share of masked images ~ mask_prob
+        assert f[f > 0].min() >= round(256 * 0.1) / 256 and f.max() < 0.6    # within the ratio range, small overshoot
+    q = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(fr[fr > 0].quantile(q), fv[fv > 0].quantile(q), atol=0.02)
+    assert abs(fr[fr > 0].mean() - fv[fv > 0].mean()) < 0.01
+
+
+def test_block_masks_blocks_are_rectangles():
+    for m in _loop_and_vectorised(500, (16, 16), ratio_range=(1 / 256, 1 / 256), mask_prob=1.0):   # one block each
+        m = m.view(-1, 16, 16)
+        rows, cols = m.any(2), m.any(1)                                       # (n, 16): the bounding box
+        assert torch.equal(m.sum((1, 2)), rows.sum(1) * cols.sum(1))          # the box is filled: a rectangle
+        assert rows.sum(1).le(2).all() and cols.sum(1).le(2).all()            # aspect 0.3-3.3 of area 1
+    m = block_masks(2000, (16, 16), ratio_range=(0.3, 0.3), mask_prob=1.0, key=3).view(-1, 16, 16)
+    tall = (m.any(2).sum(1) > m.any(1).sum(1)).float().mean()
+    assert 0.3 < tall < 0.7                                                   # aspect ratios symmetric about 1
+
+
+def test_block_masks_do_not_depend_on_the_world_size():
+    B, b, key = 24, 6, stream_key(0, 5)
+    ids = lambda rank, world: (torch.arange(2)[:, None] * B + rank + world * torch.arange(B // world)).flatten()
+    whole = block_masks(ids(0, 1), (8, 8), key=key).view(2, B, -1)
+    for world in (2, 4):
+        for rank in range(world):
+            assert torch.equal(block_masks(ids(rank, world), (8, 8), key=key), whole[:, rank::world].reshape(-1, 64))
+    assert not torch.equal(block_masks(ids(0, 1), (8, 8), key=stream_key(0, 6)), whole.view(2 * B, -1))
+    assert not torch.equal(block_masks(ids(0, 1), (8, 8), key=stream_key(1, 5)), whole.view(2 * B, -1))

@@ -33,6 +33,8 @@ def test_new_fields_leave_existing_hashes_alone():
     assert config_hash(DiTTrainConfig().to_dict()) == '94fd705024f9'
     assert 'grad_accum' not in PretrainConfig().to_dict() and PretrainConfig(grad_accum=2).to_dict()['grad_accum'] == 2
     assert config_hash(DiTTrainConfig(grad_accum=2).to_dict()) != config_hash(DiTTrainConfig().to_dict())
+    assert 'precision' not in PretrainConfig().to_dict()                     # fp32: not hashed
+    assert PretrainConfig(precision='auto').to_dict()['precision'] == 'auto'  # other choices: hashed apart
 
 
 @pytest.mark.parametrize('losses', ['AE', 'CLIP+SSL+AE'])
@@ -148,6 +150,38 @@ def test_benchmark_quick_run_writes_report(tmp_path):
     for s in ('fp32 matmul peak', 'timm ViT-Ti/4 train step', 'VTP-tiny CLIP+SSL+AE step', 'VTP-tiny AE step', 'LightningDiT-tiny train step',
               'Euler steps', '## vs targets'):
         assert s in text, s
+
+
+def test_host_scan_quick_run_writes_report(tmp_path):
+    out = tmp_path/'h.md'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'bench.py'), '--host-scan', '--quick', '--out', str(out)],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    for s in ('Host CPU:', 'amx_bf16', '| world | local batch_clip |', '| 64 | 4 | 2 |', 'extrapolated'):
+        assert s in text, s
+
+
+def _uncached_indices(step, batch, n, seed):
+    out, pos = [], step * batch
+    while len(out) < batch:
+        epoch, off = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = perm[off:off + batch - len(out)].tolist()
+        out += take
+        pos += len(take)
+    return out
+
+
+@pytest.mark.parametrize('world', [1, 2, 4])
+def test_cached_batch_indices_equal_the_per_step_permutation(world):
+    "Indices from the per-epoch cached permutation == a permutation drawn every step, across epoch boundaries."
+    for n, batch, seed in ((37, 8, 0), (100, 12, 3), (16, 16, 1)):
+        for step in range(3 * n // batch + 2):
+            want = _uncached_indices(step, batch, n, seed)
+            for rank in range(world):
+                assert batch_indices(step, batch, n, seed, rank, world) == want[rank::world], (n, batch, step, rank)
 
 
 def test_width_scan_table_and_local_peaks():

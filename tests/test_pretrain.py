@@ -140,3 +140,19 @@ def test_compile_keeps_losses_and_checkpoint_keys(tmp_path):
     rows = lambda r: [json.loads(l)['loss'] for l in (r/'metrics.jsonl').read_text().splitlines()]
     assert rows(eager) == pytest.approx(rows(comp), rel=1e-4) and len(rows(comp)) == 2
     assert load_file(eager/'final'/'model.safetensors').keys() == load_file(comp/'final'/'model.safetensors').keys()
+
+
+@pytest.mark.parametrize('accum', [1, 2])
+def test_bf16_on_cpu_trains_close_to_fp32(tmp_path, accum):
+    "precision='bf16' runs the forward passes under CPU bf16 autocast: finite losses near the fp32 run's."
+    rows = {}
+    for p in ('fp32', 'bf16'):
+        run = pretrain(small_cfg(steps=4, precision=p, grad_accum=accum), runs_dir=tmp_path/p, device='cpu',
+                       progress=False)
+        rows[p] = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines() if '"loss"' in l]
+    assert len(rows['bf16']) == 4 and rows['fp32'] != rows['bf16']        # bf16 did change the arithmetic
+    for a, b in zip(rows['fp32'], rows['bf16']):
+        for k in ('loss', 'clip', 'dino', 'ibot', 'rec'):
+            assert torch.isfinite(torch.tensor(b[k])), (k, b)
+            assert abs(a[k] - b[k]) <= 0.02 * abs(a[k]) + 0.01, (k, a[k], b[k])
+    assert small_cfg(precision='bf16').to_dict() != small_cfg().to_dict()

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['SETTINGS_KEYS', 'SCALES', 'project_root', 'get_settings', 'get_device', 'setup_threads', 'seed_everything',
-           'config_hash', 'type_name', 'check_field_types', 'neutral_field', 'PlainConfig', 'environment_info']
+__all__ = ['SETTINGS_KEYS', 'SCALES', 'PRECISIONS', 'project_root', 'get_settings', 'get_device', 'setup_threads',
+           'seed_everything', 'cpu_flags', 'cpu_precision', 'config_hash', 'type_name', 'check_field_types',
+           'neutral_field', 'PlainConfig', 'environment_info']
 
 # %% ../nbs/00_config.ipynb #86240ed6
 SETTINGS_KEYS = ('data_root', 'runs_dir', 'figures_dir', 'device', 'threads', 'scale')
@@ -58,6 +59,27 @@ def setup_threads(threads: int | None = None):
 def seed_everything(seed: int):
     "Seed python, numpy and torch (all devices)."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+
+# %% ../nbs/00_config.ipynb #42995749
+PRECISIONS = ('auto', 'fp32', 'bf16')
+
+def cpu_flags(cpuinfo: str | None = None) -> set:
+    "The CPU feature flags of /proc/cpuinfo (or of the text `cpuinfo`); empty where it cannot be read."
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path('/proc/cpuinfo').read_text()
+        except OSError:
+            return set()
+    lines = [l.split(':', 1) for l in cpuinfo.splitlines() if ':' in l]
+    return {f for k, v in lines if k.strip() == 'flags' for f in v.split()}
+
+def cpu_precision(precision: str = 'auto', cpuinfo: str | None = None) -> str:
+    "'fp32' or 'bf16' for a CPU run: `precision` itself, or for 'auto' bf16 where the CPU has AMX-BF16."
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; expected one of {list(PRECISIONS)}")
+    if precision != 'auto':
+        return precision
+    return 'bf16' if 'amx_bf16' in cpu_flags(cpuinfo) else 'fp32'
 
 # %% ../nbs/00_config.ipynb #290c87a0
 def config_hash(cfg: dict, n: int = 12) -> str:

@@ -17,13 +17,14 @@ from .runs import rank_world
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SHAPE_KINDS', 'COLOURS', 'SIZES', 'COUNTS', 'POSITIONS', 'BACKGROUNDS',
            'SHAPES_CLASSES', 'SPLIT_OFFSETS', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_FILES', 'MAX_IMAGE_PIXELS',
-           'HOLDOUT', 'IMAGE_EXTS', 'DATASETS', 'ZERO_SHOT_TEMPLATES', 'normalize', 'denormalize', 'to_uint8',
+           'HOLDOUT', 'IMAGE_EXTS', 'DATASETS', 'ZERO_SHOT_TEMPLATES', 'M32', 'normalize', 'denormalize', 'to_uint8',
            'uint8_to_model', 'get_text_tokenizer', 'tokenize', 'shapes_attributes', 'shapes_label', 'render_shapes',
            'shapes_caption', 'shapes_sample', 'VTPDataset', 'ShapesDataset', 'read_idx', 'fashion_mnist_dir',
            'FashionMNISTDataset', 'BadSampleError', 'load_image', 'split_of', 'select_split', 'ImageFolderDataset',
            'ImageTextDataset', 'TarShardDataset', 'stream_indices', 'ShardedStream', 'check_resolution', 'shard_paths',
            'get_dataset', 'MemoDataset', 'zero_shot_templates', 'zero_shot_prompts', 'local_crop_size',
-           'random_resized_crops', 'multicrop', 'block_masks']
+           'random_resized_crops', 'multicrop', 'hash32', 'stream_key', 'counter_uniform', 'block_masks',
+           'block_masks_loop']
 
 # %% ../nbs/01_data.ipynb #ef9dfebd
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -634,20 +635,86 @@ def multicrop(images, n_global=2, n_local=4, patch_size=4, global_scale=(0.32, 1
             [random_resized_crops(images, l, local_scale, **kw) for _ in range(n_local)])
 
 # %% ../nbs/01_data.ipynb #529f091f
-def block_masks(batch: int, grid: tuple, ratio_range=(0.1, 0.5), mask_prob=0.5, min_block=4, generator=None) -> torch.Tensor:
-    "iBOT block-wise masks: (batch, gh*gw) bool, True = masked patch."
-    gh, gw = grid; N = gh * gw
+M32 = 0xFFFFFFFF
+
+def _mul32(x, c: int):
+    "(x * c) mod 2**32 for `x` in [0, 2**32) (an int or int64 tensor) and a 32-bit constant `c`, without overflow."
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M32
+
+def hash32(x):
+    "The lowbias32 integer hash, a bijection of [0, 2**32): of an int, or elementwise of an int64 tensor."
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+def stream_key(*ints: int) -> int:
+    "A 32-bit key folded from non-negative integers (e.g. the run seed and the step) by `hash32`."
+    k = 0x2545F491
+    for i in ints:
+        k = hash32((k + hash32(i & M32)) & M32)
+    return k
+
+def counter_uniform(state: torch.Tensor, j: int, k: int = 1) -> torch.Tensor:
+    "Uniform [0, 1) float64 draws number j..j+k-1 of the counter-based streams `state` (int64, one per sample): (n, k)."
+    salt = torch.tensor([hash32(j + 1 + i) for i in range(k)])
+    return hash32(state[:, None] ^ salt).double() / 2 ** 32
+
+def block_masks(batch, grid: tuple, ratio_range=(0.1, 0.5), mask_prob=0.5, min_block=4, generator=None,
+                key: int | None = None) -> torch.Tensor:
+    "iBOT block masks (n, gh*gw) bool (True = masked) of `batch` (a count or n sample ids), vectorised over images."
+    ids = torch.arange(batch) if isinstance(batch, int) else torch.as_tensor(batch, dtype=torch.long)
+    if key is None:
+        key = int(torch.randint(0, 2 ** 31, (1,), generator=generator))
+    gh, gw = grid
+    N = gh * gw
+    s = hash32((hash32(ids & M32) + key) & M32)                  # (n,): each image's stream
+    masks = torch.zeros(len(ids), gh, gw, dtype=torch.bool)
+    lo, hi = ratio_range
+    u = counter_uniform(s, 0, 2)                                 # (n, 2): masked or not, ratio
+    target = (N * (lo + (hi - lo) * u[:, 1])).round().clamp(min=1).long()              # (n,) patches to mask
+    rows = (u[:, 0] < mask_prob).nonzero().squeeze(1)                                  # the masked images
+    r, c = torch.arange(gh), torch.arange(gw)
+    la, lb = math.log(0.3), math.log(1 / 0.3)
+    for it in range(100):                                        # one block per image short of its target
+        left = target[rows] - masks[rows].flatten(1).sum(1)
+        rows, left = rows[left > 0], left[left > 0]
+        if not len(rows):
+            break
+        u = counter_uniform(s[rows], 2 + 4 * it, 4)              # (m, 4): area, aspect ratio, top, left
+        area = left.clamp(max=max(1, min_block)) + u[:, 0] * (left - min_block).clamp(min=0)
+        ar = (la + u[:, 1] * (lb - la)).exp()
+        h = (area * ar).sqrt().round().clamp(1, gh)
+        w = (area / ar).sqrt().round().clamp(1, gw)
+        t = (u[:, 2] * (gh - h + 1)).floor()
+        l = (u[:, 3] * (gw - w + 1)).floor()
+        in_r = (r >= t[:, None]) & (r < (t + h)[:, None])        # (m, gh)
+        in_c = (c >= l[:, None]) & (c < (l + w)[:, None])        # (m, gw)
+        masks[rows] |= in_r[:, :, None] & in_c[:, None, :]
+    return masks.flatten(1)
+
+def block_masks_loop(batch: int, grid: tuple, ratio_range=(0.1, 0.5), mask_prob=0.5, min_block=4,
+                     generator=None) -> torch.Tensor:
+    "Reference iBOT block masks, one image and one block at a time from `generator`: (batch, gh*gw) bool."
+    gh, gw = grid
+    N = gh * gw
     g = dict(generator=generator)
     masks = torch.zeros(batch, gh, gw, dtype=torch.bool)
     for b in range(batch):
-        if torch.rand(1, **g).item() >= mask_prob: continue
-        target = max(1, int(round(N * (ratio_range[0] + (ratio_range[1] - ratio_range[0]) * torch.rand(1, **g).item()))))
+        if torch.rand(1, **g).item() >= mask_prob:
+            continue
+        u = torch.rand(1, **g).item()
+        target = max(1, int(round(N * (ratio_range[0] + (ratio_range[1] - ratio_range[0]) * u))))
         for _ in range(100):
             left = target - int(masks[b].sum())
-            if left <= 0: break
+            if left <= 0:
+                break
             area = min(left, max(1, min_block)) + torch.rand(1, **g).item() * max(0, left - min_block)
             ar = math.exp(math.log(0.3) + torch.rand(1, **g).item() * (math.log(1 / 0.3) - math.log(0.3)))
-            h = max(1, min(gh, round(math.sqrt(area * ar)))); w = max(1, min(gw, round(math.sqrt(area / ar))))
-            t = int(torch.randint(0, gh - h + 1, (1,), **g)); l = int(torch.randint(0, gw - w + 1, (1,), **g))
+            h = max(1, min(gh, round(math.sqrt(area * ar))))
+            w = max(1, min(gw, round(math.sqrt(area / ar))))
+            t = int(torch.randint(0, gh - h + 1, (1,), **g))
+            l = int(torch.randint(0, gw - w + 1, (1,), **g))
             masks[b, t:t + h, l:l + w] = True
     return masks.flatten(1)

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
-from .config import PlainConfig, neutral_field, get_device, seed_everything, setup_threads
-from .data import get_dataset, MemoDataset, multicrop, block_masks, DATASETS
+from .config import (PlainConfig, neutral_field, get_device, seed_everything, setup_threads,
+                              cpu_precision, PRECISIONS)
+from .data import get_dataset, MemoDataset, multicrop, block_masks, stream_key, DATASETS
 from .layers import flop_counter_mode
 from .tokenizer import VTPModel, VTPPretrainModel, vtp_config, VTP_PRESETS
 from .losses import (ClipLoss, SigLipLoss, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT, DINOLoss,
@@ -65,6 +66,7 @@ class PretrainConfig(PlainConfig):
     num_workers: int = neutral_field(0)
     grad_accum: int = neutral_field(1)   # micro-batches per step (same global batch; not hashed while 1)
     compile: bool = neutral_field(False) # torch.compile each transformer block (not hashed while off)
+    precision: str = neutral_field('fp32')   # CPU: 'auto' (bf16 with AMX-BF16), 'fp32' or 'bf16'
 
     def __post_init__(self):
         for k in ('mask_ratio', 'teacher_temp', 'ema_momentum', 'betas'):
@@ -82,6 +84,8 @@ class PretrainConfig(PlainConfig):
         if (self.uses_ssl and self.batch_ssl > self.batch_clip) or self.batch_rec > self.batch_clip:
             raise ValueError(f"batch_ssl={self.batch_ssl} and batch_rec={self.batch_rec} must be <= "
                              f"batch_clip={self.batch_clip} (subsets of the batch)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; expected one of {list(PRECISIONS)}")
         if self.clip_loss not in ('softmax', 'siglip'):
             raise ValueError(f"clip_loss={self.clip_loss!r}; expected 'softmax' or 'siglip'")
         if self.dino_mode not in ('centering', 'sinkhorn_knopp'):
@@ -218,15 +222,16 @@ class VTPPretrainer(nn.Module):
     def ssl_targets(self, images, step) -> dict:
         "Multi-crops and iBOT masks of `images` with the EMA teacher's DINO and iBOT targets (no gradient)."
         cfg, net, m = self.cfg, self.net, self.net.model
-        rank, world = rank_world()   # draws for the global batch, our rows kept
+        rank, world = rank_world()   # crops: draws for the global batch, our rows kept
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         crops = multicrop(images, 2, cfg.n_local_crops, m.config.vision_patch_size, generator=g, rank=rank, world=world)
         glob, loc = torch.cat(crops[:2]), crops[2:]                                # (2b, 3, H, W), [(b, 3, l, l)]
         b = images.shape[0]
         gh = glob.shape[-2] // m.config.vision_patch_size
         gw = glob.shape[-1] // m.config.vision_patch_size
-        masks = block_masks(2 * b * world, (gh, gw), cfg.mask_ratio, cfg.mask_prob, generator=g)           # (2bW, N)
-        masks = masks.view(2, b * world, -1)[:, rank::world].reshape(2 * b, -1)   # (2b, N), on the CPU
+        # masks: drawn for our rows only, keyed by (seed, step, global row): the same on any number of ranks
+        ids = (torch.arange(2)[:, None] * b * world + rank + world * torch.arange(b)).flatten()   # (2b,)
+        masks = block_masks(ids, (gh, gw), cfg.mask_ratio, cfg.mask_prob, key=stream_key(cfg.seed, step))  # (2b, N)
         temp = step_schedules(cfg, step)['teacher_temp']
         with torch.no_grad():
             t_cls, t_patch = net.teacher.trunk.forward_features(glob)              # (2b, D), (2b, N, D)
@@ -414,6 +419,8 @@ class PretrainRecipe(Recipe):
         ds = get_dataset(cfg.dataset, 'train', res=mc.image_size, patch_size=mc.vision_patch_size,
                          context_length=mc.text_context_length, **cfg.data_kwargs())
         self.ds = MemoDataset(ds)
+        # CPU runs: bf16 autocast of the forward passes where `precision` resolves to bf16 (CUDA: `fit`'s own)
+        self.cpu_bf16 = torch.device(device).type == 'cpu' and cpu_precision(cfg.precision) == 'bf16'
 
     def trainer(self) -> VTPPretrainer:
         return VTPPretrainer(self.cfg)
@@ -450,9 +457,11 @@ class PretrainRecipe(Recipe):
         return step_schedules(self.cfg, step)
 
     def loss(self, net: nn.Module, trainer: VTPPretrainer, batch: dict, step: int) -> tuple:
-        return net(batch, step)
+        with torch.autocast('cpu', torch.bfloat16) if self.cpu_bf16 else contextlib.nullcontext():
+            return net(batch, step)
 
     def accumulate(self, net: nn.Module, trainer: VTPPretrainer, batch: dict, step: int, amp) -> tuple:
+        amp = torch.autocast('cpu', torch.bfloat16) if self.cpu_bf16 else amp
         return accumulate_grads(trainer, batch, step, self.cfg.grad_accum, net, amp)
 
     @property

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04a_runs.ipynb #1df6fff1
 from __future__ import annotations
-import argparse, contextlib, fcntl, json, os, re, sys, tempfile, time, types
+import argparse, contextlib, fcntl, functools, json, os, re, sys, tempfile, time, types
 from pathlib import Path
 import numpy as np
 import torch
@@ -18,9 +18,9 @@ from .config import get_settings, get_device, config_hash, seed_everything, setu
 __all__ = ['CHECKPOINT_FORMAT', 'atomic_write', 'write_json', 'atomic_save', 'read_jsonl', 'append_jsonl', 'rewrite_jsonl',
            'resume_rows', 'run_dir', 'prepare_run_dir', 'remove_stale_temps', 'is_finished', 'run_lock',
            'CheckpointError', 'checkpoint_state', 'read_checkpoint', 'restore_checkpoint', 'latest_checkpoint',
-           'log_spaced_steps', 'save_rolling', 'batch_indices', 'to_device', 'batch_to', 'defer_finite_check',
-           'rank_world', 'init_distributed', 'full_tensor', 'gathered', 'shard_optimizer', 'Recipe', 'fit',
-           'parse_overrides', 'read_config_file', 'training_cli']
+           'log_spaced_steps', 'save_rolling', 'epoch_permutation', 'batch_indices', 'to_device', 'batch_to',
+           'defer_finite_check', 'rank_world', 'init_distributed', 'full_tensor', 'gathered', 'shard_optimizer',
+           'Recipe', 'fit', 'parse_overrides', 'read_config_file', 'training_cli']
 
 # %% ../nbs/04a_runs.ipynb #de3ddc61
 @contextlib.contextmanager
@@ -221,6 +221,11 @@ def save_rolling(run: Path, trainer, opt, step: int, cfg_hash: str, keep: set) -
     return new
 
 # %% ../nbs/04a_runs.ipynb #5bb6c8fc
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    "The order of `range(n)` in `epoch` of a run seeded `seed`; cached, so drawn once per epoch (do not modify it)."
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
 def batch_indices(step: int, batch: int, n: int, seed: int = 0, rank: int = 0, world: int = 1) -> list:
     "Dataset indices of global batch `step` (size `batch`) for `rank`: epoch-wise permutations, sliced per rank."
     if batch % world:
@@ -228,8 +233,7 @@ def batch_indices(step: int, batch: int, n: int, seed: int = 0, rank: int = 0, w
     out, pos = [], step * batch
     while len(out) < batch:
         epoch, off = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        take = perm[off:off + batch - len(out)].tolist()
+        take = epoch_permutation(n, seed, epoch)[off:off + batch - len(out)].tolist()
         out += take
         pos += len(take)
     return out[rank::world]

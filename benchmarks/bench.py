@@ -412,7 +412,7 @@ def host_scan(a) -> list:
     from vtp_nbdev.runs import batch_indices, epoch_permutation
     b_ssl, b_clip, n, grid = a.host_ssl, a.host_clip, a.dataset_size, (16, 16)       # paper_S: 256 px, patch 16
     worlds = [int(w) for w in a.host_worlds.split(',')]
-    loop_n = 8 if a.quick else 64                                     # masks of the old loop timed per round
+    loop_n = 8 if a.quick else 64                                     # masks of the reference loop per round
     def old_indices(step):                                            # the permutation drawn afresh every step
         out, pos = [], step * b_clip
         while len(out) < b_clip:
@@ -448,10 +448,11 @@ def host_scan(a) -> list:
                  f'{old / step_s:.0%}']
         rows.append('| ' + ' | '.join(map(str, cells)) + ' |')
         print(rows[-1], flush=True)
-    notes = [f"Old masks: {loop_n} masks of `block_masks_loop` timed per round "
+    notes = [f"Reference (global): {loop_n} masks of the scalar loop `block_masks_loop` timed per round "
              f"({med['loop_mask'] / loop_n * 1e3:.2f} ms per mask), extrapolated to the {2 * b_ssl} masks of the "
-             f"global batch that every rank drew. Old indices: `torch.randperm({n:,})` every step "
-             f"({med['old_idx'] * 1e3:.0f} ms). New indices: the cached epoch permutation's slice; its one draw per "
+             f"global batch, as a rank drawing the whole batch's masks would; its indices: `torch.randperm({n:,})` every step "
+             f"({med['old_idx'] * 1e3:.0f} ms). Per rank: the rank's own masks and the cached epoch permutation's slice; "
+             f"its one draw per "
              f"epoch ({perm_s * 1e3:.0f} ms, {steps_per_epoch:.0f} steps per epoch) is added to the total spread over "
              "the epoch's steps."]
     return rows, notes
@@ -476,8 +477,8 @@ def report_host_scan(a, cmd, dev, load0, t_start):
              f"{step['samples_per_s']} samples/s, the {step['what']}; for local batches above {step['batch']} it is "
              "extrapolated linearly. The masks and indices are timed on this host's CPU, not on the GPU machine's "
              "host (an Intel Xeon there).", '', *notes, '',
-             '| world | local batch_clip | masks per rank | masks ms | indices ms | total ms | old total ms | step ms | '
-             'total / step | old / step |', '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|', *rows]
+             '| world | local batch_clip | masks per rank | masks ms | indices ms | total ms | global reference ms | step ms | '
+             'total / step | reference / step |', '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|', *rows]
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True); out.write_text('\n'.join(lines) + '\n')
     print('wrote', out)
     return rows

@@ -1,4 +1,4 @@
-"Datasets: determinism, splits, tokens, augmentations and every bad input named in the foundation issue."
+"Datasets: determinism, splits, tokens, augmentations, and every kind of bad input named by its file and key."
 import io, tarfile, warnings
 from pathlib import Path
 import numpy as np

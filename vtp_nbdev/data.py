@@ -278,7 +278,7 @@ def fashion_mnist_dir(data_root=None) -> Path:
     if missing:
         raise FileNotFoundError(f"Fashion-MNIST not found in {d} (missing {missing[0]}): install it with "
                                 f"`apt-get install dataset-fashion-mnist`, or point VTP_DATA_ROOT at a folder holding "
-                                f"the IDX files")
+                                "the IDX files")
     return d
 
 # %% ../nbs/01_data.ipynb #c57dd0db
@@ -357,7 +357,7 @@ def load_image(src, res: int, name=None) -> np.ndarray:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadSampleError(f"{path}: cannot read image ({type(e).__name__}: {e}); "
-                             f"expected a readable image file") from None
+                             "expected a readable image file") from None
     w, h = im.size
     s = res / min(w, h)
     im = im.resize((max(res, round(w * s)), max(res, round(h * s))), Image.BICUBIC)
@@ -517,7 +517,7 @@ class TarShardDataset(_FileDataset):
         sh, key, img, txt = self.items[i]
         if img is None or txt is None:
             raise BadSampleError(f"{sh}: sample {key!r} has no {'image' if img is None else 'caption (.txt)'}; "
-                                 f"expected KEY.jpg + KEY.txt pairs")
+                                 "expected KEY.jpg + KEY.txt pairs")
         with open(sh, 'rb') as f:
             f.seek(img[0])
             ib = f.read(img[1])

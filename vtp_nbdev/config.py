@@ -22,7 +22,8 @@ def project_root(start=None) -> Path:
     "The nearest folder above `start` (default: cwd) holding `settings.ini`, else the package's parent."
     p = Path(start or os.getcwd()).resolve()
     for q in (p, *p.parents):
-        if (q/'settings.ini').exists(): return q
+        if (q/'settings.ini').exists():
+            return q
     return Path(__file__).resolve().parent.parent
 
 # %% ../nbs/00_config.ipynb #a29ee8fb
@@ -31,34 +32,43 @@ def get_settings(root=None) -> dict:
     root = project_root(root)
     cp = configparser.ConfigParser()
     ini = root/'settings.ini'
-    if ini.exists(): cp.read(ini)
+    if ini.exists():
+        cp.read(ini)
     sec = cp['vtp'] if cp.has_section('vtp') else {}
-    defaults = dict(data_root='/usr/share/datasets', runs_dir='runs', figures_dir='figures', device='auto', threads='0', scale='smoke')
+    defaults = dict(data_root='/usr/share/datasets', runs_dir='runs', figures_dir='figures', device='auto', threads='0',
+                    scale='smoke')
     s = {k: os.environ.get(f'VTP_{k.upper()}', sec.get(k, defaults[k])) for k in SETTINGS_KEYS}
     for k in ('data_root', 'runs_dir', 'figures_dir'):
         p = Path(s[k]).expanduser()
         s[k] = p if p.is_absolute() else root/p
-    try: s['threads'] = int(s['threads'])
-    except ValueError: raise ValueError(f"settings: threads={s['threads']!r} is not an integer (0 = torch default)") from None
-    if s['scale'] not in SCALES: raise ValueError(f"settings: scale={s['scale']!r}, expected one of {SCALES}")
+    try:
+        s['threads'] = int(s['threads'])
+    except ValueError:
+        raise ValueError(f"settings: threads={s['threads']!r} is not an integer (0 = torch default)") from None
+    if s['scale'] not in SCALES:
+        raise ValueError(f"settings: scale={s['scale']!r}, expected one of {SCALES}")
     return s
 
 # %% ../nbs/00_config.ipynb #302d6c84
 def get_device(device: str | None = None) -> torch.device:
     "Resolve `'auto'` (settings default) to CUDA when available, else CPU."
     device = device or get_settings()['device']
-    if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
     return torch.device(device)
 
 def setup_threads(threads: int | None = None):
     "Set torch's intra-op threads from settings (0 keeps torch's default)."
     threads = get_settings()['threads'] if threads is None else threads
-    if threads > 0: torch.set_num_threads(threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
     return torch.get_num_threads()
 
 def seed_everything(seed: int):
     "Seed python, numpy and torch (all devices)."
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 # %% ../nbs/00_config.ipynb #42995749
 PRECISIONS = ('auto', 'fp32', 'bf16')
@@ -92,15 +102,20 @@ import dataclasses, numbers, typing, types
 def _type_ok(v, t) -> bool:
     "Whether value `v` fits annotation `t` (simple types, Optional/Union, tuple/list, dict; anything else passes)."
     origin = typing.get_origin(t)
-    if t is typing.Any: return True
-    if origin in (typing.Union, types.UnionType): return any(_type_ok(v, a) for a in typing.get_args(t))
-    if t is type(None): return v is None
+    if t is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(v, a) for a in typing.get_args(t))
+    if t is type(None):
+        return v is None
     if t is float:
         return isinstance(v, numbers.Real) and not isinstance(v, bool)      # numpy scalars too
     if t is int:
         return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-    if t in (tuple, list) or origin in (tuple, list): return isinstance(v, (tuple, list))
-    if t is dict or origin is dict: return isinstance(v, dict)
+    if t in (tuple, list) or origin in (tuple, list):
+        return isinstance(v, (tuple, list))
+    if t is dict or origin is dict:
+        return isinstance(v, dict)
     return isinstance(v, t) if isinstance(t, type) else True
 
 def type_name(t) -> str:
@@ -127,14 +142,17 @@ class PlainConfig:
     "Mixin for dataclass configs: `to_dict()`, and `from_dict()` that rejects unknown keys and wrong types by name."
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for f in dataclasses.fields(self):                       # execution-only options at their default: not part of the hash
-            if f.metadata.get('hash_neutral') and d[f.name] == f.default: del d[f.name]
+        # execution-only options at their default: not part of the hash
+        for f in dataclasses.fields(self):
+            if f.metadata.get('hash_neutral') and d[f.name] == f.default:
+                del d[f.name]
         return d
 
     @classmethod
     def from_dict(cls, d: dict):
         names = {f.name for f in dataclasses.fields(cls)}
-        if bad := sorted(set(d) - names): raise ValueError(f"unknown {cls.__name__} keys {bad}; expected some of {sorted(names)}")
+        if bad := sorted(set(d) - names):
+            raise ValueError(f"unknown {cls.__name__} keys {bad}; expected some of {sorted(names)}")
         check_field_types(cls.__name__, d, typing.get_type_hints(cls))
         return cls(**d)
 
@@ -143,13 +161,18 @@ def environment_info(root=None) -> dict:
     "Versions of Python and the main libraries, and the project's git commit (None outside a git checkout)."
     import platform, subprocess, importlib.metadata as md
     libs = {}
-    for name in ('torch', 'torchvision', 'timm', 'open_clip_torch', 'torch-fidelity', 'safetensors', 'numpy', 'nbdev', 'papermill'):
-        try: libs[name] = md.version(name)
-        except md.PackageNotFoundError: libs[name] = None
+    for name in ('torch', 'torchvision', 'timm', 'open_clip_torch', 'torch-fidelity', 'safetensors', 'numpy', 'nbdev',
+                 'papermill'):
+        try:
+            libs[name] = md.version(name)
+        except md.PackageNotFoundError:
+            libs[name] = None
     git = lambda *a: subprocess.run(['git', *a], cwd=project_root(root), capture_output=True, text=True, timeout=10)
     try:
-        r = git('rev-parse', 'HEAD'); commit = r.stdout.strip() if r.returncode == 0 else None
+        r = git('rev-parse', 'HEAD')
+        commit = r.stdout.strip() if r.returncode == 0 else None
         dirty = bool(git('status', '--porcelain', '--untracked-files=no').stdout.strip()) if commit else None
-    except (OSError, subprocess.SubprocessError): commit, dirty = None, None
-    return dict(python=platform.python_version(), libraries=libs, git_commit=commit, git_dirty=dirty, cpu_count=os.cpu_count(),
-                torch_threads=torch.get_num_threads(), cuda=torch.cuda.is_available())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return dict(python=platform.python_version(), libraries=libs, git_commit=commit, git_dirty=dirty,
+                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), cuda=torch.cuda.is_available())

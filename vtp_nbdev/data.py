@@ -32,12 +32,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     "Map float pixels in [0,1], (..., 3, H, W), to ImageNet-normalised space."
-    m = x.new_tensor(IMAGENET_MEAN).view(3, 1, 1); s = x.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    m = x.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+    s = x.new_tensor(IMAGENET_STD).view(3, 1, 1)
     return (x - m) / s
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
     "Inverse of `normalize`: ImageNet-normalised (..., 3, H, W) back to [0,1] pixels (not clamped)."
-    m = x.new_tensor(IMAGENET_MEAN).view(3, 1, 1); s = x.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    m = x.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+    s = x.new_tensor(IMAGENET_STD).view(3, 1, 1)
     return x * s + m
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +48,8 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def uint8_to_model(img: np.ndarray) -> torch.Tensor:
     "An (H, W, 3) uint8 array -> a normalised (3, H, W) float tensor."
-    return normalize(torch.from_numpy(np.array(img, np.uint8)).permute(2, 0, 1).float() / 255)  # copy: arrays may be read-only
+    # copy: arrays may be read-only
+    return normalize(torch.from_numpy(np.array(img, np.uint8)).permute(2, 0, 1).float() / 255)
 
 # %% ../nbs/01_data.ipynb #62651548
 @functools.lru_cache(maxsize=None)
@@ -61,21 +64,26 @@ def _tokenize_one(text: str, context_length: int) -> torch.Tensor:
 
 def tokenize(texts, context_length: int = 77) -> torch.Tensor:
     "Tokenise a caption or a list of captions to (N, context_length) int64 token ids."
-    if isinstance(texts, str): texts = [texts]
+    if isinstance(texts, str):
+        texts = [texts]
     for t in texts:
-        if not isinstance(t, str): raise TypeError(f"tokenize: expected str captions, got {type(t).__name__}: {t!r}")
-    if len(texts) == 1: return _tokenize_one(texts[0], context_length)[None].clone()  # per-sample path, cached
+        if not isinstance(t, str):
+            raise TypeError(f"tokenize: expected str captions, got {type(t).__name__}: {t!r}")
+    if len(texts) == 1:
+        return _tokenize_one(texts[0], context_length)[None].clone()  # per-sample path, cached
     return get_text_tokenizer()(list(texts), context_length=context_length)
 
 # %% ../nbs/01_data.ipynb #0fabf522
 SHAPE_KINDS = ('circle', 'square', 'triangle', 'diamond', 'cross')
-COLOURS = {'red': (0.90, 0.12, 0.12), 'green': (0.10, 0.75, 0.20), 'blue': (0.15, 0.30, 0.95), 'yellow': (0.95, 0.85, 0.10)}
+COLOURS = {'red': (0.90, 0.12, 0.12), 'green': (0.10, 0.75, 0.20), 'blue': (0.15, 0.30, 0.95),
+           'yellow': (0.95, 0.85, 0.10)}
 SIZES = ('small', 'large')
 COUNTS = (1, 2, 3)
 POSITIONS = ('top left', 'top right', 'bottom left', 'bottom right', 'centre')
 BACKGROUNDS = ('striped', 'checkered', 'dotted', 'noisy', 'plain')
 SHAPES_CLASSES = tuple(f'{c} {s}' for s in SHAPE_KINDS for c in COLOURS)  # label = shape_index * 4 + colour_index
-_POS_XY = {'top left': (.28, .28), 'top right': (.72, .28), 'bottom left': (.28, .72), 'bottom right': (.72, .72), 'centre': (.5, .5)}
+_POS_XY = {'top left': (.28, .28), 'top right': (.72, .28), 'bottom left': (.28, .72), 'bottom right': (.72, .72),
+           'centre': (.5, .5)}
 _RADIUS = {'small': 0.085, 'large': 0.14}  # object radius as a fraction of the resolution
 
 # %% ../nbs/01_data.ipynb #0c9a704c
@@ -88,11 +96,16 @@ def _grid(res: int):
 def _sdf(kind, dx, dy, r):
     "Signed distance (pixels, negative inside) of a shape of radius r centred at the origin."
     ax, ay = np.abs(dx), np.abs(dy)
-    if kind == 'circle': return np.sqrt(dx * dx + dy * dy) - r
-    if kind == 'square': return np.maximum(ax, ay) - 0.8 * r
-    if kind == 'diamond': return (ax + ay - 1.15 * r) * 0.7071
-    if kind == 'triangle': return np.maximum(dy - 0.7 * r, (1.8 * ax - dy - r) * 0.4856)
-    if kind == 'cross': return np.minimum(np.maximum(ax - 0.3 * r, ay - r), np.maximum(ay - 0.3 * r, ax - r))
+    if kind == 'circle':
+        return np.sqrt(dx * dx + dy * dy) - r
+    if kind == 'square':
+        return np.maximum(ax, ay) - 0.8 * r
+    if kind == 'diamond':
+        return (ax + ay - 1.15 * r) * 0.7071
+    if kind == 'triangle':
+        return np.maximum(dy - 0.7 * r, (1.8 * ax - dy - r) * 0.4856)
+    if kind == 'cross':
+        return np.minimum(np.maximum(ax - 0.3 * r, ay - r), np.maximum(ay - 0.3 * r, ax - r))
     raise ValueError(f"unknown shape kind {kind!r}; expected one of {SHAPE_KINDS}")
 
 # %% ../nbs/01_data.ipynb #a863751b
@@ -105,10 +118,12 @@ def _background(rng, kind, res):
         th, f = rng.uniform(0, np.pi), rng.uniform(0.12, 0.3)
         m = np.sin(f * (xx * np.cos(th) + yy * np.sin(th)) * 2 * np.pi * 0.5 + rng.uniform(0, 6.3)) > 0
     elif kind == 'checkered':
-        s = rng.uniform(2.5, 6) * res / 32; ox, oy = rng.uniform(0, 10, 2)
+        s = rng.uniform(2.5, 6) * res / 32
+        ox, oy = rng.uniform(0, 10, 2)
         m = (np.floor((xx + ox) / s) + np.floor((yy + oy) / s)) % 2 > 0
     elif kind == 'dotted':
-        s = rng.uniform(4, 7) * res / 32; ox, oy = rng.uniform(0, s, 2)
+        s = rng.uniform(4, 7) * res / 32
+        ox, oy = rng.uniform(0, s, 2)
         m = ((xx + ox) % s - s / 2) ** 2 + ((yy + oy) % s - s / 2) ** 2 < (0.28 * s) ** 2
     elif kind == 'noisy':
         return (base + rng.normal(0, 0.1, (res, res, 3))).astype(np.float32)
@@ -122,7 +137,8 @@ def _background(rng, kind, res):
 def shapes_attributes(rng) -> dict:
     "Sample the semantics of one `shapes` image."
     return dict(shape=SHAPE_KINDS[rng.integers(5)], colour=list(COLOURS)[rng.integers(4)], size=SIZES[rng.integers(2)],
-                count=COUNTS[rng.integers(3)], position=POSITIONS[rng.integers(5)], background=BACKGROUNDS[rng.integers(5)])
+                count=COUNTS[rng.integers(3)], position=POSITIONS[rng.integers(5)],
+                background=BACKGROUNDS[rng.integers(5)])
 
 def shapes_label(attrs: dict) -> int:
     "Class label of a `shapes` image: shape × colour (20 classes)."
@@ -145,25 +161,29 @@ def render_shapes(attrs: dict, rng, res: int = 32) -> np.ndarray:
     for ox, oy in offs:                                                # blend each object inside its bounding window
         x0, x1 = int(max(cx + ox - r - 2, 0)), int(min(cx + ox + r + 3, res))
         y0, y1 = int(max(cy + oy - r - 2, 0)), int(min(cy + oy + r + 3, res))
-        a = np.clip(0.5 - _sdf(attrs['shape'], xx[y0:y1, x0:x1] - cx - ox, yy[y0:y1, x0:x1] - cy - oy, r), 0, 1)[..., None]
+        a = np.clip(0.5 - _sdf(attrs['shape'], xx[y0:y1, x0:x1] - cx - ox, yy[y0:y1, x0:x1] - cy - oy, r),
+                    0, 1)[..., None]
         img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - a) + colour * a  # anti-aliased edges
     img = img + rng.normal(0, 0.02, img.shape)                          # sensor noise
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 # %% ../nbs/01_data.ipynb #37495fc9
 _SYN = dict(
-    circle=('circle', 'disc'), square=('square', 'box'), triangle=('triangle',), diamond=('diamond', 'rhombus'), cross=('cross', 'plus sign'),
+    circle=('circle', 'disc'), square=('square', 'box'), triangle=('triangle',), diamond=('diamond', 'rhombus'),
+    cross=('cross', 'plus sign'),
     red=('red', 'crimson', 'scarlet'), green=('green', 'emerald'), blue=('blue', 'cobalt'), yellow=('yellow', 'golden'),
     small=('small', 'little', 'tiny'), large=('large', 'big', 'huge'),
-    striped=('striped', 'stripy'), checkered=('checkered', 'chequered'), dotted=('dotted', 'polka-dot'), noisy=('noisy', 'grainy'), plain=('plain', 'smooth'))
+    striped=('striped', 'stripy'), checkered=('checkered', 'chequered'), dotted=('dotted', 'polka-dot'),
+    noisy=('noisy', 'grainy'), plain=('plain', 'smooth'))
 _COUNT_WORDS = {1: ('one', 'a', 'a single'), 2: ('two', 'a pair of'), 3: ('three',)}
 _POS_WORDS = {'top left': ('at the top left', 'in the upper left corner', 'in the top-left'),
               'top right': ('at the top right', 'in the upper right corner', 'in the top-right'),
               'bottom left': ('at the bottom left', 'in the lower left corner', 'in the bottom-left'),
               'bottom right': ('at the bottom right', 'in the lower right corner', 'in the bottom-right'),
               'centre': ('in the centre', 'in the middle', 'at the center')}
-_CAPTION_TEMPLATES = ('{n} {s} {c} {k} {p}{b}', 'a picture of {n} {s} {c} {k} {p}{b}', 'there {be} {n} {s} {c} {k} {p}{b}',
-                      '{p}: {n} {c} {k}, {s}{b}', 'an image showing {n} {s} {c} {k} {p}{b}', '{n} {c} {k} of {s} size {p}{b}')
+_CAPTION_TEMPLATES = ('{n} {s} {c} {k} {p}{b}', 'a picture of {n} {s} {c} {k} {p}{b}',
+                      'there {be} {n} {s} {c} {k} {p}{b}', '{p}: {n} {c} {k}, {s}{b}',
+                      'an image showing {n} {s} {c} {k} {p}{b}', '{n} {c} {k} of {s} size {p}{b}')
 _BG_PHRASES = ('', ' on a {bg} background', ' over a {bg} backdrop', ', {bg} background')
 
 # %% ../nbs/01_data.ipynb #1df8960b
@@ -172,7 +192,8 @@ def shapes_caption(attrs: dict, rng) -> str:
     pick = lambda opts: opts[rng.integers(len(opts))]
     n = attrs['count']
     k = pick(_SYN[attrs['shape']])
-    if n > 1: k = k + 's' if ' ' in k else (k + 'es' if k.endswith(('s', 'x')) else k + 's')  # plus signs, crosses, boxes
+    if n > 1:
+        k = k + 's' if ' ' in k else (k + 'es' if k.endswith(('s', 'x')) else k + 's')  # plus signs, crosses, boxes
     n_word = pick(_COUNT_WORDS[n])
     b = pick(_BG_PHRASES).format(bg=pick(_SYN[attrs['background']]))
     t = pick(_CAPTION_TEMPLATES)
@@ -195,20 +216,26 @@ class VTPDataset(Dataset):
     context_length = 77
     classes: tuple = ()
     labelled = True                      # False: captions only (label -1)
-    def __len__(self): return self.n
+    def __len__(self):
+        return self.n
     def __getitem__(self, i):
-        if not -self.n <= i < self.n: raise IndexError(f"{type(self).__name__}: index {i} out of range for {self.n} samples")
+        if not -self.n <= i < self.n:
+            raise IndexError(f"{type(self).__name__}: index {i} out of range for {self.n} samples")
         img, caption, label = self.raw(i % self.n)
-        return dict(image=uint8_to_model(img), caption=caption, tokens=tokenize(caption, self.context_length)[0], label=label)
+        return dict(image=uint8_to_model(img), caption=caption, tokens=tokenize(caption, self.context_length)[0],
+                    label=label)
 
 # %% ../nbs/01_data.ipynb #d367a3c8
 class ShapesDataset(VTPDataset):
-    "Procedural `shapes` dataset: `size` distinct images of a split at resolution `res`, deterministic by (seed, index)."
+    "Procedural `shapes` dataset: `size` distinct images of a split, resolution `res`, deterministic by (seed, index)."
     classes = SHAPES_CLASSES
     def __init__(self, split='train', size=10_000, res=32, seed=0, context_length=77):
-        if split not in SPLIT_OFFSETS: raise ValueError(f"shapes: unknown split {split!r}; expected one of {tuple(SPLIT_OFFSETS)}")
-        if not 0 < size <= 10**9: raise ValueError(f"shapes: size={size} must be in 1..1e9 (splits are disjoint 1e9-index ranges)")
-        if res < 16: raise ValueError(f"shapes: res={res} too small; expected >= 16 pixels")
+        if split not in SPLIT_OFFSETS:
+            raise ValueError(f"shapes: unknown split {split!r}; expected one of {tuple(SPLIT_OFFSETS)}")
+        if not 0 < size <= 10**9:
+            raise ValueError(f"shapes: size={size} must be in 1..1e9 (splits are disjoint 1e9-index ranges)")
+        if res < 16:
+            raise ValueError(f"shapes: res={res} too small; expected >= 16 pixels")
         self.split, self.n, self.res, self.seed, self.context_length = split, size, res, seed, context_length
         self.offset = SPLIT_OFFSETS[split]
     def raw(self, i):
@@ -219,7 +246,8 @@ class ShapesDataset(VTPDataset):
         return shapes_sample(self.offset + i, self.seed, self.res)[3]
 
 # %% ../nbs/01_data.ipynb #2068bfb4
-FASHION_MNIST_CLASSES = ('T-shirt/top', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'ankle boot')
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag',
+                         'ankle boot')
 FASHION_MNIST_FILES = {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
                        'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')}
 
@@ -228,13 +256,17 @@ def read_idx(path) -> np.ndarray:
     path = Path(path)
     opener = gzip.open if path.suffix == '.gz' else open
     try:
-        with opener(path, 'rb') as f: data = f.read()
-    except (OSError, EOFError) as e: raise ValueError(f"{path}: cannot read IDX file ({e})") from None
+        with opener(path, 'rb') as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read IDX file ({e})") from None
     if len(data) < 4 or data[:2] != b'\0\0' or data[2] != 8:
         raise ValueError(f"{path}: not an unsigned-byte IDX file (bad magic {data[:4]!r})")
-    nd = data[3]; dims = struct.unpack(f'>{nd}I', data[4:4 + 4 * nd])
+    nd = data[3]
+    dims = struct.unpack(f'>{nd}I', data[4:4 + 4 * nd])
     body = np.frombuffer(data, np.uint8, offset=4 + 4 * nd)
-    if body.size != int(np.prod(dims)): raise ValueError(f"{path}: truncated IDX file: {body.size} bytes for shape {dims}")
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: truncated IDX file: {body.size} bytes for shape {dims}")
     return body.reshape(dims)
 
 # %% ../nbs/01_data.ipynb #911e8959
@@ -243,8 +275,10 @@ def fashion_mnist_dir(data_root=None) -> Path:
     root = Path(data_root or get_settings()['data_root'])
     d = root/'fashion-mnist' if (root/'fashion-mnist').is_dir() else root
     missing = [f for fs in FASHION_MNIST_FILES.values() for f in fs if not (d/f).exists()]
-    if missing: raise FileNotFoundError(f"Fashion-MNIST not found in {d} (missing {missing[0]}): install it with "
-                                        f"`apt-get install dataset-fashion-mnist`, or point VTP_DATA_ROOT at a folder holding the IDX files")
+    if missing:
+        raise FileNotFoundError(f"Fashion-MNIST not found in {d} (missing {missing[0]}): install it with "
+                                f"`apt-get install dataset-fashion-mnist`, or point VTP_DATA_ROOT at a folder holding "
+                                "the IDX files")
     return d
 
 # %% ../nbs/01_data.ipynb #c57dd0db
@@ -261,17 +295,23 @@ class FashionMNISTDataset(VTPDataset):
     "Fashion-MNIST from Debian's IDX files; val = the last `n_val` images of the official train split."
     classes = FASHION_MNIST_CLASSES
     def __init__(self, split='train', res=32, data_root=None, n_val=5000, seed=0, context_length=77, size=None):
-        if split not in ('train', 'val', 'test'): raise ValueError(f"fashion_mnist: unknown split {split!r}; expected train/val/test")
+        if split not in ('train', 'val', 'test'):
+            raise ValueError(f"fashion_mnist: unknown split {split!r}; expected train/val/test")
         d = fashion_mnist_dir(data_root)
         imgs, lbls = (read_idx(d/f) for f in FASHION_MNIST_FILES['test' if split == 'test' else 'train'])
-        if split == 'train': imgs, lbls = imgs[:-n_val], lbls[:-n_val]
-        elif split == 'val': imgs, lbls = imgs[-n_val:], lbls[-n_val:]
-        self.images, self.labels, self.res, self.seed, self.context_length = imgs, lbls.astype(np.int64), res, seed, context_length
+        if split == 'train':
+            imgs, lbls = imgs[:-n_val], lbls[:-n_val]
+        elif split == 'val':
+            imgs, lbls = imgs[-n_val:], lbls[-n_val:]
+        self.images, self.labels, self.res, self.seed, self.context_length = (imgs, lbls.astype(np.int64), res, seed,
+                                                                              context_length)
         self.n = len(imgs) if size is None else min(_check_size(size, 'fashion_mnist'), len(imgs))   # the first `size`
     def raw(self, i):
         x = self.images[i]
-        if self.res == 32: x = np.pad(x, 2)
-        elif self.res != 28: x = np.asarray(Image.fromarray(x).resize((self.res, self.res), Image.BICUBIC))
+        if self.res == 32:
+            x = np.pad(x, 2)
+        elif self.res != 28:
+            x = np.asarray(Image.fromarray(x).resize((self.res, self.res), Image.BICUBIC))
         lbl = int(self.labels[i])
         t = _FMNIST_TEMPLATES[np.random.default_rng([self.seed, i]).integers(len(_FMNIST_TEMPLATES))]
         return np.repeat(x[..., None], 3, -1), t.format(FASHION_MNIST_CLASSES[lbl]), lbl
@@ -280,7 +320,8 @@ class FashionMNISTDataset(VTPDataset):
 class BadSampleError(ValueError):
     "A sample that cannot be used: unreadable image, missing file, empty caption, missing pair."
 
-MAX_IMAGE_PIXELS = 2 ** 26      # 64 Mi pixels (8192 x 8192): larger images are refused before decoding (decompression bombs)
+# 64 Mi pixels (8192 x 8192): larger images are refused before decoding (decompression bombs)
+MAX_IMAGE_PIXELS = 2 ** 26
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     "Convert any PIL mode to RGB (alpha composited on white, 16-bit scaled)."
@@ -288,31 +329,40 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         a = np.asarray(im, dtype=np.float64)
         a = a / 257 if a.max() > 255 else a
         im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-    if im.mode == 'P': im = im.convert('RGBA')
+    if im.mode == 'P':
+        im = im.convert('RGBA')
     if im.mode in ('RGBA', 'LA', 'PA'):
-        bg = Image.new('RGBA', im.size, (255, 255, 255, 255)); bg.alpha_composite(im.convert('RGBA')); im = bg
+        bg = Image.new('RGBA', im.size, (255, 255, 255, 255))
+        bg.alpha_composite(im.convert('RGBA'))
+        im = bg
     return im.convert('RGB')
 
 def load_image(src, res: int, name=None) -> np.ndarray:
     "Read an image file (path, or bytes named `name`) as (res, res, 3) uint8: RGB, short-side resize, centre crop."
-    if isinstance(src, bytes): path, src = name or '<bytes>', io.BytesIO(src)
+    if isinstance(src, bytes):
+        path, src = name or '<bytes>', io.BytesIO(src)
     else:
         path = src = Path(src)
-        if not path.exists(): raise BadSampleError(f"{path}: file does not exist")
+        if not path.exists():
+            raise BadSampleError(f"{path}: file does not exist")
     try:
         with Image.open(src) as im:
             w, h = im.size                                                 # from the header: nothing decoded yet
             if w * h > MAX_IMAGE_PIXELS:
-                raise BadSampleError(f"{path}: {w}x{h} image ({w * h} pixels) exceeds the limit of {MAX_IMAGE_PIXELS} pixels "
-                                     f"(vtp_nbdev.data.MAX_IMAGE_PIXELS); expected a smaller image")
-            im.load(); im = _to_rgb(im)
-    except BadSampleError: raise
+                raise BadSampleError(f"{path}: {w}x{h} image ({w * h} pixels) exceeds the limit of {MAX_IMAGE_PIXELS} "
+                                     f"pixels (vtp_nbdev.data.MAX_IMAGE_PIXELS); expected a smaller image")
+            im.load()
+            im = _to_rgb(im)
+    except BadSampleError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadSampleError(f"{path}: cannot read image ({type(e).__name__}: {e}); expected a readable image file") from None
+        raise BadSampleError(f"{path}: cannot read image ({type(e).__name__}: {e}); "
+                             "expected a readable image file") from None
     w, h = im.size
     s = res / min(w, h)
     im = im.resize((max(res, round(w * s)), max(res, round(h * s))), Image.BICUBIC)
-    w, h = im.size; l, t = (w - res) // 2, (h - res) // 2
+    w, h = im.size
+    l, t = (w - res) // 2, (h - res) // 2
     return np.asarray(im.crop((l, t, l + res, t + res)))
 
 # %% ../nbs/01_data.ipynb #cf2c11cd
@@ -349,9 +399,11 @@ class _FileDataset(VTPDataset):
     def raw(self, i):
         for j in range(self.n):
             k = (i + j) % self.n
-            try: return self.load(k)
+            try:
+                return self.load(k)
             except BadSampleError as e:
-                if not self.skip_bad: raise
+                if not self.skip_bad:
+                    raise
                 self.n_skipped = getattr(self, 'n_skipped', 0) + 1
                 warnings.warn(f"skipped bad sample ({self.n_skipped} so far in this process): {e}")
         raise BadSampleError(f"{self.source}: every sample is bad")
@@ -365,9 +417,11 @@ class ImageFolderDataset(_FileDataset):
     def __init__(self, root, res=32, seed=0, context_length=77, skip_bad=False, class_names=None, split='all',
                  size=None, val_frac=HOLDOUT['val'], test_frac=HOLDOUT['test']):
         self.source = root = Path(root)
-        if not root.is_dir(): raise FileNotFoundError(f"image_folder: {root} is not a folder")
+        if not root.is_dir():
+            raise FileNotFoundError(f"image_folder: {root} is not a folder")
         dirs = sorted(d for d in root.iterdir() if d.is_dir())
-        if not dirs: raise ValueError(f"image_folder: {root} has no class sub-folders; expected root/<class>/<image files>")
+        if not dirs:
+            raise ValueError(f"image_folder: {root} has no class sub-folders; expected root/<class>/<image files>")
         files = [(f, c) for c, d in enumerate(dirs) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_EXTS]
         if not files:
             raise ValueError(f"image_folder: {root} contains no images with extensions {IMAGE_EXTS}")
@@ -378,7 +432,8 @@ class ImageFolderDataset(_FileDataset):
         self.files = select_split(files, keys, split, val_frac, test_frac, size, f'image_folder {root}')
         self.split, self.n_source = split, len(files)
         self.classes = tuple(class_names or (d.name.replace('_', ' ') for d in dirs))
-        self.n, self.res, self.seed, self.context_length, self.skip_bad = len(self.files), res, seed, context_length, skip_bad
+        self.n, self.res, self.seed, self.context_length, self.skip_bad = (len(self.files), res, seed, context_length,
+                                                                           skip_bad)
     def load(self, i):
         f, c = self.files[i]
         t = _CLASS_TEMPLATES[np.random.default_rng([self.seed, i]).integers(len(_CLASS_TEMPLATES))]
@@ -386,22 +441,28 @@ class ImageFolderDataset(_FileDataset):
 
 # %% ../nbs/01_data.ipynb #58be6c29
 class ImageTextDataset(_FileDataset):
-    "Image–caption pairs from a CSV/TSV with a header naming a path and a caption column (paths relative to the table)."
+    "Image–caption pairs from a CSV/TSV whose header names a path and a caption column (paths relative to the table)."
     labelled = False
     PATH_COLS, CAPTION_COLS = ('path', 'filepath', 'image', 'file'), ('caption', 'text', 'title')
     def __init__(self, table, res=32, context_length=77, skip_bad=False, delimiter=None, split='all', size=None,
                  val_frac=HOLDOUT['val'], test_frac=HOLDOUT['test'], seed=0):
         self.source = table = Path(table)
-        if not table.exists(): raise FileNotFoundError(f"image_text: table {table} does not exist")
+        if not table.exists():
+            raise FileNotFoundError(f"image_text: table {table} does not exist")
         delimiter = delimiter or ('\t' if table.suffix.lower() == '.tsv' else ',')
         with open(table, newline='', encoding='utf-8', errors='strict') as f:
-            try: rows = list(csv.DictReader(f, delimiter=delimiter))
-            except UnicodeDecodeError as e: raise ValueError(f"image_text: {table} is not UTF-8 ({e})") from None
+            try:
+                rows = list(csv.DictReader(f, delimiter=delimiter))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"image_text: {table} is not UTF-8 ({e})") from None
             header = rows[0].keys() if rows else []
-        pc = next((c for c in self.PATH_COLS if c in header), None); cc = next((c for c in self.CAPTION_COLS if c in header), None)
-        if not rows: raise ValueError(f"image_text: {table} has no rows; expected a header and one row per image")
+        pc = next((c for c in self.PATH_COLS if c in header), None)
+        cc = next((c for c in self.CAPTION_COLS if c in header), None)
+        if not rows:
+            raise ValueError(f"image_text: {table} has no rows; expected a header and one row per image")
         if pc is None or cc is None:
-            raise ValueError(f"image_text: {table} header {list(header)} needs a path column {self.PATH_COLS} and a caption column {self.CAPTION_COLS}")
+            raise ValueError(f"image_text: {table} header {list(header)} needs a path column {self.PATH_COLS} "
+                             f"and a caption column {self.CAPTION_COLS}")
         rows = [(r[pc] or '', r[cc], n + 2) for n, r in enumerate(rows)]               # n + 2: line number with header
         kept = select_split(rows, [p for p, _, _ in rows], split, val_frac, test_frac, size, f'image_text {table}')
         self.rows = [(table.parent/p, c, line) for p, c, line in kept]             # relative to the table's folder
@@ -409,8 +470,10 @@ class ImageTextDataset(_FileDataset):
         self.n, self.res, self.context_length, self.skip_bad = len(self.rows), res, context_length, skip_bad
     def load(self, i):
         path, caption, line = self.rows[i]
-        if not (caption or '').strip(): raise BadSampleError(f"{self.source}:{line}: empty caption for {path}")
-        if not path.exists(): raise BadSampleError(f"{self.source}:{line}: listed file {path} does not exist")
+        if not (caption or '').strip():
+            raise BadSampleError(f"{self.source}:{line}: empty caption for {path}")
+        if not path.exists():
+            raise BadSampleError(f"{self.source}:{line}: listed file {path} does not exist")
         return load_image(path, self.res), caption.strip(), -1
 
 # %% ../nbs/01_data.ipynb #dabfbd23
@@ -420,19 +483,23 @@ class TarShardDataset(_FileDataset):
     def __init__(self, shards, res=32, context_length=77, skip_bad=False, split='all', size=None,
                  val_frac=HOLDOUT['val'], test_frac=HOLDOUT['test'], seed=0):
         shards = [shards] if isinstance(shards, (str, Path)) else list(shards)
-        if not shards: raise ValueError("image_text: no tar shards given")
+        if not shards:
+            raise ValueError("image_text: no tar shards given")
         self.source, items = shards[0], []
         for sh in map(Path, shards):
             pairs = {}
             try:
                 with tarfile.open(sh) as tf:
                     for m in tf.getmembers():
-                        if not m.isfile(): continue
+                        if not m.isfile():
+                            continue
                         key, ext = os.path.splitext(m.name)
                         pairs.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
-            except (tarfile.TarError, OSError, EOFError) as e: raise ValueError(f"image_text: {sh}: unreadable tar shard ({e})") from None
+            except (tarfile.TarError, OSError, EOFError) as e:
+                raise ValueError(f"image_text: {sh}: unreadable tar shard ({e})") from None
             for key in sorted(pairs):
-                d = pairs[key]; img = next((d[e] for e in IMAGE_EXTS if e in d), None)
+                d = pairs[key]
+                img = next((d[e] for e in IMAGE_EXTS if e in d), None)
                 items.append((sh, key, img, d.get('.txt')))
         if not items:
             raise ValueError(f"image_text: shards {shards} contain no samples")
@@ -443,43 +510,60 @@ class TarShardDataset(_FileDataset):
     def shard_groups(self) -> list:
         "Sample indices grouped by shard (in shard order): the unit of webdataset-style splitting."
         groups = {}
-        for i, it in enumerate(self.items): groups.setdefault(it[0], []).append(i)
+        for i, it in enumerate(self.items):
+            groups.setdefault(it[0], []).append(i)
         return list(groups.values())
     def load(self, i):
         sh, key, img, txt = self.items[i]
         if img is None or txt is None:
-            raise BadSampleError(f"{sh}: sample {key!r} has no {'image' if img is None else 'caption (.txt)'}; expected KEY.jpg + KEY.txt pairs")
+            raise BadSampleError(f"{sh}: sample {key!r} has no {'image' if img is None else 'caption (.txt)'}; "
+                                 "expected KEY.jpg + KEY.txt pairs")
         with open(sh, 'rb') as f:
-            f.seek(img[0]); ib = f.read(img[1]); f.seek(txt[0]); tb = f.read(txt[1])
-        try: caption = tb.decode('utf-8').strip()
-        except UnicodeDecodeError: raise BadSampleError(f"{sh}: caption of {key!r} is not UTF-8") from None
-        if not caption: raise BadSampleError(f"{sh}: empty caption for {key!r}")
+            f.seek(img[0])
+            ib = f.read(img[1])
+            f.seek(txt[0])
+            tb = f.read(txt[1])
+        try:
+            caption = tb.decode('utf-8').strip()
+        except UnicodeDecodeError:
+            raise BadSampleError(f"{sh}: caption of {key!r} is not UTF-8") from None
+        if not caption:
+            raise BadSampleError(f"{sh}: empty caption for {key!r}")
         return load_image(ib, self.res, name=f"{sh}:{key}"), caption, -1
 
 # %% ../nbs/01_data.ipynb #ea48a703
 from torch.utils.data import IterableDataset, get_worker_info
 
-def stream_indices(groups: list, reader: int, readers: int, seed: int = 0, epoch: int = 0, shuffle: bool = True) -> list:
-    "Indices read by `reader` of `readers`: every `readers`-th group (of a per-epoch shuffled order), groups kept whole."
-    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist() if shuffle else range(len(groups))
+def stream_indices(groups: list, reader: int, readers: int, seed: int = 0, epoch: int = 0,
+                   shuffle: bool = True) -> list:
+    "Indices read by `reader` of `readers`: every `readers`-th group (of a per-epoch shuffled order), each kept whole."
+    order = (torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+             if shuffle else range(len(groups)))
     return [i for g in list(order)[reader::readers] for i in groups[g]]
 
 class ShardedStream(IterableDataset):
     "Iterate `ds` once per epoch, split across ranks and DataLoader workers: every sample exactly once, no duplicates."
-    def __init__(self, ds, rank: int | None = None, world: int | None = None, seed: int = 0, shuffle: bool = True, by: str = 'sample'):
-        if by not in ('sample', 'shard'): raise ValueError(f"ShardedStream: by={by!r}; expected 'sample' or 'shard'")
-        if by == 'shard' and not hasattr(ds, 'shard_groups'): raise ValueError(f"ShardedStream: by='shard' needs tar shards, got {type(ds).__name__}")
+    def __init__(self, ds, rank: int | None = None, world: int | None = None, seed: int = 0, shuffle: bool = True,
+                 by: str = 'sample'):
+        if by not in ('sample', 'shard'):
+            raise ValueError(f"ShardedStream: by={by!r}; expected 'sample' or 'shard'")
+        if by == 'shard' and not hasattr(ds, 'shard_groups'):
+            raise ValueError(f"ShardedStream: by='shard' needs tar shards, got {type(ds).__name__}")
         if rank is None or world is None:
             rank, world = rank_world()
-        self.ds, self.rank, self.world, self.seed, self.shuffle, self.by, self.epoch = ds, rank, world, seed, shuffle, by, 0
-    def set_epoch(self, epoch: int): self.epoch = epoch
+        self.ds, self.rank, self.world, self.seed, self.shuffle, self.by, self.epoch = (ds, rank, world, seed, shuffle,
+                                                                                        by, 0)
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
     def indices(self, worker: int = 0, workers: int = 1) -> list:
         "The dataset indices this rank's `worker` (of `workers`) reads this epoch."
         groups = self.ds.shard_groups() if self.by == 'shard' else [[i] for i in range(len(self.ds))]
-        return stream_indices(groups, self.rank * workers + worker, self.world * workers, self.seed, self.epoch, self.shuffle)
+        return stream_indices(groups, self.rank * workers + worker, self.world * workers, self.seed, self.epoch,
+                              self.shuffle)
     def __iter__(self):
         info = get_worker_info()
-        for i in self.indices(*((info.id, info.num_workers) if info else (0, 1))): yield self.ds[i]
+        for i in self.indices(*((info.id, info.num_workers) if info else (0, 1))):
+            yield self.ds[i]
 
 # %% ../nbs/01_data.ipynb #22cf02f8
 DATASETS = ('shapes', 'fashion_mnist', 'image_folder', 'image_text')
@@ -487,7 +571,8 @@ DATASETS = ('shapes', 'fashion_mnist', 'image_folder', 'image_text')
 def check_resolution(res: int, patch_size: int):
     "Raise a clear error unless `res` is a positive multiple of `patch_size`."
     if res <= 0 or patch_size <= 0 or res % patch_size:
-        raise ValueError(f"resolution {res} is not divisible by the patch size {patch_size}; expected a multiple of {patch_size}")
+        raise ValueError(f"resolution {res} is not divisible by the patch size {patch_size}; "
+                         f"expected a multiple of {patch_size}")
 
 def shard_paths(source) -> list | None:
     "Tar shards named by `source` (a `.tar`, a folder of them, a glob, or a list of these); None for a CSV/TSV table."
@@ -524,7 +609,8 @@ def _check_keys(name: str, cls, kwargs: dict):
 
 def get_dataset(name: str, split: str = 'train', res: int = 32, patch_size: int | None = None, **kwargs) -> VTPDataset:
     "Build dataset `name` (`shapes`, `fashion_mnist`, `image_folder`, `image_text`) for `split` (`all`: files only)."
-    if patch_size is not None: check_resolution(res, patch_size)
+    if patch_size is not None:
+        check_resolution(res, patch_size)
     if name == 'shapes':
         cls = ShapesDataset
     elif name == 'fashion_mnist':
@@ -561,26 +647,33 @@ def get_dataset(name: str, split: str = 'train', res: int = 32, patch_size: int 
 
 # %% ../nbs/01_data.ipynb #4db94cc0
 class MemoDataset(Dataset):
-    "`ds` with each sample kept after its first read while the kept tensors fit in `max_bytes` (deterministic datasets only)."
+    "`ds` with each sample kept after its first read while kept tensors fit in `max_bytes` (deterministic `ds` only)."
     def __init__(self, ds, max_bytes: int = 2 ** 30):
         self.ds, self.max_bytes, self.kept, self.bytes = ds, max_bytes, {}, 0
-    def __len__(self): return len(self.ds)
+    def __len__(self):
+        return len(self.ds)
     def __getitem__(self, i):
-        k = i % len(self.ds) if -len(self.ds) <= i < len(self.ds) else i          # out of range: `ds` raises its own error
-        if (s := self.kept.get(k)) is not None: return s
+        k = i % len(self.ds) if -len(self.ds) <= i < len(self.ds) else i  # out of range: `ds` raises its own error
+        if (s := self.kept.get(k)) is not None:
+            return s
         s = self.ds[k]
         size = sum(v.numel() * v.element_size() for v in s.values() if torch.is_tensor(v))
-        if self.bytes + size <= self.max_bytes: self.kept[k] = s; self.bytes += size
+        if self.bytes + size <= self.max_bytes:
+            self.kept[k] = s
+            self.bytes += size
         return s
     def __getattr__(self, name):                                                  # classes, attributes(), n, ...
-        if name == 'ds': raise AttributeError(name)
+        if name == 'ds':
+            raise AttributeError(name)
         return getattr(self.ds, name)
 
 # %% ../nbs/01_data.ipynb #a5f119cc
 ZERO_SHOT_TEMPLATES = {
-    'shapes': dict(train=('a picture of a {}.', 'an image showing a {}.', 'there is a {} in the picture.', 'a {} on a striped background.'),
+    'shapes': dict(train=('a picture of a {}.', 'an image showing a {}.', 'there is a {} in the picture.',
+                          'a {} on a striped background.'),
                    heldout=('a rendering of a {} shape.', 'a drawing with a {} in it.', 'a {} on a plain canvas.')),
-    'fashion_mnist': dict(train=_FMNIST_TEMPLATES, heldout=('a black and white photo of a {}.', 'a catalogue image of the {}.')),
+    'fashion_mnist': dict(train=_FMNIST_TEMPLATES,
+                          heldout=('a black and white photo of a {}.', 'a catalogue image of the {}.')),
     'image_folder': dict(train=_CLASS_TEMPLATES, heldout=('a blurry photo of a {}.', 'a good photo of the {}.')),
 }
 
@@ -614,13 +707,16 @@ def local_crop_size(res: int, patch_size: int) -> int:
 def random_resized_crops(images, size, scale, ratio=(3 / 4, 4 / 3), generator=None, rank=0, world=1):
     "One random-resized crop per image of (B, C, H, W) -> (B, C, size, size), randomly h-flipped."
     B, C, H, W = images.shape
-    g = dict(generator=generator)                                # draws on the CPU, for the global batch B*world:
-    n = B * world                                                # rank r keeps rows r::world (as `batch_indices` slices)
+    g = dict(generator=generator)                              # draws on the CPU, for the global batch B*world:
+    n = B * world                                              # rank r keeps rows r::world (as `batch_indices` slices)
     area = torch.empty(n).uniform_(*scale, **g)[rank::world] * H * W                      # (B,)
     logr = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), **g)[rank::world]
-    w = (area * logr.exp()).sqrt().clamp(1, W); h = (area / logr.exp()).sqrt().clamp(1, H)
-    x0 = torch.rand(n, **g)[rank::world] * (W - w); y0 = torch.rand(n, **g)[rank::world] * (H - h)
-    boxes = torch.stack([torch.arange(B, dtype=torch.float), x0, y0, x0 + w, y0 + h], 1).to(images, non_blocking=True)  # (B, 5); no host sync
+    w = (area * logr.exp()).sqrt().clamp(1, W)
+    h = (area / logr.exp()).sqrt().clamp(1, H)
+    x0 = torch.rand(n, **g)[rank::world] * (W - w)
+    y0 = torch.rand(n, **g)[rank::world] * (H - h)
+    # (B, 5); no host sync
+    boxes = torch.stack([torch.arange(B, dtype=torch.float), x0, y0, x0 + w, y0 + h], 1).to(images, non_blocking=True)
     out = roi_align(images, boxes, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)  # (B, C, s, s)
     flip = (torch.rand(n, **g)[rank::world] < 0.5).to(images.device, non_blocking=True)
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
@@ -628,7 +724,8 @@ def random_resized_crops(images, size, scale, ratio=(3 / 4, 4 / 3), generator=No
 def multicrop(images, n_global=2, n_local=4, patch_size=4, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32),
               generator=None, rank=0, world=1):
     "DINO multi-crop of a batch: list of `n_global` (B,C,H,W) then `n_local` (B,C,l,l) crops."
-    H = images.shape[-1]; check_resolution(H, patch_size)
+    H = images.shape[-1]
+    check_resolution(H, patch_size)
     l = local_crop_size(H, patch_size)
     kw = dict(generator=generator, rank=rank, world=world)
     return ([random_resized_crops(images, H, global_scale, **kw) for _ in range(n_global)] +

@@ -109,7 +109,7 @@ class PretrainConfig(PlainConfig):
                              "(the data on disk)")
 
     def data_kwargs(self) -> dict:
-        "Keyword arguments of `get_dataset`: the run's seed (datasets that draw nothing ignore it), then `dataset_kwargs`."
+        "Keyword arguments of `get_dataset`: the run's seed (ignored where nothing is drawn), then `dataset_kwargs`."
         return {'seed': self.seed, **self.dataset_kwargs}
 
     def check_accumulation(self, world: int = 1):

@@ -306,15 +306,17 @@ def testbed_preconditions(points, scale: str, root=None, max_rfd: float = 3., ma
     if sp is None or 'VTP' not in sp:
         pre['semantics: VTP shape probe >= chance + 10 points (not measured: run testbed_diagnostics)'] = False
     else:
-        pre[f"semantics: VTP shape probe >= chance + {probe_margin * 100:.0f} points (have {sp['VTP']:.0%}, chance "
-            f"{sp['chance']:.0%}; needs objectives and data that teach shape)"] = sp['VTP'] >= sp['chance'] + probe_margin
+        pre[f"semantics: VTP shape probe >= chance + {probe_margin * 100:.0f} points (have {sp['VTP']:.0%}, "
+            f"chance {sp['chance']:.0%}; needs objectives and data that teach shape)"] = (
+                sp['VTP'] >= sp['chance'] + probe_margin)
     ns = measured_noise(scale, root)
     g = ns['step_gain']
     if g is None:
         pre['proxy: DiT proxy converged (not measured: run testbed_diagnostics)'] = False
     else:
         pre[f"proxy: gFD gain from {ns['half_steps']} to {ns['dit_steps']} DiT steps not above 0 (have "
-            f"{g['mean']:.2f}, 95% CI {g['ci_lo']:.2f} .. {g['ci_hi']:.2f}; needs a longer DiT proxy)"] = g['ci_lo'] <= 0
+            f"{g['mean']:.2f}, 95% CI {g['ci_lo']:.2f} .. {g['ci_hi']:.2f}; needs a longer DiT proxy)"] = (
+                g['ci_lo'] <= 0)
     return pre
 
 def verdict_lines(verdicts) -> str:

@@ -12,10 +12,10 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['SINGLE_SEED_FACTOR', 'VERDICTS', 'MIN_POWER_LAW_BUDGETS', 'betainc', 't_cdf', 't_sf', 't_ppf', 'seed_sd',
-           'seed_stats', 'combine_sd', 'slope_per_decade', 'per_seed_slopes', 'paired_slope_test', 'slope_summary',
-           'single_seed_threshold', 'single_seed_effect', 'Verdict', 'decide', 'slope_verdict', 'single_seed_verdict',
-           'partial_correlation', 'fit_power_law', 'measured_noise', 'shape_probe', 'testbed_preconditions',
-           'verdict_lines']
+           'seed_stats', 'combine_sd', 'pooled_seed_sd', 'slope_per_decade', 'per_seed_slopes', 'paired_slope_test',
+           'slope_summary', 'single_seed_threshold', 'single_seed_effect', 'Verdict', 'decide', 'slope_verdict',
+           'single_seed_verdict', 'partial_correlation', 'fit_power_law', 'measured_noise', 'shape_probe',
+           'testbed_preconditions', 'verdict_lines']
 
 # %% ../nbs/16_stats.ipynb #ff0682bc
 def _betacf(a: float, b: float, x: float, iters: int = 300, eps: float = 1e-15) -> float:
@@ -109,6 +109,13 @@ def seed_stats(values, conf: float = 0.95) -> dict:
 def combine_sd(*sds) -> float:
     "SD of a sum of independent noise sources: sqrt(sum of variances)."
     return float(math.sqrt(sum(s * s for s in sds)))
+
+def pooled_seed_sd(df, y: str, by: str = 'method', seed: str = 'seed') -> tuple:
+    "SD of `y` over seeds pooled across `by` groups (root mean of their variances) and the fewest seeds of a group."
+    g = df.groupby(by)
+    n = int(g[seed].nunique().min()) if len(df) else 0
+    var = [seed_sd(v[y]) ** 2 for _, v in g]
+    return (float(math.sqrt(np.nanmean(var))) if n > 1 else float('nan')), n
 
 # %% ../nbs/16_stats.ipynb #4bd5eddd
 def slope_per_decade(compute, y) -> float:

@@ -216,7 +216,7 @@ def single_seed_verdict(claim: str, delta: float, sigma: float, sigma_seeds: int
     pre = {'a noise estimate (no noise estimate: sigma not measured)': thr == thr,
            f'SD from >= {min_seeds} seeds (have {sigma_seeds})': sigma_seeds >= min_seeds, **(preconditions or {})}
     detail = f"effect {delta:+.3g}, threshold 2*sqrt(2)*sigma = {thr:.3g} (sigma {sigma:.3g})"
-    return decide(claim, 'single-seed: |effect| > 2*sqrt(2)*sigma', thr == thr and delta > thr,
+    return decide(claim, 'single-seed: effect beyond 2*sqrt(2)*sigma', thr == thr and delta > thr,
                   thr == thr and delta < -thr, pre, detail)
 
 # %% ../nbs/16_stats.ipynb #60187c47

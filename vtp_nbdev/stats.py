@@ -12,9 +12,10 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['SINGLE_SEED_FACTOR', 'VERDICTS', 'MIN_POWER_LAW_BUDGETS', 'betainc', 't_cdf', 't_sf', 't_ppf', 'seed_sd',
-           'seed_stats', 'combine_sd', 'slope_per_decade', 'per_seed_slopes', 'paired_slope_test',
-           'single_seed_threshold', 'single_seed_effect', 'Verdict', 'decide', 'slope_verdict', 'single_seed_verdict',
-           'partial_correlation', 'fit_power_law']
+           'seed_stats', 'combine_sd', 'pooled_seed_sd', 'slope_per_decade', 'per_seed_slopes', 'paired_slope_test',
+           'slope_summary', 'single_seed_threshold', 'single_seed_effect', 'Verdict', 'decide', 'slope_verdict',
+           'single_seed_verdict', 'partial_correlation', 'fit_power_law', 'measured_noise', 'shape_probe',
+           'testbed_preconditions', 'verdict_lines']
 
 # %% ../nbs/16_stats.ipynb #ff0682bc
 def _betacf(a: float, b: float, x: float, iters: int = 300, eps: float = 1e-15) -> float:
@@ -109,6 +110,13 @@ def combine_sd(*sds) -> float:
     "SD of a sum of independent noise sources: sqrt(sum of variances)."
     return float(math.sqrt(sum(s * s for s in sds)))
 
+def pooled_seed_sd(df, y: str, by: str = 'method', seed: str = 'seed') -> tuple:
+    "SD of `y` over seeds pooled across `by` groups (root mean of their variances) and the fewest seeds of a group."
+    g = df.groupby(by)
+    n = int(g[seed].nunique().min()) if len(df) else 0
+    var = [seed_sd(v[y]) ** 2 for _, v in g]
+    return (float(math.sqrt(np.nanmean(var))) if n > 1 else float('nan')), n
+
 # %% ../nbs/16_stats.ipynb #4bd5eddd
 def slope_per_decade(compute, y) -> float:
     "Least-squares slope of `y` against log10(`compute`): the change of y per 10x compute."
@@ -134,6 +142,16 @@ def paired_slope_test(slopes_a: dict, slopes_b: dict, alternative: str = 'less',
         return out
     t = st['mean'] / st['se']
     out.update(t=t, p=t_cdf(t, len(d) - 1) if alternative == 'less' else t_sf(t, len(d) - 1))
+    return out
+
+def slope_summary(df, y: str, x: str = 'flops', by: str = 'method', seed: str = 'seed') -> dict:
+    "{group: per-seed slopes of `y` per 10x `x` and their `seed_stats`} for every `by` group of a long DataFrame."
+    out = {}
+    for k, g in df.groupby(by):
+        if g[x].nunique() < 2:
+            continue
+        sl = per_seed_slopes(g, y, x, seed)
+        out[k] = dict(slopes=sl, n_budgets=int(g.groupby(seed)[x].nunique().min()), **seed_stats(list(sl.values())))
     return out
 
 # %% ../nbs/16_stats.ipynb #37328c23
@@ -177,25 +195,28 @@ def decide(claim: str, rule: str, supports: bool | None, contradicts: bool | Non
     return Verdict(claim, word, rule, failed, detail)
 
 def slope_verdict(claim: str, slopes_a: dict, slopes_b: dict, alternative: str = 'less', alpha: float = 0.05,
-                  min_seeds: int = 3, n_budgets: int | None = None, min_budgets: int = 3) -> Verdict:
+                  min_seeds: int = 3, n_budgets: int | None = None, min_budgets: int = 3,
+                  preconditions: dict | None = None) -> Verdict:
     "Verdict on 'A's slope is below (`less`) / above B's' by one-sided paired t-tests on per-seed slopes."
     r = paired_slope_test(slopes_a, slopes_b, alternative)
     other = paired_slope_test(slopes_a, slopes_b, 'greater' if alternative == 'less' else 'less')
     pre = {f'>= {min_seeds} paired seeds (have {r["n"]})': r['n'] >= min_seeds}
     if n_budgets is not None:
         pre[f'>= {min_budgets} compute budgets per seed (have {n_budgets})'] = n_budgets >= min_budgets
+    pre.update(preconditions or {})
     rule = f'one-sided paired t-test of per-seed slopes per 10x compute, alpha={alpha:g}'
     detail = (f"slope difference A-B {r['diff_mean']:+.3g} per 10x (95% CI {r['ci_lo']:+.3g} .. {r['ci_hi']:+.3g}), "
               f"t={r['t']:.2f}, df={r['df']}, p={r['p']:.3g}")
     return decide(claim, rule, r['p'] < alpha, other['p'] < alpha, pre, detail)
 
-def single_seed_verdict(claim: str, delta: float, sigma: float, sigma_seeds: int = 0, min_seeds: int = 3) -> Verdict:
+def single_seed_verdict(claim: str, delta: float, sigma: float, sigma_seeds: int = 0, min_seeds: int = 3,
+                        preconditions: dict | None = None) -> Verdict:
     "Verdict on 'delta > 0' from one run per arm: counts only beyond 2*sqrt(2)*sigma (sigma from >= min_seeds seeds)."
     thr = single_seed_threshold(sigma)
-    pre = {'seed SD measured': thr == thr,
-           f'SD from >= {min_seeds} seeds (have {sigma_seeds})': sigma_seeds >= min_seeds}
+    pre = {'a noise estimate (no noise estimate: sigma not measured)': thr == thr,
+           f'SD from >= {min_seeds} seeds (have {sigma_seeds})': sigma_seeds >= min_seeds, **(preconditions or {})}
     detail = f"effect {delta:+.3g}, threshold 2*sqrt(2)*sigma = {thr:.3g} (sigma {sigma:.3g})"
-    return decide(claim, 'single-seed: |effect| > 2*sqrt(2)*sigma', thr == thr and delta > thr,
+    return decide(claim, 'single-seed: effect beyond 2*sqrt(2)*sigma', thr == thr and delta > thr,
                   thr == thr and delta < -thr, pre, detail)
 
 # %% ../nbs/16_stats.ipynb #60187c47
@@ -243,3 +264,68 @@ def fit_power_law(compute, y, n_boot: int = 2000, conf: float = 0.95, seed: int 
     return dict(a=float(10 ** la), b=float(b), b_lo=float(b_lo), b_hi=float(b_hi), change_per_10x=float(10 ** b - 1),
                 change_per_10x_lo=float(10 ** b_lo - 1), change_per_10x_hi=float(10 ** b_hi - 1), n=len(c),
                 n_budgets=k, n_boot=len(boot), conf=conf)
+
+# %% ../nbs/16_stats.ipynb #196189c2
+def _load_json(path):
+    "The JSON record at `path`, or None when it is not there."
+    import json
+    from pathlib import Path
+    p = Path(path)
+    return json.loads(p.read_text()) if p.exists() else None
+
+def _diagnostics(scale: str, name: str, root=None):
+    "The testbed-diagnostics record `name` (noise, probes, latents) of `scale`, or None."
+    from vtp_nbdev.config import project_root
+    return _load_json(project_root(root)/'results'/scale/'diagnostics'/f'{name}.json')
+
+def measured_noise(scale: str, root=None) -> dict:
+    "σ_DiT (gFD SD over DiT seeds at a fixed tokenizer), its seed count and the DiT-step gain, from the diagnostics."
+    rec = _diagnostics(scale, 'noise', root)
+    if rec is None:
+        return dict(sigma=float('nan'), n_seeds=0, step_gain=None, dit_steps=None, half_steps=None)
+    full = [r['fd_1k'] for r in rec['seeds']]
+    gain = seed_stats([r['fd_1k_half_steps'] - r['fd_1k'] for r in rec['seeds'] if 'fd_1k_half_steps' in r])
+    return dict(sigma=seed_sd(full), n_seeds=len(full), step_gain=gain if gain['n'] > 1 else None,
+                dit_steps=rec.get('dit_steps'), half_steps=rec.get('half_steps'))
+
+def shape_probe(scale: str, root=None, feature: str = 'last') -> dict | None:
+    "Shape-probe top-1 of the final AE and VTP (`feature` layer) and its chance level, from the diagnostics."
+    rec = _diagnostics(scale, 'probes', root)
+    rows = [r for r in (rec or {}).get('rows', []) if r['attribute'] == 'shape' and r['feature'] == feature]
+    if not rows:
+        return None
+    return dict({r['model']: r['top1'] for r in rows}, chance=rows[0]['chance'])
+
+def testbed_preconditions(points, scale: str, root=None, max_rfd: float = 3., max_rfd_ratio: float = 0.1,
+                          probe_margin: float = 0.1) -> dict:
+    "Named preconditions of the headline scaling claims (regime, semantics, proxy strength), evaluated from the data."
+    pre = {}
+    ae = points[points.method == 'AE'] if points is not None and len(points) else None
+    if ae is None or not len(ae):
+        pre['regime: AE rFD at the first budget <= 3 and <= 0.1 x gFD (no AE point stored)'] = False
+    else:
+        first = ae[ae.flops == ae.flops.min()]
+        rfd, gfd = float(first.rFD.mean()), float(first.gFD.mean())
+        ok = rfd <= max_rfd and rfd <= max_rfd_ratio * gfd
+        pre[f'regime: AE rFD at the first budget <= {max_rfd:g} and <= {max_rfd_ratio:g} x gFD (have rFD {rfd:.3g}, '
+            f'gFD {gfd:.3g}; needs a first budget where the AE already reconstructs)'] = ok
+    sp = shape_probe(scale, root)
+    if sp is None or 'VTP' not in sp:
+        pre['semantics: VTP shape probe >= chance + 10 points (not measured: run testbed_diagnostics)'] = False
+    else:
+        pre[f"semantics: VTP shape probe >= chance + {probe_margin * 100:.0f} points (have {sp['VTP']:.0%}, "
+            f"chance {sp['chance']:.0%}; needs objectives and data that teach shape)"] = (
+                sp['VTP'] >= sp['chance'] + probe_margin)
+    ns = measured_noise(scale, root)
+    g = ns['step_gain']
+    if g is None:
+        pre['proxy: DiT proxy converged (not measured: run testbed_diagnostics)'] = False
+    else:
+        pre[f"proxy: gFD gain from {ns['half_steps']} to {ns['dit_steps']} DiT steps not above 0 (have "
+            f"{g['mean']:.2f}, 95% CI {g['ci_lo']:.2f} .. {g['ci_hi']:.2f}; needs a longer DiT proxy)"] = (
+                g['ci_lo'] <= 0)
+    return pre
+
+def verdict_lines(verdicts) -> str:
+    "Verdicts as the `- WORD: claim [rule] (failed preconditions) — numbers` lines that results_summary collects."
+    return ''.join(f'- {v}\n' for v in verdicts)

@@ -15,7 +15,7 @@ __all__ = ['README_MARKERS', 'PAPER_TRAINING_SCALING', 'PAPER_AE_RFID', 'PAPER_C
            'PAPER_DATA_SCALING', 'PAPER_DECODER_SCALING', 'PAPER_TABLE1', 'PAPER_TABLE3', 'PAPER_TABLE2',
            'METHOD_ORDER', 'METHOD_COLORS', 'figures_dir', 'markdown_table', 'save_table', 'verdict_rows',
            'readme_results', 'setup_style', 'plain_log', 'paper_panel', 'seed_summary', 'log_slope',
-           'improvement_per_10x', 'fit_saturating_power_law', 'power_law', 'crossover', 'correlations', 'verdict']
+           'improvement_per_10x', 'correlations']
 
 # %% ../nbs/14_figures.ipynb #b0e38d50
 def figures_dir(scale: str) -> Path:
@@ -137,42 +137,6 @@ def improvement_per_10x(x, y) -> float:
     "Relative decrease of y per 10× of x from the log–log slope (0.658 = the paper's '65.8% better per 10×')."
     return 1 - 10 ** log_slope(x, y)
 
-def _fit_given_b(u, y, b):
-    "Least-squares a ≥ 0, c ≥ 0 of y = a·u^−b + c for a fixed b; (a, c, squared error)."
-    v = u ** (-b)
-    a, c = np.linalg.lstsq(np.stack([v, np.ones_like(v)], 1), y, rcond=None)[0]
-    if a < 0:
-        a, c = 0., max(y.mean(), 0.)
-    if c < 0:
-        a, c = max(float(v @ y / (v @ v)), 0.), 0.
-    return a, c, float(((a * v + c - y) ** 2).sum())
-
-def _fit_once(u, y, bs):
-    errs = [_fit_given_b(u, y, b) for b in bs]
-    k = int(np.argmin([e[2] for e in errs]))
-    return errs[k][0], bs[k], errs[k][1]
-
-def fit_saturating_power_law(x, y, x_scale: float | None = None, n_boot: int = 200, seed: int = 0) -> dict:
-    "Fit y = a·(x/x_scale)^(−b) + c (a, c ≥ 0; b on a grid in [0, 3]); standard errors by bootstrap over points."
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    xs = x_scale or float(np.exp(np.log(x).mean()))
-    u, bs = x / xs, np.linspace(0., 3., 601)
-    a, b, c = _fit_once(u, y, bs)
-    rng = np.random.default_rng(seed)
-    boot = np.array([_fit_once(u[i], y[i], bs) for i in (rng.integers(0, len(x), len(x)) for _ in range(n_boot))])
-    err = boot.std(0) if n_boot else np.full(3, np.nan)
-    return dict(a=a, b=b, c=c, a_err=err[0], b_err=err[1], c_err=err[2], x_scale=xs, n=len(x))
-
-def power_law(fit: dict, x) -> np.ndarray:
-    "Evaluate a `fit_saturating_power_law` result at `x`."
-    return fit['a'] * (np.asarray(x, float) / fit['x_scale']) ** (-fit['b']) + fit['c']
-
-def crossover(fit1: dict, fit2: dict, lo: float, hi: float) -> float | None:
-    "Smallest x in [lo, hi] (log grid) where the two fitted curves cross (sign change of their difference), else None."
-    xs = np.geomspace(lo, hi, 2000)
-    d = power_law(fit1, xs) - power_law(fit2, xs)
-    idx = np.nonzero(np.sign(d[1:]) != np.sign(d[:-1]))[0]
-    return float(xs[idx[0] + 1]) if len(idx) else None
 
 # %% ../nbs/14_figures.ipynb #6a45d887
 def correlations(x, y, n_perm: int = 10_000, seed: int = 0) -> dict:
@@ -184,9 +148,3 @@ def correlations(x, y, n_perm: int = 10_000, seed: int = 0) -> dict:
     pr = ((perm - perm.mean(1, keepdims=True)) @ (x - x.mean())) / \
         (np.linalg.norm(perm - perm.mean(1, keepdims=True), axis=1) * np.linalg.norm(x - x.mean()))
     return dict(n=len(x), pearson_r=r, spearman_rho=rho, p_perm=float((np.abs(pr) >= abs(r) - 1e-12).mean()))
-
-# %% ../nbs/14_figures.ipynb #35e916f8
-def verdict(ok: bool, finding: str, detail: str, evidence: bool = True) -> str:
-    "One verdict line: REPRODUCED / NOT REPRODUCED (INCONCLUSIVE without a noise estimate) + the finding + the numbers."
-    word = 'INCONCLUSIVE' if not evidence else 'REPRODUCED' if ok else 'NOT REPRODUCED'
-    return f"{word}: {finding} — {detail}"

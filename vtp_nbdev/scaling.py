@@ -19,7 +19,7 @@ from .generate import GenerationEvalConfig, generation_metrics
 # %% auto #0
 __all__ = ['SCALE_SETTINGS', 'scale_settings', 'flops_per_step', 'scaling_config', 'export_checkpoint', 'results_dir',
            'point_key', 'point_path', 'flops_at', 'write_record', 'score_point', 'run_lock', 'run_series',
-           'final_seed_spread', 'load_results', 'guided_point']
+           'load_results', 'guided_point']
 
 # %% ../nbs/13_scaling.ipynb #09a45397
 _GEN_SMOKE = dict(n_latents=256, dit=dict(preset='tiny', steps=30, batch=32, lr=1e-3, log_every=10, ckpt_every=30),
@@ -202,14 +202,6 @@ def run_series(scale: str, losses: str, seed: int = 0, flops: float | None = Non
                 print(f"  {losses} seed {seed} step {s}/{cfg.steps}: gFD {out[-1]['gFD']:.2f} rFD {out[-1]['rFD']:.2f} "
                       f"probe {out[-1]['probe_last']:.3f} ({time.time() - t0:.0f}s)", flush=True)
     return out
-
-def final_seed_spread(scale: str, methods=('AE', 'CLIP+SSL+AE'), seed: int = 0, y: str = 'gFD', root=None,
-                      store_only: bool = False) -> float:
-    "Noise threshold of single-seed comparisons: largest max - min of `y` over seeds at `methods`' final checkpoints."
-    seeds = [seed + k for k in scale_settings(scale)['seeds']]
-    vals = {m: [r[y] for s in seeds for r in run_series(scale, m, s, points=(-1,), progress=False, root=root,
-                                                        store_only=store_only)] for m in methods}
-    return max((max(v) - min(v) for v in vals.values() if len(v) > 1), default=0.)
 
 def load_results(scale: str, root=None, current: bool = True):
     "The records of the results store of `scale` as a DataFrame; `current`: only those of this scale's settings."

@@ -104,3 +104,18 @@ def test_compiled_step_is_one_graph_without_recompiles():
     assert seen == dict(graphs=1, breaks={}), seen
     assert counters['stats']['unique_graphs'] == 1 and not counters['graph_break'] and not counters['recompiles']
     assert max(abs(a - b) for a, b in zip(ref, losses)) <= 1e-4, (ref, losses)
+
+
+def test_pretrain_with_compiled_step(tmp_path, monkeypatch):
+    "`pretrain(compile='step')` compiles the step in `fit` (dynamo capture, eager kernels) and logs eager's losses."
+    import json
+    from vtp_nbdev.pretrain import pretrain
+    compile_step = VTPPretrainer.compile_step
+    monkeypatch.setattr(VTPPretrainer, 'compile_step', lambda self: compile_step(self, backend='aot_eager'))
+    base = dict(model=SMALL, steps=3, batch_clip=8, batch_ssl=4, batch_rec=2, n_local_crops=2, log_every=1,
+                ckpt_every=3, dataset_kwargs={'size': 24})
+    rows = lambda run: [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]
+    a = rows(pretrain(PretrainConfig(**base), runs_dir=tmp_path, device='cpu', progress=False))
+    b = rows(pretrain(PretrainConfig(**base, compile='step'), runs_dir=tmp_path, device='cpu', progress=False))
+    assert len(a) == len(b) == 3
+    assert all(abs(x[k] - y[k]) <= 1e-4 for x, y in zip(a, b) for k in ('loss', 'clip', 'dino', 'ibot', 'rec'))

@@ -19,8 +19,8 @@ from .runs import rank_world
 __all__ = ['LOGIT_SCALE_INIT', 'LOGIT_SCALE_MAX', 'SIGLIP_LOGIT_SCALE_INIT', 'SIGLIP_LOGIT_BIAS_INIT', 'IMAGENET_MEAN',
            'IMAGENET_STD', 'LOSS_PRESETS', 'LOSS_GROUPS', 'dist_ready', 'gather_with_grad', 'exp_logit_scale',
            'ClipLoss', 'SigLipLoss', 'teacher_temp_schedule', 'sinkhorn_knopp', 'DINOLoss', 'iBOTPatchLoss',
-           'KoLeoLoss', 'LPIPS', 'random_lpips_state_dict', 'ReconstructionLoss', 'PatchGANDiscriminator',
-           'hinge_d_loss', 'hinge_g_loss', 'adaptive_gan_weight', 'loss_weights', 'total_loss']
+           'sinkhorn_knopp_valid', 'KoLeoLoss', 'LPIPS', 'random_lpips_state_dict', 'ReconstructionLoss',
+           'PatchGANDiscriminator', 'hinge_d_loss', 'hinge_g_loss', 'adaptive_gan_weight', 'loss_weights', 'total_loss']
 
 # %% ../nbs/04_losses.ipynb #b0ef88fa
 def dist_ready() -> bool:
@@ -205,12 +205,56 @@ class iBOTPatchLoss(_TeacherCenter):
         if student_logits.shape[0] != M or teacher_probs.shape[0] != M:
             raise ValueError(f"iBOTPatchLoss: masks select {M} tokens but got student {tuple(student_logits.shape)}, "
                              f"teacher {tuple(teacher_probs.shape)}")
-        ce = -(teacher_probs * F.log_softmax(student_logits.float() / self.student_temp, dim=-1)).sum(-1)   # (M,)
         if masks_weight is None:
             # (M,), on the masks' device
             masks_weight = (1 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]
-        masks_weight = masks_weight.to(ce.device, non_blocking=True)                 # CPU masks: no host sync on CUDA
-        return (ce * masks_weight).sum() / masks.shape[0]
+        return self.weighted(student_logits, teacher_probs, masks_weight, masks.shape[0])
+
+    def weighted(self, student_logits, teacher_probs, weight, n_images: int):
+        "Scalar loss from (L, K) student logits and teacher probs, token weights (L,) (0: padding), over `n_images`."
+        ce = -(teacher_probs * F.log_softmax(student_logits.float() / self.student_temp, dim=-1)).sum(-1)   # (L,)
+        weight = weight.to(ce.device, non_blocking=True)                             # CPU masks: no host sync on CUDA
+        return (ce * weight).sum() / n_images
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher_logits, teacher_temp, mode: str = 'centering', update_center: bool = True,
+                      valid=None):
+        "Teacher probabilities (L, K); `valid` (L,) 1/0 marks the real rows of a padded buffer (centre, Sinkhorn)."
+        if valid is None:
+            return super().teacher_probs(teacher_logits, teacher_temp, mode, update_center)
+        if mode == 'centering':
+            p = self.softmax_center_teacher(teacher_logits, teacher_temp)
+        elif mode == 'sinkhorn_knopp':
+            p = sinkhorn_knopp_valid(teacher_logits, teacher_temp, valid)
+        else:
+            raise ValueError(f"teacher_probs: mode={mode!r}, expected 'centering' or 'sinkhorn_knopp'")
+        if update_center:
+            t = teacher_logits.float() * valid[:, None]                                # padding rows: 0
+            stats = torch.cat([t.sum(0), valid.sum()[None]])                            # (K+1,) sum and count
+            if dist_ready():
+                dist.all_reduce(stats)
+            mean = stats[:-1] / stats[-1].clamp(min=1)
+            self.center.mul_(self.center_momentum).add_(mean[None], alpha=1 - self.center_momentum)
+        return p
+
+@torch.no_grad()
+def sinkhorn_knopp_valid(teacher_logits, teacher_temp, valid, n_iterations: int = 3) -> torch.Tensor:
+    "`sinkhorn_knopp` of the rows (L, K) where `valid` (L,) is 1, over all ranks; padding rows come out 0."
+    Q = torch.where(valid > 0, torch.exp(teacher_logits.float() / teacher_temp).T, 0)   # (K, L): padding columns 0
+    K = Q.shape[0]
+    n, total = valid.float().sum(), Q.sum()                                          # real samples, total mass
+    if dist_ready():
+        dist.all_reduce(n)
+        dist.all_reduce(total)
+    Q = Q / total
+    for _ in range(n_iterations):
+        rows = Q.sum(dim=1, keepdim=True)                                           # (K, 1) mass per prototype
+        if dist_ready():
+            dist.all_reduce(rows)
+        Q = Q / rows / K
+        cols = Q.sum(dim=0, keepdim=True)                                           # (1, L)
+        Q = Q / torch.where(valid > 0, cols, 1) / n
+    return (Q * n).T
 
 # %% ../nbs/04_losses.ipynb #715a52dd
 class KoLeoLoss(nn.Module):

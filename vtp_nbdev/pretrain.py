@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import (PlainConfig, neutral_field, get_device, seed_everything, setup_threads,
                               cpu_precision, PRECISIONS)
@@ -22,10 +23,10 @@ from .runs import (Recipe, fit, training_cli, run_dir, batch_indices, batch_to, 
                             full_tensor, shard_optimizer, rewrite_jsonl)
 
 # %% auto #0
-__all__ = ['main', 'PretrainConfig', 'cosine_schedule', 'step_schedules', 'indices_on', 'masked_tokens', 'VTPPretrainer',
-           'MicroBatch', 'micro_batches', 'accumulate_grads', 'count_step_flops', 'make_optimizer', 'run_dir_for',
-           'load_batch', 'step_batches', 'compile_blocks', 'shard_tokenizer', 'PretrainRecipe', 'pretrain',
-           'GANFinetuneConfig', 'finetune_decoder_gan', 'demo_config']
+__all__ = ['main', 'PretrainConfig', 'cosine_schedule', 'step_schedules', 'indices_on', 'masked_tokens', 'mask_capacity',
+           'padded_mask_indices', 'VTPPretrainer', 'MicroBatch', 'micro_batches', 'accumulate_grads',
+           'count_step_flops', 'make_optimizer', 'run_dir_for', 'load_batch', 'step_batches', 'compile_blocks',
+           'shard_tokenizer', 'PretrainRecipe', 'pretrain', 'GANFinetuneConfig', 'finetune_decoder_gan', 'demo_config']
 
 # %% ../nbs/05_pretrain.ipynb #c582decb
 @dataclass
@@ -65,7 +66,8 @@ class PretrainConfig(PlainConfig):
     # prefetching processes: identical batches (0: collated here; not hashed while 0)
     num_workers: int = neutral_field(0)
     grad_accum: int = neutral_field(1)   # micro-batches per step (same global batch; not hashed while 1)
-    compile: bool = neutral_field(False) # torch.compile each transformer block (not hashed while off)
+    # torch.compile: True each transformer block, 'step' the whole step (static shapes); not hashed while off
+    compile: bool | str = neutral_field(False)
     precision: str = neutral_field('fp32')   # CPU: 'auto' (bf16 with AMX-BF16), 'fp32' or 'bf16'
 
     def __post_init__(self):
@@ -84,6 +86,10 @@ class PretrainConfig(PlainConfig):
         if (self.uses_ssl and self.batch_ssl > self.batch_clip) or self.batch_rec > self.batch_clip:
             raise ValueError(f"batch_ssl={self.batch_ssl} and batch_rec={self.batch_rec} must be <= "
                              f"batch_clip={self.batch_clip} (subsets of the batch)")
+        if self.compile not in (False, True, 'step'):
+            raise ValueError(f"compile={self.compile!r}; expected False, True (the blocks) or 'step' (the whole step)")
+        if self.compile == 'step' and self.grad_accum > 1:
+            raise ValueError(f"compile='step' needs grad_accum=1 (got {self.grad_accum})")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}; expected one of {list(PRECISIONS)}")
         if self.clip_loss not in ('softmax', 'siglip'):
@@ -167,6 +173,22 @@ def masked_tokens(tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     "The tokens (B, N, D) where `masks` (B, N) is True, as (M, D) in row-major order (no host sync)."
     return tokens.flatten(0, 1).index_select(0, indices_on(masks, tokens.device))     # (M, D)
 
+def mask_capacity(n_images: int, n_patches: int, ratio_range: tuple) -> int:
+    "Length of the fixed masked-token buffer: an upper bound of the tokens `block_masks` masks in `n_images` images."
+    t = max(1, math.ceil(n_patches * ratio_range[1]))                # the largest target of one image
+    # the last block of an image covers at most left + 1.19*sqrt(left) + 0.25 patches (rounded sides, aspect <= 1/0.3)
+    return n_images * min(n_patches, math.floor(t + 1.19 * math.sqrt(t) + 0.25))
+
+def padded_mask_indices(masks: torch.Tensor, length: int, device) -> tuple:
+    "Indices (L,) of the masked tokens of CPU bool `masks` (n, N) padded with 0 to `length`; iBOT weights; validity."
+    idx = masks.flatten().nonzero().squeeze(1)                                      # (M,) row-major
+    if len(idx) > length:
+        raise ValueError(f"padded_mask_indices: {len(idx)} masked tokens exceed the buffer of {length}")
+    w = (1 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]     # (M,): 1 / masked tokens of the row
+    pad = (0, length - len(idx))
+    out = (F.pad(idx, pad), F.pad(w, pad), F.pad(torch.ones(len(idx)), pad))         # padding: token 0, weight 0
+    return tuple(x.to(device, non_blocking=True) for x in out)
+
 # %% ../nbs/05_pretrain.ipynb #963fa668
 class VTPPretrainer(nn.Module):
     "Tokenizer + SSL heads + EMA teacher + losses; `forward(batch, step)` -> (total loss, dict of detached terms)."
@@ -181,17 +203,32 @@ class VTPPretrainer(nn.Module):
             self.dino_loss, self.ibot_loss = DINOLoss(mc.dino_out_dim), iBOTPatchLoss(mc.dino_out_dim)
             self.koleo_loss = KoLeoLoss() if self.weights.get('koleo', 0) > 0 else None
         self.rec_loss = ReconstructionLoss(cfg.lpips_path, perceptual_weight=1.0 if cfg.lpips_path else 0.0)
+        self.static = cfg.compile == 'step'      # masked tokens in a fixed-length buffer: shapes set by the config
+        self.step_fn = self.loss_step
 
     @property
     def model(self) -> VTPModel:
         return self.net.model
 
+    def compile_step(self, **kw):
+        "Compile `loss_step` (forward and losses; backward through the compiled graph) as one graph."
+        self.static = True
+        self.step_fn = torch.compile(self.loss_step, fullgraph=True, **kw)
+        return self
+
     def forward(self, batch: dict, step: int, micro: MicroBatch | None = None):
+        cfg = self.cfg
+        images = batch['image']                                                    # (B, 3, H, W)
+        b_ssl = max(2, images.shape[0] * cfg.batch_ssl // cfg.batch_clip)
+        ssl = self.ssl_inputs(images[:b_ssl], step) if cfg.uses_ssl and micro is None else None
+        self.net.model.trunk.set_drop_path(cfg.drop_path_ssl)                      # the state `loss_step` leaves
+        return self.step_fn(images, batch['tokens'], ssl, micro)
+
+    def loss_step(self, images, tokens, ssl: dict | None, micro: MicroBatch | None = None):
+        "Total loss and detached terms from tensors only: the batch and `ssl_inputs` (or a micro-batch)."
         cfg, m, terms = self.cfg, self.net.model, {}
-        images, tokens = batch['image'], batch['tokens']                          # (B, 3, H, W), (B, L)
-        B = images.shape[0]
+        B = images.shape[0]                                                        # images (B, 3, H, W), tokens (B, L)
         b_rec = B if not (cfg.uses_clip or cfg.uses_ssl) else max(1, B * cfg.batch_rec // cfg.batch_clip)
-        b_ssl = max(2, B * cfg.batch_ssl // cfg.batch_clip)
         n_main = B if cfg.uses_clip else b_rec                                     # images through the clean trunk pass
         m.trunk.set_drop_path(cfg.drop_path_main)
         cls, patch = m.forward_features(images[:n_main])                           # (n, D), (n, N, D)
@@ -204,8 +241,7 @@ class VTPPretrainer(nn.Module):
         z = m.tokens_to_latents(patch[:b_rec], (images.shape[-2] // p, images.shape[-1] // p))   # (b_rec, d, h, w)
         terms['rec'] = self.rec_loss(m.get_latents_decoded_images(z), images[:b_rec])
         if cfg.uses_ssl:
-            terms.update(self.ssl_terms(images[:b_ssl],
-                                        step) if micro is None else self.ssl_student(micro.ssl_targets()))
+            terms.update(self.ssl_student(self.ssl_teacher(ssl) if micro is None else micro.ssl_targets()))
         if micro is not None:
             terms = {k: v if k == 'clip' else v / micro.k for k, v in terms.items()}   # means over the whole batch
         total = total_loss(terms, self.weights)
@@ -221,7 +257,11 @@ class VTPPretrainer(nn.Module):
 
     def ssl_targets(self, images, step) -> dict:
         "Multi-crops and iBOT masks of `images` with the EMA teacher's DINO and iBOT targets (no gradient)."
-        cfg, net, m = self.cfg, self.net, self.net.model
+        return self.ssl_teacher(self.ssl_inputs(images, step))
+
+    def ssl_inputs(self, images, step) -> dict:
+        "Multi-crops, iBOT masks and teacher temperature of `step` (static: padded masked-token indices and weights)."
+        cfg, m = self.cfg, self.net.model
         rank, world = rank_world()   # crops: draws for the global batch, our rows kept
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         crops = multicrop(images, 2, cfg.n_local_crops, m.config.vision_patch_size, generator=g, rank=rank, world=world)
@@ -233,15 +273,30 @@ class VTPPretrainer(nn.Module):
         ids = (torch.arange(2)[:, None] * b * world + rank + world * torch.arange(b)).flatten()   # (2b,)
         masks = block_masks(ids, (gh, gw), cfg.mask_ratio, cfg.mask_prob, key=stream_key(cfg.seed, step))  # (2b, N)
         temp = step_schedules(cfg, step)['teacher_temp']
+        out = dict(glob=glob, loc=loc, masks=masks, temp=temp)
+        if self.static:                                                            # tensors only: no recompiles
+            L = mask_capacity(2 * b, gh * gw, cfg.mask_ratio)
+            out.update(zip(('idx', 'w', 'valid'), padded_mask_indices(masks, L, glob.device)))
+            out.update(masks=masks.to(glob.device, non_blocking=True), temp=torch.full((), temp, device=glob.device))
+        return out
+
+    def ssl_teacher(self, t: dict) -> dict:
+        "`ssl_inputs` with the EMA teacher's DINO and iBOT targets (no gradient)."
+        net, m = self.net, self.net.model
+        glob, masks, temp, b = t['glob'], t['masks'], t['temp'], t['masks'].shape[0] // 2
         with torch.no_grad():
             t_cls, t_patch = net.teacher.trunk.forward_features(glob)              # (2b, D), (2b, N, D)
             t_sem = lambda t: t if m.config.vision_bottleneck_ae_only else net.teacher.trunk.bottleneck(t)
             # (2b + M, K): one head call
-            t_logits = net.teacher.dino_head(t_sem(torch.cat([t_cls, masked_tokens(t_patch, masks)])))
+            t_logits = net.teacher.dino_head(t_sem(torch.cat([t_cls, self._masked(t_patch, t)])))
             t_cls_logits, t_patch_logits = t_logits[:2 * b], t_logits[2 * b:]     # (2b, K), (M, K)
             pd = self._teacher(self.dino_loss, t_cls_logits.view(2, b, -1), temp)  # (2, b, K)
-            pi = self._teacher(self.ibot_loss, t_patch_logits, temp)               # (M, K)
-        return dict(glob=glob, loc=loc, masks=masks, pd=pd, pi=pi)
+            pi = self._teacher(self.ibot_loss, t_patch_logits, temp, t.get('valid'))   # (M, K)
+        return {**t, 'pd': pd, 'pi': pi}
+
+    def _masked(self, tokens, t: dict):
+        "The masked tokens of `tokens` (2b, N, D): (M, D), or the fixed (L, D) buffer of a static step."
+        return masked_tokens(tokens, t['masks']) if 'idx' not in t else tokens.flatten(0, 1).index_select(0, t['idx'])
 
     def ssl_student(self, t: dict) -> dict:
         "DINO, iBOT (and KoLeo) terms of the student on the crops of `ssl_targets`."
@@ -252,12 +307,14 @@ class VTPPretrainer(nn.Module):
         s_cls, s_patch = m.forward_features(glob, masks.to(glob.device, non_blocking=True))
         # (2b, D) + (n_local*b, D): one pass for all local crops
         cls = [s_cls] + ([m.forward_features(torch.cat(loc))[0]] if loc else [])
-        s_tok = torch.cat(cls + [masked_tokens(s_patch, masks)])                  # (2b + n_local*b + M, D)
+        s_tok = torch.cat(cls + [self._masked(s_patch, t)])                       # (2b + n_local*b + M, D)
         s_out = net.dino_head(m.semantic_features(s_tok))                         # one head call for DINO and iBOT
         n_cls = sum(c.shape[0] for c in cls)
         s_logits = s_out[:n_cls].chunk(2 + len(loc))                               # (2 + n_local) x (b, K)
         out = dict(dino=self.dino_loss(list(s_logits), list(pd)))
-        if masks.any():
+        if 'idx' in t:                                                             # static: padding weighs 0
+            out['ibot'] = self.ibot_loss.weighted(s_out[n_cls:], pi, t['w'], masks.shape[0])
+        elif masks.any():
             out['ibot'] = self.ibot_loss(s_out[n_cls:], pi, masks)     # masks on the CPU: no host sync
         else:
             out['ibot'] = s_patch.sum() * 0                                      # no masked token in this batch
@@ -265,9 +322,10 @@ class VTPPretrainer(nn.Module):
             out['koleo'] = sum(self.koleo_loss(c) for c in s_cls.chunk(2)) / 2
         return out
 
-    def _teacher(self, loss, logits, temp):
+    def _teacher(self, loss, logits, temp, valid=None):
+        kw = {} if valid is None else dict(valid=valid)
         return loss.teacher_probs(logits, temp, mode=self.cfg.dino_mode,
-                                  update_center=self.cfg.dino_mode == 'centering')
+                                  update_center=self.cfg.dino_mode == 'centering', **kw)
 
 # %% ../nbs/05_pretrain.ipynb #c536b478
 def _grad_scaled(x: torch.Tensor, w: float) -> torch.Tensor:
@@ -450,7 +508,10 @@ class PretrainRecipe(Recipe):
         return shard_tokenizer(trainer, opt)
 
     def compile(self, trainer: VTPPretrainer, net: nn.Module) -> nn.Module:
-        compile_blocks(trainer)                                          # in place: DDP keeps its wrapped module
+        if self.cfg.compile == 'step':
+            trainer.compile_step()                                       # in place: DDP keeps its wrapped module
+        else:
+            compile_blocks(trainer)
         return net
 
     def schedule(self, step: int) -> dict:

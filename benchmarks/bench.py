@@ -16,7 +16,7 @@ Rows (medians of `--iters` timed calls after 2 warm-up calls):
   batches of `--sample-batch`, decoded to images by the tokenizer's pixel decoder; time per NFE and in total.
 
 FLOPs are counted by torch.utils.flop_counter (`count_step_flops`, `count_dit_step_flops`, `dit_forward_flops`), so
-MFU = counted FLOPs / time / measured peak. On CPU the peak is measured again after every row and each row uses the larger
+MFU = counted FLOPs / time / measured peak; on a GPU also against its spec dense bf16 peak (`MFU (spec)`). On CPU the peak is measured again after every row and each row uses the larger
 of the probes just before and just after it (this shared host's peak drifted 88–171 GFLOP/s within one run); peers are compared per
 interleaved round (median and quartiles of the speed ratio). A timm ViT-Ti/4 step at 32 px, a reference step, is
 measured in the same run. Peak memory: the process's peak RSS per row on CPU (reset through
@@ -25,7 +25,7 @@ the machine (with its load average before and after: numbers taken on a busy mac
 and the comparison with the performance targets.
 """
 from __future__ import annotations
-import argparse, contextlib, os, platform, resource, statistics, sys, time
+import argparse, contextlib, os, platform, re, resource, statistics, sys, time
 from pathlib import Path
 import torch
 
@@ -33,6 +33,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TARGETS = dict(tokenizer_mfu=0.50, dit_mfu=0.50, sampling_s=60.0)
+# dense bf16 tensor-core peaks of the vendors' spec sheets, TFLOP/s without sparsity (longest name matched first)
+GPU_SPEC_BF16_TFLOPS = {'H200': 989.0, 'H100': 989.0, 'H100 PCIe': 756.0, 'GH200': 989.0, 'B200': 2250.0,
+                        'A100': 312.0, 'L40S': 362.0, 'L4': 121.0, 'A10': 125.0}
+
+
+def spec_peak(gpu_name: str) -> float | None:
+    "The spec dense bf16 peak (FLOP/s) of a GPU named like `NVIDIA H100 80GB HBM3`; None when it is not in the table."
+    for k in sorted(GPU_SPEC_BF16_TFLOPS, key=len, reverse=True):
+        if re.search(rf'(?<!\w){re.escape(k)}(?!\w)', gpu_name):
+            return GPU_SPEC_BF16_TFLOPS[k] * 1e12
+    return None
+
+
+def spec_mfu_words(gpu_name: str) -> str:
+    "The report line naming the spec peak that the `MFU (spec)` column divides by."
+    peak = spec_peak(gpu_name)
+    if peak is None:
+        return f"No spec peak known for {gpu_name}: the `MFU (spec)` column is empty."
+    return (f"`MFU (spec)` = GFLOP/s / the spec dense bf16 peak of the {gpu_name}, {peak / 1e12:.0f} TFLOP/s "
+            "(the vendor's figure; the measured matmul probe is usually lower).")
 DEFAULTS = dict(cpu=dict(tok_presets='S,tiny', dit_presets='S', batch=64, dit_batch=64, sample_tok='tiny', scale='cpu'),
                 cuda=dict(tok_presets='paper_S,paper_B,paper_L', dit_presets='B/1,XL/1', batch=32, dit_batch=64,
                           sample_tok='paper_S', scale='paper'))
@@ -323,6 +343,20 @@ def machine(device) -> str:
     return s
 
 
+def rows_table(b: Bench, gpu_name: str | None = None) -> list:
+    "The markdown table of the rows; on a GPU with an `MFU (spec)` column against its spec peak, after a line naming it."
+    if gpu_name is None:
+        head = ['| what | samples/s | GFLOP/s | MFU | peak MiB | note |', '|---|---:|---:|---:|---:|---|']
+        return head + [f"| {r['name']} | {r['samples_per_s']:.1f} | {r['gflops']:.1f} | {r['mfu']:.1%} | "
+                       f"{r['mem_mib']:.0f} | {r['note']} |" for r in b.rows.values()]
+    peak = spec_peak(gpu_name)
+    spec = lambda r: '' if peak is None else f"{r['gflops'] * 1e9 / peak:.1%}"
+    head = [spec_mfu_words(gpu_name), '', '| what | samples/s | GFLOP/s | MFU | MFU (spec) | peak MiB | note |',
+            '|---|---:|---:|---:|---:|---:|---|']
+    return head + [f"| {r['name']} | {r['samples_per_s']:.1f} | {r['gflops']:.1f} | {r['mfu']:.1%} | {spec(r)} | "
+                   f"{r['mem_mib']:.0f} | {r['note']} |" for r in b.rows.values()]
+
+
 def targets_table(b: Bench, a) -> list:
     "Markdown rows comparing the measurements with the performance targets."
     R, out = b.rows, []
@@ -566,8 +600,7 @@ def main(argv=None):
              f"1-minute load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end (on {os.cpu_count()} logical CPUs).", '',
              f'MFU = FLOPs counted by `torch.utils.flop_counter` / time / {PEAK_WORDS[b.local_peak]}. Memory: peak RSS of the process '
              'during the row on CPU, peak allocated on CUDA. Sampling rows: samples/s counts latents (or images) per second of that stage.', '',
-             '| what | samples/s | GFLOP/s | MFU | peak MiB | note |', '|---|---:|---:|---:|---:|---|']
-    lines += [f"| {r['name']} | {r['samples_per_s']:.1f} | {r['gflops']:.1f} | {r['mfu']:.1%} | {r['mem_mib']:.0f} | {r['note']} |" for r in b.rows.values()]
+             *rows_table(b, torch.cuda.get_device_name(dev) if dev.type == 'cuda' else None)]
     lines += ['', '## vs targets', '', '| target | wanted | measured | met |', '|---|---|---|---|', *targets_table(b, a)]
     if dev.type == 'cpu': lines += ['', 'The GPU benchmark of the paper presets (`python benchmarks/bench.py --device cuda [--compile]`: '
                                     'bf16 autocast, `paper_S/B/L` tokenizer steps, LightningDiT-B/1 and XL/1) writes `figures/benchmarks_cuda.md`.']

@@ -310,3 +310,19 @@ def test_deferred_nan_check_stops_before_the_next_checkpoint(tmp_path, monkeypat
     from vtp_nbdev.runs import read_checkpoint
     tensors, meta = read_checkpoint(next((run/'checkpoints').glob('last-*')))
     assert meta['step'] == '2' and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+
+
+def test_benchmark_mfu_against_the_gpu_spec_peak():
+    sys.path.insert(0, str(ROOT/'benchmarks'))
+    import bench
+    assert bench.spec_peak('NVIDIA H200') == 989e12
+    assert bench.spec_peak('NVIDIA H100 PCIe') == 756e12 and bench.spec_peak('NVIDIA H100 80GB HBM3') == 989e12
+    assert bench.spec_peak('NVIDIA A100-SXM4-80GB') == 312e12 and bench.spec_peak('NVIDIA L40S') == 362e12
+    assert bench.spec_peak('NVIDIA L4') == 121e12 and bench.spec_peak('Some GPU X1') is None
+    b = bench.Bench(torch.device('cpu'), peak=800e12, iters=1, compile=False, local_peak=False)
+    b.record('dit/XL', 'DiT-XL/1 step', 64, 494.5e12, 1.0, 1.)
+    table = bench.rows_table(b, 'NVIDIA H200')
+    assert '989 TFLOP/s' in table[0] and '| MFU (spec) |' in table[2]
+    assert table[-1].startswith('| DiT-XL/1 step | 64.0 | 494500.0 | 61.8% | 50.0% |')
+    assert '| MFU (spec) |' not in '\n'.join(bench.rows_table(b))
+    assert 'No spec peak known' in bench.rows_table(b, 'Some GPU X1')[0]

@@ -16,7 +16,8 @@ Rows (medians of `--iters` timed calls after 2 warm-up calls):
   batches of `--sample-batch`, decoded to images by the tokenizer's pixel decoder; time per NFE and in total.
 
 FLOPs are counted by torch.utils.flop_counter (`count_step_flops`, `count_dit_step_flops`, `dit_forward_flops`), so
-MFU = counted FLOPs / time / measured peak; on a GPU also against its spec dense bf16 peak (`MFU (spec)`). On CPU the peak is measured again after every row and each row uses the larger
+MFU = counted FLOPs / time / measured peak; on a GPU also against its spec dense bf16 peak (`MFU (spec)`).
+On CPU the peak is measured again after every row and each row uses the larger
 of the probes just before and just after it (this shared host's peak drifted 88–171 GFLOP/s within one run); peers are compared per
 interleaved round (median and quartiles of the speed ratio). A timm ViT-Ti/4 step at 32 px, a reference step, is
 measured in the same run. Peak memory: the process's peak RSS per row on CPU (reset through

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, pretrain
+from vtp_nbdev.pretrain import PretrainConfig, PretrainRecipe, VTPPretrainer, pretrain
 from vtp_nbdev.runs import batch_indices, CheckpointError, read_checkpoint
 
 SMALL = dict(vision_depth=2, decoder_depth=1, text_depth=1, dino_out_dim=256, dino_hidden_dim=64, dino_bottleneck_dim=32)
@@ -44,6 +44,37 @@ def test_worker_prefetch_is_bit_identical_and_resumes(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = lambda r: [json.loads(l)['loss'] for l in (r/'metrics.jsonl').read_text().splitlines()]
     assert losses(base) == losses(run) and len(losses(run)) == 6
+
+
+
+def _recipe(cfg, rank=0, world=1):
+    rec = PretrainRecipe(cfg)
+    rec.setup('cpu', rank, world)
+    return rec
+
+
+@pytest.mark.parametrize('static', [False, True])
+def test_worker_batches_carry_the_masks_ssl_inputs_draws(static):
+    "Batches collated by 2 workers carry the iBOT masks (static: the padded indices) that `ssl_inputs` would draw."
+    cfg = small_cfg(num_workers=2, mask_prob=1.0, compile='step' if static else False)
+    rec, tr = _recipe(cfg), VTPPretrainer(cfg)
+    for step, batch in zip(range(2, 5), rec.batches(2, 5)):
+        assert (batch['masks'].padded is not None) == static and batch['masks'].masks.device.type == 'cpu'
+        images = batch['image'][:cfg.ssl_rows(8)]
+        got, ref = tr.ssl_inputs(images, step, batch['masks']), tr.ssl_inputs(images, step)
+        assert got.keys() == ref.keys() and ('idx' in got) == static
+        for k in got:
+            a, b = (got[k], ref[k]) if k != 'loc' else (torch.cat(got[k]), torch.cat(ref[k]))
+            assert torch.equal(torch.as_tensor(a), torch.as_tensor(b)), (step, k)
+
+
+def test_collated_masks_of_two_ranks_are_the_rows_of_one_process():
+    "Each rank's collated masks are its global rows (r::2) of the one-process masks: keyed by the global row."
+    cfg = small_cfg(mask_prob=1.0)
+    one = _recipe(cfg).batch(3)['masks'].masks                                          # (2 * 4, N)
+    for r in range(2):
+        part = _recipe(cfg, r, 2).batch(3)['masks'].masks                              # (2 * 2, N)
+        assert torch.equal(part.view(2, 2, -1), one.view(2, 4, -1)[:, r::2])
 
 
 def test_losses_fall_on_shapes(tmp_path):

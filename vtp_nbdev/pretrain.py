@@ -24,9 +24,10 @@ from .runs import (Recipe, fit, training_cli, run_dir, batch_indices, batch_to, 
 
 # %% auto #0
 __all__ = ['main', 'PretrainConfig', 'cosine_schedule', 'step_schedules', 'indices_on', 'masked_tokens', 'mask_capacity',
-           'padded_mask_indices', 'VTPPretrainer', 'MicroBatch', 'micro_batches', 'accumulate_grads',
-           'count_step_flops', 'make_optimizer', 'run_dir_for', 'load_batch', 'step_batches', 'compile_blocks',
-           'shard_tokenizer', 'PretrainRecipe', 'pretrain', 'GANFinetuneConfig', 'finetune_decoder_gan', 'demo_config']
+           'padded_mask_indices', 'IBOTMasks', 'ibot_masks', 'VTPPretrainer', 'MicroBatch', 'micro_batches',
+           'accumulate_grads', 'count_step_flops', 'make_optimizer', 'run_dir_for', 'load_batch', 'StepSamples',
+           'collate_samples', 'MaskCollate', 'step_batches', 'compile_blocks', 'shard_tokenizer', 'PretrainRecipe',
+           'pretrain', 'GANFinetuneConfig', 'finetune_decoder_gan', 'demo_config']
 
 # %% ../nbs/05_pretrain.ipynb #c582decb
 @dataclass
@@ -142,6 +143,10 @@ class PretrainConfig(PlainConfig):
     def uses_ssl(self) -> bool:
         return self.weights['ssl'] > 0
 
+    def ssl_rows(self, n: int) -> int:
+        "The SSL images of a (rank-local) batch of `n`: its first `n * batch_ssl / batch_clip`, at least 2."
+        return max(2, n * self.batch_ssl // self.batch_clip)
+
     def model_overrides(self) -> dict:
         "Model fields implied by the losses (no text tower without CLIP) plus the user's overrides."
         w = loss_weights(self.losses, **self.loss_weights)
@@ -189,6 +194,24 @@ def padded_mask_indices(masks: torch.Tensor, length: int, device) -> tuple:
     out = (F.pad(idx, pad), F.pad(w, pad), F.pad(torch.ones(len(idx)), pad))         # padding: token 0, weight 0
     return tuple(x.to(device, non_blocking=True) for x in out)
 
+@dataclass
+class IBOTMasks:
+    "A step's iBOT masks (2b, N) (CPU bool) and, for a static step, their `padded_mask_indices` (CPU)."
+    masks: torch.Tensor
+    padded: tuple | None = None      # (idx, w, valid), each (L,)
+
+    def pin_memory(self):
+        "A copy in pinned memory (a `DataLoader` with `pin_memory=True` calls it)."
+        return IBOTMasks(self.masks.pin_memory(), self.padded and tuple(x.pin_memory() for x in self.padded))
+
+def ibot_masks(cfg, step: int, b: int, grid: tuple, rank: int = 0, world: int = 1, static: bool = False) -> IBOTMasks:
+    "The masks of this rank's `b` SSL rows (both global crops) at `step`, keyed by (seed, step, global row)."
+    ids = (torch.arange(2)[:, None] * b * world + rank + world * torch.arange(b)).flatten()   # (2b,)
+    masks = block_masks(ids, grid, cfg.mask_ratio, cfg.mask_prob, key=stream_key(cfg.seed, step))  # (2b, N)
+    if not static:
+        return IBOTMasks(masks)
+    return IBOTMasks(masks, padded_mask_indices(masks, mask_capacity(2 * b, grid[0] * grid[1], cfg.mask_ratio), 'cpu'))
+
 # %% ../nbs/05_pretrain.ipynb #963fa668
 class VTPPretrainer(nn.Module):
     "Tokenizer + SSL heads + EMA teacher + losses; `forward(batch, step)` -> (total loss, dict of detached terms)."
@@ -219,8 +242,8 @@ class VTPPretrainer(nn.Module):
     def forward(self, batch: dict, step: int, micro: MicroBatch | None = None):
         cfg = self.cfg
         images = batch['image']                                                    # (B, 3, H, W)
-        b_ssl = max(2, images.shape[0] * cfg.batch_ssl // cfg.batch_clip)
-        ssl = self.ssl_inputs(images[:b_ssl], step) if cfg.uses_ssl and micro is None else None
+        b_ssl = cfg.ssl_rows(images.shape[0])
+        ssl = self.ssl_inputs(images[:b_ssl], step, batch.get('masks')) if cfg.uses_ssl and micro is None else None
         self.net.model.trunk.set_drop_path(cfg.drop_path_ssl)                      # the state `loss_step` leaves
         return self.step_fn(images, batch['tokens'], ssl, micro)
 
@@ -255,12 +278,12 @@ class VTPPretrainer(nn.Module):
         "DINO (CLS), iBOT (masked patches) and optional KoLeo terms on multi-crops of `images`."
         return self.ssl_student(self.ssl_targets(images, step))
 
-    def ssl_targets(self, images, step) -> dict:
+    def ssl_targets(self, images, step, masks: IBOTMasks | None = None) -> dict:
         "Multi-crops and iBOT masks of `images` with the EMA teacher's DINO and iBOT targets (no gradient)."
-        return self.ssl_teacher(self.ssl_inputs(images, step))
+        return self.ssl_teacher(self.ssl_inputs(images, step, masks))
 
-    def ssl_inputs(self, images, step) -> dict:
-        "Multi-crops, iBOT masks and teacher temperature of `step` (static: padded masked-token indices and weights)."
+    def ssl_inputs(self, images, step, masks: IBOTMasks | None = None) -> dict:
+        "Multi-crops, iBOT masks (`masks`: the batch's, else drawn here) and teacher temperature of `step`."
         cfg, m = self.cfg, self.net.model
         rank, world = rank_world()   # crops: draws for the global batch, our rows kept
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -269,14 +292,16 @@ class VTPPretrainer(nn.Module):
         b = images.shape[0]
         gh = glob.shape[-2] // m.config.vision_patch_size
         gw = glob.shape[-1] // m.config.vision_patch_size
-        # masks: drawn for our rows only, keyed by (seed, step, global row): the same on any number of ranks
-        ids = (torch.arange(2)[:, None] * b * world + rank + world * torch.arange(b)).flatten()   # (2b,)
-        masks = block_masks(ids, (gh, gw), cfg.mask_ratio, cfg.mask_prob, key=stream_key(cfg.seed, step))  # (2b, N)
+        # masks: our rows only, keyed by (seed, step, global row): the same on any number of ranks
+        pre = masks if masks is not None else ibot_masks(cfg, step, b, (gh, gw), rank, world, self.static)
+        masks = pre.masks                                                          # (2b, N), CPU
+        if masks.shape != (2 * b, gh * gw):
+            raise ValueError(f"ssl_inputs: masks {tuple(masks.shape)} do not fit {b} images of {gh}x{gw} patches")
         temp = step_schedules(cfg, step)['teacher_temp']
         out = dict(glob=glob, loc=loc, masks=masks, temp=temp)
         if self.static:                                                            # tensors only: no recompiles
-            L = mask_capacity(2 * b, gh * gw, cfg.mask_ratio)
-            out.update(zip(('idx', 'w', 'valid'), padded_mask_indices(masks, L, glob.device)))
+            pad = pre.padded or padded_mask_indices(masks, mask_capacity(2 * b, gh * gw, cfg.mask_ratio), 'cpu')
+            out.update(zip(('idx', 'w', 'valid'), (x.to(glob.device, non_blocking=True) for x in pad)))
             out.update(masks=masks.to(glob.device, non_blocking=True), temp=torch.full((), temp, device=glob.device))
         return out
 
@@ -369,7 +394,7 @@ def micro_batches(trainer: VTPPretrainer, batch: dict, step: int, k: int) -> lis
         cls, patch = m.forward_features(images)                                     # (B, D), (B, N, D)
         clip = (m.clip_image_feature_from_tokens(cls, patch), m.get_clip_text_feature(tokens))
     if cfg.uses_ssl:
-        ssl = trainer.ssl_targets(images[:max(2, B * cfg.batch_ssl // cfg.batch_clip)], step)
+        ssl = trainer.ssl_targets(images[:cfg.ssl_rows(B)], step, batch.get('masks'))
     return [MicroBatch(j, k, clip, ssl) for j in range(k)]
 
 def accumulate_grads(trainer: VTPPretrainer, batch: dict, step: int, k: int, ddp: nn.Module | None = None,
@@ -380,7 +405,7 @@ def accumulate_grads(trainer: VTPPretrainer, batch: dict, step: int, k: int, ddp
         micro = trainer.micro_batches(batch, step, k)
     terms = {}
     for mb in micro:
-        part = {key: v[mb.j::k] for key, v in batch.items()}
+        part = {key: v[mb.j::k] for key, v in batch.items() if key != 'masks'}   # the masks: in `micro`
         defer_sync = mb.j < k - 1 and isinstance(ddp, nn.parallel.DistributedDataParallel)
         sync = ddp.no_sync() if defer_sync else contextlib.nullcontext()
         with sync:
@@ -421,13 +446,50 @@ def load_batch(ds, idx: list, device) -> dict:
     "Collate the samples `idx` of `ds` and move the tensors to `device` (CUDA: pinned memory, no host sync)."
     return batch_to(torch.utils.data.default_collate([ds[i] for i in idx]), device)
 
-def step_batches(ds, indices, num_workers: int, device):
-    "Iterator over the batches of `indices` (one index list per step), in order: collated here, or by worker processes."
+class StepSamples(torch.utils.data.Dataset):
+    "`ds` read a step at a time: `__getitems__((step, indices))` is `(step, samples)` (what a `DataLoader` collates)."
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i]
+
+    def __getitems__(self, key) -> tuple:
+        step, idx = key
+        return step, [self.ds[i] for i in idx]
+
+def collate_samples(item: tuple) -> dict:
+    "The batch of `(step, samples)`: `default_collate` of the samples."
+    return torch.utils.data.default_collate(item[1])
+
+@dataclass
+class MaskCollate:
+    "Collate `(step, samples)` and add the step's `IBOTMasks` of this rank's SSL rows as `masks` (SSL runs)."
+    cfg: PretrainConfig
+    patch_size: int
+    rank: int = 0
+    world: int = 1
+
+    def __call__(self, item: tuple) -> dict:
+        step, samples = item
+        batch, cfg = collate_samples(item), self.cfg
+        if cfg.uses_ssl:
+            n = batch['image'].shape[-1] // self.patch_size                  # global crops: square, the image's size
+            b = cfg.ssl_rows(len(samples))
+            batch['masks'] = ibot_masks(cfg, step, b, (n, n), self.rank, self.world, cfg.compile == 'step')
+        return batch
+
+def step_batches(ds, keys, num_workers: int, device, collate=collate_samples):
+    "Iterator over the batches of `keys` ((step, indices) per step), in order: collated here, or by worker processes."
+    data = StepSamples(ds)
     if num_workers == 0:
-        return (load_batch(ds, i, device) for i in indices)
+        return (batch_to(collate(data.__getitems__(k)), device) for k in keys)
     pin = torch.device(device).type == 'cuda'
-    dl = torch.utils.data.DataLoader(ds, batch_sampler=indices, num_workers=num_workers, pin_memory=pin,
-                                     prefetch_factor=4)                   # every sample is deterministic by index
+    dl = torch.utils.data.DataLoader(data, batch_sampler=keys, num_workers=num_workers, pin_memory=pin,
+                                     collate_fn=collate, prefetch_factor=4)   # every sample is deterministic by index
     return (batch_to(b, device) for b in dl)
 
 # %% ../nbs/05_pretrain.ipynb #011e3574
@@ -477,6 +539,7 @@ class PretrainRecipe(Recipe):
         ds = get_dataset(cfg.dataset, 'train', res=mc.image_size, patch_size=mc.vision_patch_size,
                          context_length=mc.text_context_length, **cfg.data_kwargs())
         self.ds = MemoDataset(ds)
+        self.collate = MaskCollate(cfg, mc.vision_patch_size, rank, world)   # the masks travel with the batch
         # CPU runs: bf16 autocast of the forward passes where `precision` resolves to bf16 (CUDA: `fit`'s own)
         self.cpu_bf16 = torch.device(device).type == 'cpu' and cpu_precision(cfg.precision) == 'bf16'
 
@@ -490,11 +553,12 @@ class PretrainRecipe(Recipe):
         return batch_indices(step, self.cfg.batch_clip, len(self.ds), self.cfg.seed, self.rank, self.world)
 
     def batch(self, step: int) -> dict:
-        return load_batch(self.ds, self._indices(step), self.device)
+        return next(step_batches(self.ds, [(step, self._indices(step))], 0, self.device, self.collate))
 
     def batches(self, start: int, end: int):
-        "Lazily, in step order: collated here or prefetched by `num_workers` processes."
-        return step_batches(self.ds, (self._indices(s) for s in range(start, end)), self.cfg.num_workers, self.device)
+        "Lazily, in step order, with their iBOT masks: collated here or prefetched by `num_workers` processes."
+        keys = ((s, self._indices(s)) for s in range(start, end))
+        return step_batches(self.ds, keys, self.cfg.num_workers, self.device, self.collate)
 
     def step_flops(self, trainer: VTPPretrainer, batch: dict) -> int:
         return count_step_flops(trainer, batch)

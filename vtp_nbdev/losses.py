@@ -19,8 +19,8 @@ from .runs import rank_world
 __all__ = ['LOGIT_SCALE_INIT', 'LOGIT_SCALE_MAX', 'SIGLIP_LOGIT_SCALE_INIT', 'SIGLIP_LOGIT_BIAS_INIT', 'IMAGENET_MEAN',
            'IMAGENET_STD', 'LOSS_PRESETS', 'LOSS_GROUPS', 'dist_ready', 'gather_with_grad', 'exp_logit_scale',
            'ClipLoss', 'SigLipLoss', 'teacher_temp_schedule', 'sinkhorn_knopp', 'DINOLoss', 'iBOTPatchLoss',
-           'sinkhorn_knopp_valid', 'KoLeoLoss', 'LPIPS', 'random_lpips_state_dict', 'ReconstructionLoss',
-           'PatchGANDiscriminator', 'hinge_d_loss', 'hinge_g_loss', 'adaptive_gan_weight', 'loss_weights', 'total_loss']
+           'KoLeoLoss', 'LPIPS', 'random_lpips_state_dict', 'ReconstructionLoss', 'PatchGANDiscriminator',
+           'hinge_d_loss', 'hinge_g_loss', 'adaptive_gan_weight', 'loss_weights', 'total_loss']
 
 # %% ../nbs/04_losses.ipynb #b0ef88fa
 def dist_ready() -> bool:
@@ -114,12 +114,16 @@ def teacher_temp_schedule(step: int, warmup_steps: int, start: float = 0.04, end
 
 # %% ../nbs/04_losses.ipynb #22c4a805
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
-    "Sinkhorn-Knopp assignments (..., K) of teacher logits over all ranks' rows: rows sum to 1, prototypes share mass."
+def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+    "Sinkhorn-Knopp assignments (..., K) over all ranks' rows; `valid` (n,) 1/0 leaves padding rows out (they give 0)."
     shape = teacher_logits.shape
     Q = torch.exp(teacher_logits.float().reshape(-1, shape[-1]) / teacher_temp).T   # (K, n) local columns
+    if valid is not None:
+        Q = torch.where(valid > 0, Q, 0)                                            # padding columns: 0
     K = Q.shape[0]
-    n = torch.tensor(float(Q.shape[1]), device=Q.device)                            # total samples over ranks
+    # total samples over ranks
+    n = torch.tensor(float(Q.shape[1]), device=Q.device) if valid is None else valid.float().sum()
     total = Q.sum()
     if dist_ready():
         dist.all_reduce(n)
@@ -130,7 +134,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
         if dist_ready():
             dist.all_reduce(rows)
         Q = Q / rows / K                                                            # each prototype: 1/K
-        Q = Q / Q.sum(dim=0, keepdim=True) / n                                      # each sample: 1/n
+        cols = Q.sum(dim=0, keepdim=True)                                           # (1, n)
+        Q = Q / (cols if valid is None else torch.where(valid > 0, cols, 1)) / n    # each sample: 1/n
     return (Q * n).T.reshape(shape)                                                 # (..., K) rows sum to 1
 
 class _TeacherCenter(nn.Module):
@@ -146,28 +151,33 @@ class _TeacherCenter(nn.Module):
         return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
-    def sinkhorn_knopp_teacher(self, teacher_logits, teacher_temp: float, n_iterations: int = 3):
+    def sinkhorn_knopp_teacher(self, teacher_logits, teacher_temp: float, n_iterations: int = 3, valid=None):
         "Teacher probabilities (..., K) by distributed Sinkhorn-Knopp (no centre)."
-        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations)
+        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, valid)
 
     @torch.no_grad()
-    def teacher_probs(self, teacher_logits, teacher_temp: float, mode: str = 'centering', update_center: bool = True):
-        "Teacher probabilities by `mode` ('centering' | 'sinkhorn_knopp'); updates the centre afterwards when asked."
+    def teacher_probs(self, teacher_logits, teacher_temp: float, mode: str = 'centering', update_center: bool = True,
+                      valid=None):
+        "Teacher probabilities by `mode` ('centering' | 'sinkhorn_knopp'); `valid` (n,) 1/0 marks a buffer's real rows."
         if mode == 'centering':
             p = self.softmax_center_teacher(teacher_logits, teacher_temp)
         elif mode == 'sinkhorn_knopp':
-            p = self.sinkhorn_knopp_teacher(teacher_logits, teacher_temp)
+            p = self.sinkhorn_knopp_teacher(teacher_logits, teacher_temp, valid=valid)
         else:
             raise ValueError(f"teacher_probs: mode={mode!r}, expected 'centering' or 'sinkhorn_knopp'")
         if update_center:
-            self.update_center(teacher_logits)
+            self.update_center(teacher_logits, valid)
         return p
 
     @torch.no_grad()
-    def update_center(self, teacher_logits):
-        "EMA update `c <- m*c + (1-m)*mean(teacher_logits)`, the mean taken over the rows of all ranks."
+    def update_center(self, teacher_logits, valid=None):
+        "EMA update `c <- m*c + (1-m)*mean(teacher_logits)`, the mean over all ranks' rows (where `valid` is 1)."
         t = teacher_logits.float().reshape(-1, self.center.shape[-1])
-        stats = torch.cat([t.sum(0), t.new_full((1,), t.shape[0])])   # (K+1,) sum and count (no host-to-device copy)
+        if valid is not None:
+            t = t * valid[:, None]                                                  # padding rows: 0
+        # (K+1,) sum and count (no host-to-device copy)
+        count = t.new_full((1,), t.shape[0]) if valid is None else valid.sum()[None]
+        stats = torch.cat([t.sum(0), count])
         if dist_ready():
             dist.all_reduce(stats)
         mean = stats[:-1] / stats[-1].clamp(min=1)
@@ -216,45 +226,6 @@ class iBOTPatchLoss(_TeacherCenter):
         weight = weight.to(ce.device, non_blocking=True)                             # CPU masks: no host sync on CUDA
         return (ce * weight).sum() / n_images
 
-    @torch.no_grad()
-    def teacher_probs(self, teacher_logits, teacher_temp, mode: str = 'centering', update_center: bool = True,
-                      valid=None):
-        "Teacher probabilities (L, K); `valid` (L,) 1/0 marks the real rows of a padded buffer (centre, Sinkhorn)."
-        if valid is None:
-            return super().teacher_probs(teacher_logits, teacher_temp, mode, update_center)
-        if mode == 'centering':
-            p = self.softmax_center_teacher(teacher_logits, teacher_temp)
-        elif mode == 'sinkhorn_knopp':
-            p = sinkhorn_knopp_valid(teacher_logits, teacher_temp, valid)
-        else:
-            raise ValueError(f"teacher_probs: mode={mode!r}, expected 'centering' or 'sinkhorn_knopp'")
-        if update_center:
-            t = teacher_logits.float() * valid[:, None]                                # padding rows: 0
-            stats = torch.cat([t.sum(0), valid.sum()[None]])                            # (K+1,) sum and count
-            if dist_ready():
-                dist.all_reduce(stats)
-            mean = stats[:-1] / stats[-1].clamp(min=1)
-            self.center.mul_(self.center_momentum).add_(mean[None], alpha=1 - self.center_momentum)
-        return p
-
-@torch.no_grad()
-def sinkhorn_knopp_valid(teacher_logits, teacher_temp, valid, n_iterations: int = 3) -> torch.Tensor:
-    "`sinkhorn_knopp` of the rows (L, K) where `valid` (L,) is 1, over all ranks; padding rows come out 0."
-    Q = torch.where(valid > 0, torch.exp(teacher_logits.float() / teacher_temp).T, 0)   # (K, L): padding columns 0
-    K = Q.shape[0]
-    n, total = valid.float().sum(), Q.sum()                                          # real samples, total mass
-    if dist_ready():
-        dist.all_reduce(n)
-        dist.all_reduce(total)
-    Q = Q / total
-    for _ in range(n_iterations):
-        rows = Q.sum(dim=1, keepdim=True)                                           # (K, 1) mass per prototype
-        if dist_ready():
-            dist.all_reduce(rows)
-        Q = Q / rows / K
-        cols = Q.sum(dim=0, keepdim=True)                                           # (1, L)
-        Q = Q / torch.where(valid > 0, cols, 1) / n
-    return (Q * n).T
 
 # %% ../nbs/04_losses.ipynb #715a52dd
 class KoLeoLoss(nn.Module):

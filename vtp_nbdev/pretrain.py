@@ -348,9 +348,8 @@ class VTPPretrainer(nn.Module):
         return out
 
     def _teacher(self, loss, logits, temp, valid=None):
-        kw = {} if valid is None else dict(valid=valid)
         return loss.teacher_probs(logits, temp, mode=self.cfg.dino_mode,
-                                  update_center=self.cfg.dino_mode == 'centering', **kw)
+                                  update_center=self.cfg.dino_mode == 'centering', valid=valid)
 
 # %% ../nbs/05_pretrain.ipynb #c536b478
 def _grad_scaled(x: torch.Tensor, w: float) -> torch.Tensor:

@@ -3,6 +3,8 @@
 One small CNN per built-in dataset (`RefCNN`, architecture in `vtp_nbdev.fid.REFERENCE_EXTRACTORS`):
 - `shapes`: multi-head (20-class label = shape x colour, plus shape 5, colour 4, size 2, count 3, position 5),
   trained on procedurally generated train-split images, evaluated on the test split;
+- `shape_pairs`: multi-head (20-class label, plus shape 5, colour 4, size 2, background 5), trained and evaluated the
+  same way (train with `--dataset shape_pairs`; `all` trains `shapes` and `fashion_mnist` only);
 - `fashion_mnist`: 10 classes, trained on our train split (official train minus the last 5000), evaluated on val
   and the official test set.
 Inputs are ImageNet-normalised 32-px images built from uint8 pixels exactly as the metric pipeline does.
@@ -14,6 +16,7 @@ the float reduction order and so the bytes of the weights). Writes `<out>/<datas
 and prints the `REFERENCE_EXTRACTORS` entry (sha256) to paste into nbs/08_fid.ipynb.
 
     python data_prep/train_reference_extractor.py --dataset all      # a few minutes on 2 CPU cores
+    python data_prep/train_reference_extractor.py --dataset shape_pairs --threads 1
 
 Your own labelled images (`root/<class>/<images>`, or `root/train/<class>/...` with its own splits) train one the same
 way: `--dataset image_folder --root DIR [--name NAME]` writes `runs/reference/<NAME>.safetensors` (NAME defaults to the
@@ -34,20 +37,24 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from vtp_nbdev.config import seed_everything
-from vtp_nbdev.data import (shapes_sample, SPLIT_OFFSETS, SHAPE_KINDS, COLOURS, SIZES, COUNTS, POSITIONS, read_idx,
-                            fashion_mnist_dir, FASHION_MNIST_FILES, get_dataset)
+from vtp_nbdev.data import (shapes_sample, shape_pairs_sample, SPLIT_OFFSETS, SHAPE_KINDS, COLOURS, SIZES, COUNTS,
+                            POSITIONS, BACKGROUNDS, read_idx, fashion_mnist_dir, FASHION_MNIST_FILES, get_dataset)
 from vtp_nbdev.fid import RefCNN, REFERENCE_EXTRACTORS, REF_RES, sha256_file
 
 ATTRS = dict(shape=SHAPE_KINDS, colour=tuple(COLOURS), size=SIZES, count=COUNTS, position=POSITIONS)
+PAIR_ATTRS = dict(shape=SHAPE_KINDS, colour=tuple(COLOURS), size=SIZES, background=BACKGROUNDS)
+BUILTIN = ('shapes', 'fashion_mnist')                                    # what `--dataset all` trains
+DEFAULTS = dict(shapes=dict(n_train=30_000, epochs=6), shape_pairs=dict(n_train=30_000, epochs=6),
+                fashion_mnist=dict(epochs=5))
 
 
-def shapes_arrays(split: str, n: int, seed: int = 0):
-    "uint8 images (n, 3, 32, 32) and int64 targets per head for `n` shapes images of `split`."
-    imgs, tg = np.empty((n, 32, 32, 3), np.uint8), {k: np.empty(n, np.int64) for k in ('logits', *ATTRS)}
+def shapes_arrays(split: str, n: int, seed: int = 0, sample=shapes_sample, attrs=ATTRS):
+    "uint8 images (n, 3, 32, 32) and int64 targets per head for `n` procedural images of `split` (`sample`, `attrs`)."
+    imgs, tg = np.empty((n, 32, 32, 3), np.uint8), {k: np.empty(n, np.int64) for k in ('logits', *attrs)}
     for i in range(n):
-        img, _, label, a = shapes_sample(SPLIT_OFFSETS[split] + i, seed, 32)
+        img, _, label, a = sample(SPLIT_OFFSETS[split] + i, seed, 32)
         imgs[i] = img; tg['logits'][i] = label
-        for k, vals in ATTRS.items(): tg[k][i] = vals.index(a[k])
+        for k, vals in attrs.items(): tg[k][i] = vals.index(a[k])
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), {k: torch.from_numpy(v) for k, v in tg.items()}
 
 
@@ -193,26 +200,34 @@ def main(argv=None):
     p.add_argument('--out', default=None, help='default: data_prep/reference (built-in), runs/reference (image_folder)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--n-train', type=int, default=30_000, help='shapes training images')
-    p.add_argument('--n-test', type=int, default=5_000, help='shapes test images')
-    p.add_argument('--epochs', type=int, default=None, help='default: 6 (shapes), 5 (fashion_mnist)')
+    p.add_argument('--n-train', type=int, default=None, help='training images (default 30000)')
+    p.add_argument('--n-test', type=int, default=5_000, help='shapes / shape_pairs test images')
+    p.add_argument('--epochs', type=int, default=None, help='default: 6 (shapes, shape_pairs), 5 (fashion_mnist)')
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.dataset == 'image_folder':
         return train_folder(a)
     out = Path(a.out or ROOT/'data_prep'/'reference')
     out.mkdir(parents=True, exist_ok=True)
-    for name in (REFERENCE_EXTRACTORS if a.dataset == 'all' else [a.dataset]):
+    for name in (BUILTIN if a.dataset == 'all' else [a.dataset]):
         t0 = time.time()
+        epochs = a.epochs or DEFAULTS[name]['epochs']
         if name == 'shapes':
-            x, tg = shapes_arrays('train', a.n_train, seed=0)
+            n_train = a.n_train or DEFAULTS[name]['n_train']
+            x, tg = shapes_arrays('train', n_train, seed=0)
             evals = {'test': shapes_arrays('test', a.n_test, seed=0)}
-            print(f"[shapes] generated {a.n_train} + {a.n_test} images in {time.time() - t0:.0f} s", flush=True)
-            net = train(name, x, tg, a.epochs or 6, 128, 2e-3, a.seed, augment_flip=False)  # flips would swap left/right positions
+            print(f"[shapes] generated {n_train} + {a.n_test} images in {time.time() - t0:.0f} s", flush=True)
+            net = train(name, x, tg, epochs, 128, 2e-3, a.seed, augment_flip=False)  # flips swap left/right
+        elif name == 'shape_pairs':
+            n_train = a.n_train or DEFAULTS[name]['n_train']
+            x, tg = shapes_arrays('train', n_train, 0, shape_pairs_sample, PAIR_ATTRS)
+            evals = {'test': shapes_arrays('test', a.n_test, 0, shape_pairs_sample, PAIR_ATTRS)}
+            print(f"[shape_pairs] generated {n_train} + {a.n_test} images in {time.time() - t0:.0f} s", flush=True)
+            net = train(name, x, tg, epochs, 128, 2e-3, a.seed, augment_flip=True)  # every shape is mirror-symmetric
         else:
             x, tg = fmnist_arrays('train')
             evals = {'val': fmnist_arrays('val'), 'test': fmnist_arrays('test')}
-            net = train(name, x, tg, a.epochs or 5, 128, 2e-3, a.seed, augment_flip=True)
+            net = train(name, x, tg, epochs, 128, 2e-3, a.seed, augment_flip=True)
         scale = calibrate_feature_scale(net, x)                              # KID's polynomial kernel assumes O(1) features
         acc = {split: evaluate(net, *xy) for split, xy in evals.items()}
         path = out/f'{name}.safetensors'
@@ -220,7 +235,7 @@ def main(argv=None):
         save_file(sd, str(path), metadata=file_metadata(name, a.seed))
         sha = sha256_file(path)
         report = dict(dataset=name, sha256=sha, bytes=path.stat().st_size, accuracy=acc, feature_scale=scale, seed=a.seed, threads=a.threads,
-                      n_train=len(x), epochs=a.epochs or (6 if name == 'shapes' else 5), seconds=round(time.time() - t0, 1),
+                      n_train=len(x), epochs=epochs, seconds=round(time.time() - t0, 1),
                       torch=torch.__version__)
         (out/f'{name}.json').write_text(json.dumps(report, indent=2) + '\n')
         print(json.dumps(report, indent=2))

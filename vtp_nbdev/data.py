@@ -16,15 +16,16 @@ from .runs import rank_world
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SHAPE_KINDS', 'COLOURS', 'SIZES', 'COUNTS', 'POSITIONS', 'BACKGROUNDS',
-           'SHAPES_CLASSES', 'SPLIT_OFFSETS', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_FILES', 'MAX_IMAGE_PIXELS',
-           'HOLDOUT', 'IMAGE_EXTS', 'DATASETS', 'ZERO_SHOT_TEMPLATES', 'M32', 'normalize', 'denormalize', 'to_uint8',
-           'uint8_to_model', 'get_text_tokenizer', 'tokenize', 'shapes_attributes', 'shapes_label', 'render_shapes',
-           'shapes_caption', 'shapes_sample', 'VTPDataset', 'ShapesDataset', 'read_idx', 'fashion_mnist_dir',
-           'FashionMNISTDataset', 'BadSampleError', 'load_image', 'split_of', 'select_split', 'ImageFolderDataset',
-           'ImageTextDataset', 'TarShardDataset', 'stream_indices', 'ShardedStream', 'check_resolution', 'shard_paths',
-           'get_dataset', 'MemoDataset', 'zero_shot_templates', 'zero_shot_prompts', 'local_crop_size',
-           'random_resized_crops', 'multicrop', 'hash32', 'stream_key', 'counter_uniform', 'block_masks',
-           'block_masks_loop']
+           'SHAPES_CLASSES', 'SPLIT_OFFSETS', 'PAIR_SIZES', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_FILES',
+           'MAX_IMAGE_PIXELS', 'HOLDOUT', 'IMAGE_EXTS', 'DATASETS', 'PROCEDURAL', 'ZERO_SHOT_TEMPLATES', 'M32',
+           'normalize', 'denormalize', 'to_uint8', 'uint8_to_model', 'get_text_tokenizer', 'tokenize',
+           'shapes_attributes', 'shapes_label', 'render_shapes', 'shapes_caption', 'shapes_sample', 'VTPDataset',
+           'ShapesDataset', 'shape_pairs_attributes', 'render_shape_pairs', 'shape_pairs_caption', 'shape_pairs_sample',
+           'ShapePairsDataset', 'read_idx', 'fashion_mnist_dir', 'FashionMNISTDataset', 'BadSampleError', 'load_image',
+           'split_of', 'select_split', 'ImageFolderDataset', 'ImageTextDataset', 'TarShardDataset', 'stream_indices',
+           'ShardedStream', 'check_resolution', 'shard_paths', 'get_dataset', 'MemoDataset', 'zero_shot_templates',
+           'zero_shot_prompts', 'local_crop_size', 'random_resized_crops', 'multicrop', 'hash32', 'stream_key',
+           'counter_uniform', 'block_masks', 'block_masks_loop']
 
 # %% ../nbs/01_data.ipynb #ef9dfebd
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -216,6 +217,7 @@ class VTPDataset(Dataset):
     context_length = 77
     classes: tuple = ()
     labelled = True                      # False: captions only (label -1)
+    group = 1                            # consecutive indices that belong together in a batch
     def __len__(self):
         return self.n
     def __getitem__(self, i):
@@ -244,6 +246,78 @@ class ShapesDataset(VTPDataset):
     def attributes(self, i):
         "The semantic attributes of sample `i` (what a prompt-following metric checks)."
         return shapes_sample(self.offset + i, self.seed, self.res)[3]
+
+# %% ../nbs/01_data.ipynb #9c30e1ee
+PAIR_SIZES = {'small': 0.22, 'large': 0.3}  # object radius as a fraction of the resolution (~14 and ~19 px at 32)
+_PAIR_EXTENT = 1.15                         # the widest shape (the diamond) reaches 1.15 radii from its centre
+
+def shape_pairs_attributes(rng) -> tuple:
+    "Sample one pair: its shared semantics (colour, size, background) and the two different shapes."
+    first = int(rng.integers(len(SHAPE_KINDS)))
+    second = (first + 1 + int(rng.integers(len(SHAPE_KINDS) - 1))) % len(SHAPE_KINDS)  # uniform over the other 4
+    shared = dict(colour=list(COLOURS)[rng.integers(len(COLOURS))], size=tuple(PAIR_SIZES)[rng.integers(2)],
+                  background=BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
+    return shared, (SHAPE_KINDS[first], SHAPE_KINDS[second])
+
+# %% ../nbs/01_data.ipynb #4fcfa407
+def render_shape_pairs(attrs: dict, rng, res: int = 32) -> np.ndarray:
+    "Draw one `shape_pairs` image for `attrs` as (res, res, 3) uint8; the nuisance draws do not depend on the shape."
+    img = _background(rng, attrs['background'], res)
+    yy, xx = _grid(res)
+    r = PAIR_SIZES[attrs['size']] * res * rng.uniform(0.92, 1.08)
+    margin = _PAIR_EXTENT * r + max(1.0, 0.03 * res)                  # the whole object stays in frame
+    cx, cy = rng.uniform(margin, res - margin, 2)
+    colour = np.clip(np.array(COLOURS[attrs['colour']]) + rng.uniform(-.07, .07, 3), 0, 1)
+    alpha = np.clip(0.5 - _sdf(attrs['shape'], xx - cx, yy - cy, r), 0, 1)[..., None]  # anti-aliased edges
+    img = img * (1 - alpha) + colour * alpha
+    img = img + rng.normal(0, 0.02, img.shape)                          # sensor noise
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+# %% ../nbs/01_data.ipynb #813857df
+_PAIR_TEMPLATES = ('{a} {s}{c} {k}{b}', 'a picture of {a} {s}{c} {k}{b}', 'there is {a} {s}{c} {k}{b}',
+                   'an image showing {a} {s}{c} {k}{b}', 'a photo of {a} {s}{c} {k}{b}',
+                   '{a} {s}{c} {k} in the picture{b}')
+
+def shape_pairs_caption(attrs: dict, rng) -> str:
+    "A caption naming colour and shape (size, background sometimes); the shape synonym is `rng`'s last draw."
+    pick = lambda opts: opts[rng.integers(len(opts))]
+    template = pick(_PAIR_TEMPLATES)
+    size = pick(_SYN[attrs['size']]) + ' ' if rng.random() < 0.5 else ''
+    colour = pick(_SYN[attrs['colour']])
+    background = pick(_BG_PHRASES).format(bg=pick(_SYN[attrs['background']]))
+    article = 'an' if (size or colour)[0] in 'aeiou' else 'a'
+    return template.format(a=article, s=size, c=colour, k=pick(_SYN[attrs['shape']]), b=background)
+
+# %% ../nbs/01_data.ipynb #76779102
+def shape_pairs_sample(index: int, seed: int = 0, res: int = 32):
+    "The `shape_pairs` sample at absolute `index` (pair `index // 2`): (uint8 image, caption, label, attributes)."
+    pair = index // 2
+    shared, shapes = shape_pairs_attributes(np.random.default_rng([seed, pair]))
+    attrs = dict(shape=shapes[index % 2], **shared, pair=pair)
+    img = render_shape_pairs(attrs, np.random.default_rng([seed, pair, 1]), res)
+    caption = shape_pairs_caption(attrs, np.random.default_rng([seed, pair, 2]))
+    return img, caption, shapes_label(attrs), attrs
+
+# %% ../nbs/01_data.ipynb #2a6c6147
+class ShapePairsDataset(VTPDataset):
+    "Procedural `shape_pairs`: `size` images of a split; indices 2j and 2j+1 differ only in shape."
+    classes = SHAPES_CLASSES
+    group = 2                            # 2j, 2j+1 are one hard-negative pair: a batch sampler keeps them together
+    def __init__(self, split='train', size=10_000, res=32, seed=0, context_length=77):
+        if split not in SPLIT_OFFSETS:
+            raise ValueError(f"shape_pairs: unknown split {split!r}; expected one of {tuple(SPLIT_OFFSETS)}")
+        if not 0 < size <= 10**9:
+            raise ValueError(f"shape_pairs: size={size} must be in 1..1e9 (splits are disjoint 1e9-index ranges)")
+        if res < 16:
+            raise ValueError(f"shape_pairs: res={res} too small; expected >= 16 pixels")
+        self.split, self.n, self.res, self.seed, self.context_length = split, size, res, seed, context_length
+        self.offset = SPLIT_OFFSETS[split]
+    def raw(self, i):
+        img, cap, lbl, _ = shape_pairs_sample(self.offset + i, self.seed, self.res)
+        return img, cap, lbl
+    def attributes(self, i):
+        "The semantic attributes of sample `i` (shape, colour, size, background, pair)."
+        return shape_pairs_sample(self.offset + i, self.seed, self.res)[3]
 
 # %% ../nbs/01_data.ipynb #2068bfb4
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag',
@@ -566,7 +640,8 @@ class ShardedStream(IterableDataset):
             yield self.ds[i]
 
 # %% ../nbs/01_data.ipynb #22cf02f8
-DATASETS = ('shapes', 'fashion_mnist', 'image_folder', 'image_text')
+DATASETS = ('shapes', 'shape_pairs', 'fashion_mnist', 'image_folder', 'image_text')
+PROCEDURAL = ('shapes', 'shape_pairs')    # rendered on demand: any `size`, reference sets drawn with `seed`
 
 def check_resolution(res: int, patch_size: int):
     "Raise a clear error unless `res` is a positive multiple of `patch_size`."
@@ -608,11 +683,13 @@ def _check_keys(name: str, cls, kwargs: dict):
         raise ValueError(f"dataset {name!r} does not take {bad}; it takes {sorted(takes)}")
 
 def get_dataset(name: str, split: str = 'train', res: int = 32, patch_size: int | None = None, **kwargs) -> VTPDataset:
-    "Build dataset `name` (`shapes`, `fashion_mnist`, `image_folder`, `image_text`) for `split` (`all`: files only)."
+    "Build dataset `name` (one of `DATASETS`) for `split` (`all`: files only)."
     if patch_size is not None:
         check_resolution(res, patch_size)
     if name == 'shapes':
         cls = ShapesDataset
+    elif name == 'shape_pairs':
+        cls = ShapePairsDataset
     elif name == 'fashion_mnist':
         cls = FashionMNISTDataset
     elif name == 'image_folder':
@@ -672,6 +749,10 @@ ZERO_SHOT_TEMPLATES = {
     'shapes': dict(train=('a picture of a {}.', 'an image showing a {}.', 'there is a {} in the picture.',
                           'a {} on a striped background.'),
                    heldout=('a rendering of a {} shape.', 'a drawing with a {} in it.', 'a {} on a plain canvas.')),
+    'shape_pairs': dict(train=('a picture of a {}.', 'an image showing a {}.', 'there is a {} in the picture.',
+                               'a {} on a striped background.'),
+                        heldout=('a rendering of a {} shape.', 'a drawing with a {} in it.',
+                                 'a {} on a plain canvas.')),
     'fashion_mnist': dict(train=_FMNIST_TEMPLATES,
                           heldout=('a black and white photo of a {}.', 'a catalogue image of the {}.')),
     'image_folder': dict(train=_CLASS_TEMPLATES, heldout=('a blurry photo of a {}.', 'a good photo of the {}.')),

@@ -24,15 +24,15 @@ from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEA
 from torch_fidelity.metric_isc import isc_features_to_metric, KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD
 from torch_fidelity.metric_prc import (prc_features_to_metric, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
                                       KEY_METRIC_F_SCORE)
-from .data import normalize, to_uint8, SHAPE_KINDS, COLOURS, SIZES, COUNTS, POSITIONS
+from .data import normalize, to_uint8, SHAPE_KINDS, COLOURS, SIZES, COUNTS, POSITIONS, BACKGROUNDS
 
 # %% auto #0
-__all__ = ['REF_RES', 'UINT8_POLICY', 'SHAPES_HEADS', 'REFERENCE_EXTRACTORS', 'INCEPTION', 'INCEPTION_FILE', 'METRICS',
-           'ATTRIBUTE_VALUES', 'RefCNN', 'ChecksumError', 'repo_root', 'sha256_file', 'load_reference_extractor',
-           'check_batch', 'RefFeatureExtractor', 'ref_extractor_name', 'inception_weights_path', 'make_extractor',
-           'extractor_info', 'register_reference_extractor', 'save_samples', 'iter_uint8_batches', 'FeatureSet',
-           'extract_features', 'metric_suffix', 'fidelity_metrics', 'Uint8Images', 'torch_fidelity_metrics',
-           'predict_attributes', 'attribute_accuracy']
+__all__ = ['REF_RES', 'UINT8_POLICY', 'SHAPES_HEADS', 'SHAPE_PAIRS_HEADS', 'REFERENCE_EXTRACTORS', 'INCEPTION', 'INCEPTION_FILE',
+           'METRICS', 'ATTRIBUTE_VALUES', 'DATASET_ATTRIBUTES', 'RefCNN', 'ChecksumError', 'repo_root', 'sha256_file',
+           'load_reference_extractor', 'check_batch', 'RefFeatureExtractor', 'ref_extractor_name',
+           'inception_weights_path', 'make_extractor', 'extractor_info', 'register_reference_extractor', 'save_samples',
+           'iter_uint8_batches', 'FeatureSet', 'extract_features', 'metric_suffix', 'fidelity_metrics', 'Uint8Images',
+           'torch_fidelity_metrics', 'attribute_values', 'predict_attributes', 'attribute_accuracy']
 
 # %% ../nbs/08_fid.ipynb #563dc9a7
 REF_RES = 32
@@ -41,6 +41,8 @@ UINT8_POLICY = 'round'
 
 SHAPES_HEADS = (('logits', 20), ('shape', len(SHAPE_KINDS)), ('colour', len(COLOURS)), ('size', len(SIZES)),
                 ('count', len(COUNTS)), ('position', len(POSITIONS)))
+SHAPE_PAIRS_HEADS = (('logits', 20), ('shape', len(SHAPE_KINDS)), ('colour', len(COLOURS)), ('size', len(SIZES)),
+                     ('background', len(BACKGROUNDS)))
 
 class RefCNN(nn.Module):
     "Reference classifier: conv stages -> penultimate `feat` (B, F) -> one linear head per target."
@@ -75,6 +77,9 @@ REFERENCE_EXTRACTORS = {
     'shapes': ('data_prep/reference/shapes.safetensors',
                'a13cf2b3220164eff88f49609fb56cd63f315c0d1ab7b29bc569d64503e09c32',
                dict(widths=(16, 32, 64), feat_dim=128, heads=SHAPES_HEADS, res=REF_RES)),
+    'shape_pairs': ('data_prep/reference/shape_pairs.safetensors',
+                    '314afb84855baab8603f4c979c70e6f6d5e7c4062841930e7782469f6f869e93',
+                    dict(widths=(16, 32, 64), feat_dim=128, heads=SHAPE_PAIRS_HEADS, res=REF_RES)),
     'fashion_mnist': ('data_prep/reference/fashion_mnist.safetensors',
                       '0fa127344dc3b020b663c64477726f6f80db13cb3bfe9bcea33d1477c8d1a7fb',
                       dict(widths=(16, 32, 64), feat_dim=128, heads=(('logits', 10),), res=REF_RES)),
@@ -184,7 +189,7 @@ def inception_weights_path(path=None) -> Path | None:
     return None
 
 def make_extractor(name: str = 'shapes', weights_path=None, device='cpu', features=None) -> FeatureExtractorBase:
-    "A torch-fidelity feature extractor: a reference network (`shapes`, `fashion_mnist`) or `inception-v3-compat`."
+    "A torch-fidelity feature extractor: a reference network (`REFERENCE_EXTRACTORS`) or `inception-v3-compat`."
     if name == INCEPTION:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         local = inception_weights_path(weights_path)
@@ -371,7 +376,7 @@ def extract_features(source, extractor='shapes', batch_size: int = 500, n: int |
 METRICS = ('fd', 'kid', 'is', 'prc')
 
 def metric_suffix(extractor: str) -> str:
-    "`shapes` for vtp-ref-shapes, `inception` for Inception."
+    "`shapes` for vtp-ref-shapes, `shape_pairs` for vtp-ref-shape_pairs, `inception` for Inception."
     return 'inception' if extractor == INCEPTION else extractor.removeprefix('vtp-ref-')
 
 def _as_features(x, fe, batch_size, n, device, tag) -> FeatureSet:
@@ -470,24 +475,34 @@ def torch_fidelity_metrics(input1, input2=None, extractor='shapes', metrics=METR
 
 # %% ../nbs/08_fid.ipynb #2079a048
 ATTRIBUTE_VALUES = dict(shape=SHAPE_KINDS, colour=tuple(COLOURS), size=SIZES, count=COUNTS, position=POSITIONS)
+DATASET_ATTRIBUTES = {'shapes': ATTRIBUTE_VALUES,
+                      'shape_pairs': dict(shape=SHAPE_KINDS, colour=tuple(COLOURS), size=SIZES, background=BACKGROUNDS)}
+
+def attribute_values(dataset: str = 'shapes') -> dict:
+    "The attributes (head name -> values) that the reference network of `dataset` reads."
+    if dataset not in DATASET_ATTRIBUTES:
+        raise ValueError(f"no attribute heads for dataset {dataset!r}; expected one of {tuple(DATASET_ATTRIBUTES)}")
+    return DATASET_ATTRIBUTES[dataset]
 
 @torch.inference_mode()
-def predict_attributes(images, batch_size: int = 500, device='cpu') -> list:
-    "Per image, the `shapes` attributes (shape, colour, size, count, position) read by the reference extractor."
-    net = load_reference_extractor('shapes', device=device)
+def predict_attributes(images, batch_size: int = 500, device='cpu', dataset: str = 'shapes') -> list:
+    "Per image, the attributes of `dataset` (`attribute_values`) read by its reference extractor."
+    values = attribute_values(dataset)
+    net = load_reference_extractor(dataset, device=device)
     out = []
     for x in iter_uint8_batches(images, batch_size):
         o = net(x.to(device))
-        idx = {k: o[k].argmax(1).tolist() for k in ATTRIBUTE_VALUES}
-        out += [{k: ATTRIBUTE_VALUES[k][idx[k][i]] for k in ATTRIBUTE_VALUES} for i in range(len(x))]
+        idx = {k: o[k].argmax(1).tolist() for k in values}
+        out += [{k: values[k][idx[k][i]] for k in values} for i in range(len(x))]
     return out
 
-def attribute_accuracy(images, attrs: list, batch_size: int = 500, device='cpu') -> dict:
+def attribute_accuracy(images, attrs: list, batch_size: int = 500, device='cpu', dataset: str = 'shapes') -> dict:
     "Fraction of images whose predicted attributes match the requested ones (per attribute, and all at once)."
-    pred = predict_attributes(images, batch_size, device)
+    values = attribute_values(dataset)
+    pred = predict_attributes(images, batch_size, device, dataset)
     if len(pred) != len(attrs):
         raise ValueError(f"attribute_accuracy: {len(pred)} images but {len(attrs)} attribute dicts")
-    out = {f'attr_{k}_acc': float(np.mean([p[k] == a[k] for p, a in zip(pred, attrs)])) for k in ATTRIBUTE_VALUES}
-    out['attr_all_acc'] = float(np.mean([all(p[k] == a[k] for k in ATTRIBUTE_VALUES) for p, a in zip(pred, attrs)]))
-    return dict(out, n=len(pred), extractor=ref_extractor_name('shapes'),
-                extractor_sha256=REFERENCE_EXTRACTORS['shapes'][1], uint8_policy=UINT8_POLICY)
+    out = {f'attr_{k}_acc': float(np.mean([p[k] == a[k] for p, a in zip(pred, attrs)])) for k in values}
+    out['attr_all_acc'] = float(np.mean([all(p[k] == a[k] for k in values) for p, a in zip(pred, attrs)]))
+    return dict(out, n=len(pred), extractor=ref_extractor_name(dataset),
+                extractor_sha256=REFERENCE_EXTRACTORS[dataset][1], uint8_policy=UINT8_POLICY)

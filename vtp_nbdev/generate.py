@@ -9,14 +9,16 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import torch
 from .config import PlainConfig, config_hash, get_device, neutral_field
-from .data import get_dataset, to_uint8
+from .data import get_dataset, to_uint8, COLOURS, SHAPE_KINDS, PROCEDURAL
 from .latents import extract_latents, tokenizer_folder, tokenizer_hash
 from .flow import DiTTrainConfig, train_dit, sample_images
-from .fid import fidelity_metrics, iter_uint8_batches, make_extractor, REFERENCE_EXTRACTORS
+from .fid import fidelity_metrics, iter_uint8_batches, make_extractor, predict_attributes, REF_RES
+from .fid import REFERENCE_EXTRACTORS
 from .runs import write_json
 
 # %% auto #0
-__all__ = ['GenerationEvalConfig', 'NoReferenceExtractorError', 'generation_extractor', 'generation_metrics']
+__all__ = ['GenerationEvalConfig', 'NoReferenceExtractorError', 'generation_extractor', 'sample_class_accuracy',
+           'generation_metrics']
 
 # %% ../nbs/12_generate.ipynb #b4bf9e78
 @dataclass
@@ -53,6 +55,17 @@ def generation_extractor(cfg: GenerationEvalConfig) -> str:
         "GenerationEvalConfig(extractor='runs/reference/<name>.safetensors'), or extractor='inception-v3-compat'")
 
 # %% ../nbs/12_generate.ipynb #9f505925
+def sample_class_accuracy(images, labels, dataset: str = 'shapes', batch_size: int = 500, device='cpu') -> dict:
+    "How well class-conditional samples show their class (label = shape * 4 + colour), read by the reference network."
+    pred = predict_attributes(images, batch_size, device, dataset)
+    labels = torch.as_tensor(labels).tolist()
+    if len(pred) != len(labels):
+        raise ValueError(f"sample_class_accuracy: {len(pred)} images but {len(labels)} labels")
+    shape_ok = [p['shape'] == SHAPE_KINDS[y // len(COLOURS)] for p, y in zip(pred, labels)]
+    colour_ok = [p['colour'] == list(COLOURS)[y % len(COLOURS)] for p, y in zip(pred, labels)]
+    return dict(sample_shape_accuracy=sum(shape_ok) / len(pred), sample_colour_accuracy=sum(colour_ok) / len(pred),
+                sample_accuracy_chance=dict(shape=1 / len(SHAPE_KINDS), colour=1 / len(COLOURS)))
+
 def generation_metrics(tokenizer, cfg: GenerationEvalConfig | None = None, runs_dir=None, device=None,
                        progress: bool = True, keep_samples: int = 64) -> dict:
     "gFID-style metrics of a tokenizer (run dir or VTP folder): latents -> DiT proxy -> samples -> FD/IS/P/R."
@@ -75,7 +88,7 @@ def generation_metrics(tokenizer, cfg: GenerationEvalConfig | None = None, runs_
                                  cfg.timestep_shift, cfg.cfg_interval, device=device)
     t2 = time.time()
     kw = dict(cfg.dataset_kwargs or {})
-    if cfg.dataset == 'shapes':
+    if cfg.dataset in PROCEDURAL:
         ref = get_dataset(cfg.dataset, 'test', res=imgs.shape[-1], **{**kw, 'seed': cfg.seed, 'size': cfg.n_ref})
     else:
         ref = get_dataset(cfg.dataset, 'test', res=imgs.shape[-1], **kw)
@@ -87,6 +100,8 @@ def generation_metrics(tokenizer, cfg: GenerationEvalConfig | None = None, runs_
                   conditioning=conditioning,
                   label_sampling='class-balanced' if conditioning == 'class-conditional' else 'unconditional',
                   n_samples=len(imgs), seconds=seconds))
+    if cfg.dataset in PROCEDURAL and conditioning == 'class-conditional' and imgs.shape[-1] == REF_RES:
+        m.update(sample_class_accuracy(imgs, labels, cfg.dataset, device=device))
     torch.save(dict(images=imgs[:keep_samples], labels=labels[:keep_samples]), run/f'samples_{config_hash(key)}.pt')
     write_json(out, m)
     return m

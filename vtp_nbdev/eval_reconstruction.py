@@ -153,7 +153,7 @@ def evaluate_tokenizer(model_or_folder, dataset='shapes', splits=('train', 'test
                        n_probe_train: int = 5000, n_probe_test: int = 2000, n_rec: int = 1000,
                        probe_features=FEATURE_CHOICES, batch_size: int = 128, device='cpu', lpips_path=None,
                        extractor='auto', dataset_kwargs=None, templates=None, out=None, n_retrieval: int = 1000,
-                       retrieval_eval: bool | None = None, strict: bool = False) -> dict:
+                       retrieval_eval: bool | None = None, strict: bool = False, probe_attributes=()) -> dict:
     "The metrics that fit the data: zero-shot and probes with labels, retrieval with captions, reconstruction always."
     t0 = time.perf_counter()
     model = _load_model(model_or_folder, device).to(device).eval()
@@ -185,7 +185,8 @@ def evaluate_tokenizer(model_or_folder, dataset='shapes', splits=('train', 'test
         else:
             zs = lambda: zero_shot(model, templates, test_ds, n_zero_shot, batch_size)
             res['zero_shot'] = _run('zero_shot', zs, notes, strict)
-        probe = lambda: linear_probe(model, train_ds, test_ds, n_probe_train, n_probe_test, probe_features, batch_size)
+        probe = lambda: linear_probe(model, train_ds, test_ds, n_probe_train, n_probe_test, probe_features, batch_size,
+                                     probe_attributes)
         res['linear_probe'] = _run('linear_probe', probe, notes, strict)
     run_retrieval = not labelled if retrieval_eval is None else retrieval_eval
     if run_retrieval:

@@ -14,8 +14,8 @@ from .data import zero_shot_prompts, zero_shot_templates, tokenize
 
 # %% auto #0
 __all__ = ['FEATURE_CHOICES', 'PROBE_LRS', 'FEATURE_DESCRIPTIONS', 'model_device', 'iter_batches', 'zero_shot_classifier',
-           'topk_accuracy', 'zero_shot', 'probe_features', 'train_linear_probe', 'linear_probe', 'retrieval_recall',
-           'retrieval']
+           'topk_accuracy', 'zero_shot', 'probe_features', 'train_linear_probe', 'attribute_labels', 'linear_probe',
+           'retrieval_recall', 'retrieval']
 
 # %% ../nbs/06_eval_understanding.ipynb #5cd16255
 def model_device(model) -> torch.device:
@@ -188,9 +188,20 @@ FEATURE_DESCRIPTIONS = dict(
     last4_avgpool='CLS of the last {k} blocks (final-normed) + mean patch token of the last block '
                   '(DINOv2 linear-probe features)')
 
+def attribute_labels(dataset, n: int | None, attribute: str) -> tuple:
+    "(value index (N,), values) of `attribute` for the first `n` samples (`dataset.attributes(i)[attribute]`)."
+    if not hasattr(dataset, 'attributes'):
+        raise ValueError(f"attribute probe {attribute!r}: {type(dataset).__name__} has no attributes(i)")
+    m = len(dataset) if n is None else min(n, len(dataset))
+    vals = [dataset.attributes(i).get(attribute) for i in range(m)]
+    if any(v is None for v in vals):
+        raise ValueError(f"attribute probe {attribute!r}: not an attribute of {type(dataset).__name__}")
+    values = sorted(set(vals), key=str)
+    return torch.tensor([values.index(v) for v in vals]), values
+
 def linear_probe(model, train_dataset, test_dataset, n_train: int | None = 5000, n_test: int | None = 2000,
-                 features=FEATURE_CHOICES, batch_size: int = 256, **probe_kwargs) -> dict:
-    "Linear-probe accuracy per feature choice: features extracted once, lr grid, val-selected head reported on test."
+                 features=FEATURE_CHOICES, batch_size: int = 256, attributes=(), **probe_kwargs) -> dict:
+    "Linear-probe accuracy per feature choice (and per `attributes` of the images): lr grid, val-selected, on test."
     t0 = time.perf_counter()
     tr = probe_features(model, train_dataset, n_train, features, batch_size)
     te = probe_features(model, test_dataset, n_test, features, batch_size)
@@ -204,6 +215,15 @@ def linear_probe(model, train_dataset, test_dataset, n_train: int | None = 5000,
         r = train_linear_probe(tr[f], tr['labels'], te[f], te['labels'], num_classes=C, **probe_kwargs)
         out[f'linear_probe_{f}_top1'] = r.pop('top1')
         out[f'linear_probe_{f}'] = dict(r, feature=FEATURE_DESCRIPTIONS[f].format(k=_n_blocks(model)))
+    for a in attributes:                                               # the same features, another target
+        ytr, values = attribute_labels(train_dataset, len(tr['labels']), a)
+        yte, test_values = attribute_labels(test_dataset, len(te['labels']), a)
+        yte = torch.tensor([values.index(test_values[i]) if test_values[i] in values else -1 for i in yte.tolist()])
+        chance = float(torch.bincount(yte[yte >= 0], minlength=len(values)).max()) / max(1, int((yte >= 0).sum()))
+        for f in features:
+            r = train_linear_probe(tr[f], ytr, te[f], yte, num_classes=len(values), **probe_kwargs)
+            out[f'linear_probe_{f}_{a}_top1'] = r['top1']
+        out[f'linear_probe_{a}_chance'] = chance
     out['seconds'] = round(time.perf_counter() - t0, 2)
     return out
 

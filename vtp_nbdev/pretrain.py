@@ -23,11 +23,11 @@ from .runs import (Recipe, fit, training_cli, run_dir, batch_indices, batch_to, 
                             full_tensor, shard_optimizer, rewrite_jsonl)
 
 # %% auto #0
-__all__ = ['main', 'PretrainConfig', 'cosine_schedule', 'step_schedules', 'indices_on', 'masked_tokens', 'mask_capacity',
-           'padded_mask_indices', 'IBOTMasks', 'ibot_masks', 'VTPPretrainer', 'MicroBatch', 'micro_batches',
-           'accumulate_grads', 'count_step_flops', 'make_optimizer', 'run_dir_for', 'load_batch', 'StepSamples',
-           'collate_samples', 'MaskCollate', 'step_batches', 'compile_blocks', 'shard_tokenizer', 'PretrainRecipe',
-           'pretrain', 'GANFinetuneConfig', 'finetune_decoder_gan', 'demo_config']
+__all__ = ['main', 'PretrainConfig', 'cosine_schedule', 'wsd_schedule', 'step_schedules', 'indices_on', 'masked_tokens',
+           'mask_capacity', 'padded_mask_indices', 'IBOTMasks', 'ibot_masks', 'VTPPretrainer', 'MicroBatch',
+           'micro_batches', 'accumulate_grads', 'count_step_flops', 'make_optimizer', 'run_dir_for', 'load_batch',
+           'StepSamples', 'collate_samples', 'MaskCollate', 'step_batches', 'compile_blocks', 'shard_tokenizer',
+           'PretrainRecipe', 'pretrain', 'GANFinetuneConfig', 'finetune_decoder_gan', 'demo_config']
 
 # %% ../nbs/05_pretrain.ipynb #c582decb
 @dataclass
@@ -54,6 +54,11 @@ class PretrainConfig(PlainConfig):
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup: float = 0.05                 # fraction of steps
+    # 'cosine' (warm-up, then cosine to min_lr) or 'wsd': warmup-stable-decay, every schedule in absolute steps
+    schedule: str = neutral_field('cosine')
+    warmup_steps: int = neutral_field(0)  # 'wsd': steps of lr and teacher-temperature warm-up
+    cooldown: float = neutral_field(0.2)  # 'wsd': the last fraction of steps decays lr (to min_lr) and raises momentum
+    global_crop_scale: tuple = neutral_field((0.32, 1.0))   # DINO global crops: area fraction range
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.98)
     grad_clip: float = 3.0
@@ -72,7 +77,7 @@ class PretrainConfig(PlainConfig):
     precision: str = neutral_field('fp32')   # CPU: 'auto' (bf16 with AMX-BF16), 'fp32' or 'bf16'
 
     def __post_init__(self):
-        for k in ('mask_ratio', 'teacher_temp', 'ema_momentum', 'betas'):
+        for k in ('mask_ratio', 'teacher_temp', 'ema_momentum', 'betas', 'global_crop_scale'):
             setattr(self, k, tuple(getattr(self, k)))
         self.validate()
 
@@ -91,6 +96,15 @@ class PretrainConfig(PlainConfig):
             raise ValueError(f"compile={self.compile!r}; expected False, True (the blocks) or 'step' (the whole step)")
         if self.compile == 'step' and self.grad_accum > 1:
             raise ValueError(f"compile='step' needs grad_accum=1 (got {self.grad_accum})")
+        if self.schedule not in ('cosine', 'wsd'):
+            raise ValueError(f"schedule={self.schedule!r}; expected 'cosine' or 'wsd'")
+        if self.schedule == 'wsd' and not 0 <= self.warmup_steps <= self.decay_start:
+            raise ValueError(f"schedule='wsd': warmup_steps={self.warmup_steps} must be in 0..{self.decay_start} "
+                             f"(the stable phase ends at step {self.decay_start} of {self.steps})")
+        if not 0 < self.cooldown <= 1:
+            raise ValueError(f"cooldown={self.cooldown!r}; expected a fraction of the steps in (0, 1]")
+        if not 0 < self.global_crop_scale[0] <= self.global_crop_scale[1] <= 1:
+            raise ValueError(f"global_crop_scale={self.global_crop_scale!r}; expected 0 < low <= high <= 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}; expected one of {list(PRECISIONS)}")
         if self.clip_loss not in ('softmax', 'siglip'):
@@ -134,6 +148,16 @@ class PretrainConfig(PlainConfig):
                              "micro-batches must equal their recomputation")
 
     @property
+    def decay_start(self) -> int:
+        "'wsd': the step where the stable phase ends and the cool-down begins."
+        return self.steps - max(1, round(self.cooldown * self.steps))
+
+    def trunk_key(self) -> dict:
+        "What the stable phase of a 'wsd' run depends on: everything but its length and its logging."
+        skip = ('steps', 'log_every', 'ckpt_every', 'ckpt_log_points')
+        return {k: v for k, v in self.to_dict().items() if k not in skip}
+
+    @property
     def weights(self) -> dict:
         return loss_weights(self.losses, **self.loss_weights)
     @property
@@ -163,8 +187,22 @@ def cosine_schedule(step: int, total: int, start: float, end: float, warmup: int
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
+def wsd_schedule(step: int, warmup: int, decay_start: int, total: int, start: float, end: float) -> float:
+    "Warmup-stable-decay: linear warm-up from 0 to `start`, constant, then linear from `start` to `end` at `total`."
+    if step < warmup:
+        return start * step / warmup
+    if step < decay_start:
+        return start
+    return start + (end - start) * min(1.0, (step - decay_start) / max(1, total - decay_start))
+
 def step_schedules(cfg: PretrainConfig, step: int) -> dict:
     "Learning rate, EMA momentum and teacher temperature at `step`."
+    if cfg.schedule == 'wsd':                       # depends on `steps` only through the cool-down
+        d = cfg.decay_start
+        m0, m1 = cfg.ema_momentum
+        return dict(lr=wsd_schedule(step, cfg.warmup_steps, d, cfg.steps, cfg.lr, cfg.min_lr),
+                    momentum=m0 if step < d else cosine_schedule(step - d, cfg.steps - d, m0, m1),
+                    teacher_temp=teacher_temp_schedule(step, cfg.warmup_steps, *cfg.teacher_temp))
     return dict(lr=cosine_schedule(step, cfg.steps, cfg.lr, cfg.min_lr, int(cfg.warmup * cfg.steps)),
                 momentum=cosine_schedule(step, cfg.steps, cfg.ema_momentum[0], cfg.ema_momentum[1]),
                 teacher_temp=teacher_temp_schedule(step, int(cfg.teacher_temp_warmup * cfg.steps), *cfg.teacher_temp))
@@ -287,7 +325,8 @@ class VTPPretrainer(nn.Module):
         cfg, m = self.cfg, self.net.model
         rank, world = rank_world()   # crops: draws for the global batch, our rows kept
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        crops = multicrop(images, 2, cfg.n_local_crops, m.config.vision_patch_size, generator=g, rank=rank, world=world)
+        crops = multicrop(images, 2, cfg.n_local_crops, m.config.vision_patch_size, cfg.global_crop_scale, generator=g,
+                          rank=rank, world=world)
         glob, loc = torch.cat(crops[:2]), crops[2:]                                # (2b, 3, H, W), [(b, 3, l, l)]
         b = images.shape[0]
         gh = glob.shape[-2] // m.config.vision_patch_size
@@ -548,8 +587,14 @@ class PretrainRecipe(Recipe):
     def optimizer(self, trainer: VTPPretrainer) -> torch.optim.AdamW:
         return make_optimizer(trainer, self.cfg)
 
+    def trunk(self) -> tuple | None:
+        "'wsd' runs of one series share their stable phase up to the cool-down."
+        return (self.cfg.trunk_key(), self.cfg.decay_start) if self.cfg.schedule == 'wsd' else None
+
     def _indices(self, step: int) -> list:
-        return batch_indices(step, self.cfg.batch_clip, len(self.ds), self.cfg.seed, self.rank, self.world)
+        "This rank's rows of batch `step`; a dataset of hard-negative pairs (`group` 2) keeps each pair together."
+        return batch_indices(step, self.cfg.batch_clip, len(self.ds), self.cfg.seed, self.rank, self.world,
+                             getattr(self.ds, 'group', 1))
 
     def batch(self, step: int) -> dict:
         return next(step_batches(self.ds, [(step, self._indices(step))], 0, self.device, self.collate))

@@ -18,9 +18,10 @@ from .config import get_settings, get_device, config_hash, seed_everything, setu
 __all__ = ['CHECKPOINT_FORMAT', 'atomic_write', 'write_json', 'atomic_save', 'read_jsonl', 'append_jsonl', 'rewrite_jsonl',
            'resume_rows', 'run_dir', 'prepare_run_dir', 'remove_stale_temps', 'is_finished', 'run_lock',
            'CheckpointError', 'checkpoint_state', 'read_checkpoint', 'restore_checkpoint', 'latest_checkpoint',
-           'log_spaced_steps', 'save_rolling', 'epoch_permutation', 'batch_indices', 'to_device', 'batch_to',
-           'defer_finite_check', 'rank_world', 'init_distributed', 'full_tensor', 'gathered', 'shard_optimizer',
-           'Recipe', 'fit', 'parse_overrides', 'read_config_file', 'training_cli']
+           'log_spaced_steps', 'save_rolling', 'trunk_dir', 'trunk_checkpoint', 'save_trunk', 'epoch_permutation',
+           'batch_indices', 'to_device', 'batch_to', 'defer_finite_check', 'rank_world', 'init_distributed',
+           'full_tensor', 'gathered', 'shard_optimizer', 'Recipe', 'fit', 'parse_overrides', 'read_config_file',
+           'training_cli']
 
 # %% ../nbs/04a_runs.ipynb #de3ddc61
 @contextlib.contextmanager
@@ -220,14 +221,49 @@ def save_rolling(run: Path, trainer, opt, step: int, cfg_hash: str, keep: set) -
             old.unlink()
     return new
 
+# %% ../nbs/04a_runs.ipynb #32cb1e0e
+def trunk_dir(kind: str, key: dict, runs_dir=None) -> Path:
+    "Where the saved states of a shared training prefix live: `<runs_dir>/<kind>-trunk/<hash of key>`."
+    return run_dir(f'{kind}-trunk', key, runs_dir)
+
+def trunk_checkpoint(kind: str, key: dict, step: int, runs_dir=None) -> Path | None:
+    "The latest readable saved state of prefix `key` at or before `step` (None: nothing to start from)."
+    d = trunk_dir(kind, key, runs_dir)
+    for p in sorted(d.glob('step-*.safetensors'), reverse=True):
+        if int(p.stem.split('-')[1]) > step:
+            continue
+        try:
+            read_checkpoint(p)
+        except CheckpointError as e:
+            print(f"warning: {e}; skipping this saved prefix", file=sys.stderr)
+            continue
+        return p
+    return None
+
+def save_trunk(kind: str, trunk: tuple, state: tuple, runs_dir=None) -> Path:
+    "Save the training state (`trainer`, `opt`) at the end of prefix `trunk` = (key, step), atomically."
+    key, step = trunk
+    d = trunk_dir(kind, key, runs_dir)
+    if not (d/'config.json').exists():
+        atomic_write(d/'config.json', json.dumps(key, indent=1, sort_keys=True, default=list))
+    tensors, meta = checkpoint_state(*state, step, config_hash(key))
+    return atomic_save(tensors, d/f'step-{step:08d}.safetensors', meta)
+
+
 # %% ../nbs/04a_runs.ipynb #5bb6c8fc
 @functools.lru_cache(maxsize=4)
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     "The order of `range(n)` in `epoch` of a run seeded `seed`; cached, so drawn once per epoch (do not modify it)."
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
-def batch_indices(step: int, batch: int, n: int, seed: int = 0, rank: int = 0, world: int = 1) -> list:
+def batch_indices(step: int, batch: int, n: int, seed: int = 0, rank: int = 0, world: int = 1,
+                  group: int = 1) -> list:
     "Dataset indices of global batch `step` (size `batch`) for `rank`: epoch-wise permutations, sliced per rank."
+    if group > 1:                                       # whole groups of adjacent indices (g*k ... g*k + g - 1)
+        if batch % group:
+            raise ValueError(f"global batch {batch} is not a multiple of the dataset's group size {group}")
+        ids = batch_indices(step, batch // group, n // group, seed, rank, world)
+        return [group * k + j for k in ids for j in range(group)]
     if batch % world:
         raise ValueError(f"global batch {batch} is not divisible by the world size {world}")
     out, pos = [], step * batch
@@ -318,6 +354,10 @@ class Recipe:
     def key(self) -> dict:
         "What the run directory's hash covers (default: the config)."
         return self.cfg.to_dict()
+
+    def trunk(self) -> tuple | None:
+        "(key, step) of a training prefix this run shares with others (a stable phase it leaves at `step`), or None."
+        return None
 
     def setup(self, device, rank: int, world: int):
         "Validate the config against the world size and build the data (before the run directory is claimed)."
@@ -443,9 +483,12 @@ def fit(recipe: Recipe, runs_dir=None, device=None, max_steps: int | None = None
         trainer = recipe.trainer().to(device)
         opt = recipe.optimizer(trainer)
         step, rows = 0, []
+        trunk = recipe.trunk()
         if (last := latest_checkpoint(run/'checkpoints')) is not None:
             step = restore_checkpoint(trainer, opt, last, h)
             rows = resume_rows(run, step, rank)
+        elif trunk is not None and (shared := trunk_checkpoint(recipe.kind, *trunk, runs_dir)) is not None:
+            step = restore_checkpoint(trainer, opt, shared, config_hash(trunk[0]))   # the shared prefix, exactly
         fsdp = fsdp and world > 1
         net = recipe.network(trainer, ddp=world > 1 and not fsdp)
         flops = rows[-1]['flops_per_step'] if rows else recipe.step_flops(trainer, recipe.batch(0)) * world
@@ -520,6 +563,10 @@ def fit(recipe: Recipe, runs_dir=None, device=None, max_steps: int | None = None
                 state = gathered(trainer, opt) if fsdp else (trainer, opt)     # FSDP: every rank takes part
                 if rank == 0:
                     save_rolling(run, *state, step, h, keep)
+            if trunk is not None and step == trunk[1]:
+                state = gathered(trainer, opt) if fsdp else (trainer, opt)
+                if rank == 0:
+                    save_trunk(recipe.kind, trunk, state, runs_dir)
         bar.close()
         # --- the final save
         finished = step >= cfg.steps

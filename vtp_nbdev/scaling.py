@@ -12,30 +12,39 @@ from safetensors.torch import load_file
 from .config import config_hash, get_device, get_settings, project_root, environment_info, SCALES
 from .pretrain import PretrainConfig, VTPPretrainer, pretrain, run_dir_for, count_step_flops, load_batch
 from .runs import log_spaced_steps, read_jsonl, write_json, run_lock as file_lock
-from .data import get_dataset
+from .data import get_dataset, PROCEDURAL
 from .eval_reconstruction import evaluate_tokenizer
 from .generate import GenerationEvalConfig, generation_metrics
 
 # %% auto #0
-__all__ = ['SCALE_SETTINGS', 'scale_settings', 'flops_per_step', 'scaling_config', 'export_checkpoint', 'results_dir',
-           'point_key', 'point_path', 'flops_at', 'write_record', 'score_point', 'run_lock', 'run_series',
-           'load_results', 'guided_point']
+__all__ = ['SCALE_SETTINGS', 'scale_settings', 'series_budgets', 'flops_per_step', 'scaling_config', 'export_checkpoint',
+           'results_dir', 'point_key', 'point_path', 'flops_at', 'write_record', 'score_point', 'run_lock',
+           'run_series', 'load_results', 'guided_point']
 
 # %% ../nbs/13_scaling.ipynb #09a45397
 _GEN_SMOKE = dict(n_latents=256, dit=dict(preset='tiny', steps=30, batch=32, lr=1e-3, log_every=10, ckpt_every=30),
-                  n_samples=200, n_ref=200, steps=10)
-_EVAL = lambda n, probe: dict(n_zero_shot=n, n_probe_train=probe, n_probe_test=n, n_rec=n)
+                  n_samples=200, n_ref=200, steps=10, timestep_shift=0.6)
+_EVAL = lambda n, probe, attributes=(): dict(n_zero_shot=n, n_probe_train=probe, n_probe_test=n, n_rec=n,
+                                             **({'probe_attributes': attributes} if attributes else {}))
+# the CPU testbed: 32-px `shape_pairs` (one object of several patches, hard-negative pairs that differ only in shape),
+# patch 8 -> a 4x4 grid of d = 16 latents (192 pixel values into 16 per token, the paper's 12x), warmup-stable-decay
+_TESTBED = dict(preset='tiny', model={'vision_patch_size': 8}, dataset='shape_pairs', n_local_crops=2, lr=2e-3,
+                schedule='wsd', cooldown=0.2, global_crop_scale=(0.5, 1.0))
+_CPU_BUDGET = 4e12                                   # the smallest budget C of a series: C, 2C, 4C, 8C, 16C
 SCALE_SETTINGS = {
-    'smoke': dict(tokenizer=dict(preset='tiny', batch_clip=32, batch_ssl=8, batch_ssl_rec=8, n_local_crops=2,
-                                 lr=2e-3, warmup=0.1, log_every=5, dataset_kwargs={'size': 512}),
-                  flops=1.2e11, n_ckpts=2, seeds=(0,), eval=_EVAL(200, 200), gen=_GEN_SMOKE),
-    'cpu': dict(tokenizer=dict(preset='tiny', batch_clip=64, batch_ssl=16, batch_ssl_rec=16, n_local_crops=2,
-                               lr=2e-3, warmup=0.1, log_every=20, dataset_kwargs={'size': 20_000}),
-                flops=2.0e13, n_ckpts=6, points=(0, 2, 5), seeds=(0, 1), eval=_EVAL(1000, 2000),
+    'smoke': dict(tokenizer=dict(_TESTBED, batch_clip=32, batch_ssl=8, batch_ssl_rec=8, warmup_steps=2, log_every=5,
+                                 dataset_kwargs={'size': 512}),
+                  budgets=(1.5e10, 3e10), flops=3e10, n_ckpts=0, seeds=(0,), eval=_EVAL(200, 200, ('shape',)),
+                  gen=_GEN_SMOKE),
+    'cpu': dict(tokenizer=dict(_TESTBED, batch_clip=64, batch_ssl=16, batch_ssl_rec=16, warmup_steps=100,
+                               log_every=20, dataset_kwargs={'size': 20_000}),
+                budgets=tuple(_CPU_BUDGET * 2 ** k for k in range(5)), flops=16 * _CPU_BUDGET, n_ckpts=0,
+                seeds=(0, 1, 2), eval=_EVAL(1000, 2000, ('shape', 'colour')),
+                # sampling shift 0.3 at 16x8x8 latents, times sqrt(4) for the 4x smaller 16x4x4 latent
                 gen=dict(n_latents=10_000,
-                         dit=dict(preset='S', steps=800, batch=64, lr=1e-3, ema_decay=0.999, log_every=100,
+                         dit=dict(preset='S', steps=1600, batch=64, lr=1e-3, ema_decay=0.999, log_every=100,
                                   ckpt_every=400),
-                         n_samples=1000, n_ref=2000, steps=25)),
+                         n_samples=5000, n_ref=5000, steps=25, timestep_shift=0.6)),
 }
 SCALE_SETTINGS['paper'] = dict(tokenizer=dict(preset='paper_L', batch_clip=16384, batch_ssl=4096, batch_ssl_rec=2048,
                                               n_local_crops=8, lr=1e-3, warmup=0.05, log_every=100,
@@ -50,6 +59,13 @@ def scale_settings(scale: str) -> dict:
     if scale not in SCALE_SETTINGS:
         raise ValueError(f"unknown scale {scale!r}; expected one of {list(SCALE_SETTINGS)}")
     return SCALE_SETTINGS[scale]
+
+def series_budgets(scale: str, flops: float | None = None) -> list | None:
+    "The budgets of a scaling series, each its own annealed run (`flops`: just that one); None: log-spaced checkpoints."
+    s = scale_settings(scale)
+    if 'budgets' not in s:
+        return None
+    return [float(flops)] if flops is not None else sorted(float(b) for b in s['budgets'])
 
 # %% ../nbs/13_scaling.ipynb #4dd3f9b1
 def _base_config(scale: str, losses: str, seed: int, **overrides) -> dict:
@@ -78,18 +94,21 @@ def flops_per_step(cfg: PretrainConfig) -> int:
 def scaling_config(scale: str, losses: str, seed: int = 0, flops: float | None = None, **overrides) -> PretrainConfig:
     "The `PretrainConfig` of one scaling run: `losses` at `scale`, trained for `flops` (default: the scale's budget)."
     d = _base_config(scale, losses, seed, **overrides)
-    probe = PretrainConfig.from_dict({**d, 'steps': 1, 'ckpt_every': 1, 'log_every': 1})
+    one = dict(steps=1, ckpt_every=1, log_every=1, schedule='cosine', warmup_steps=0)    # the schedule costs no FLOPs
+    probe = PretrainConfig.from_dict({**d, **one})
     steps = max(2 ** d['ckpt_log_points'], round((flops or scale_settings(scale)['flops']) / flops_per_step(probe)))
     return PretrainConfig.from_dict({**d, 'steps': steps, 'ckpt_every': max(1, steps // 4),
                                      'log_every': min(d['log_every'], steps)})
 
 # %% ../nbs/13_scaling.ipynb #c2579355
 def export_checkpoint(run, step: int) -> Path:
-    "The tokenizer folder `<run>/ckpt/step-<step>` (written once, atomically, from that step's training checkpoint)."
+    "The tokenizer folder of `step`: the run's `final/` at its last step, else `<run>/ckpt/step-<step>` (once)."
     run = Path(run)
     out = run/'ckpt'/f'step-{step:08d}'
     if (out/'model.safetensors').exists():
         return out
+    if (run/'final'/'model.safetensors').exists() and json.loads((run/'done.json').read_text())['steps'] == step:
+        return run/'final'
     src = run/'checkpoints'/f'step-{step:08d}.safetensors'
     if not src.exists():
         have = sorted(p.name for p in (run/'checkpoints').glob('step-*.safetensors'))
@@ -152,7 +171,7 @@ def score_point(run, step: int, scale: str, gen: dict | None = None, device=None
     gen = gen if gen is not None else s['gen']
     folder = export_checkpoint(run, step)
     t0 = time.time()
-    user_data = {k: v for k, v in cfg.dataset_kwargs.items() if k != 'size'} if cfg.dataset != 'shapes' else {}
+    user_data = {k: v for k, v in cfg.dataset_kwargs.items() if k != 'size'} if cfg.dataset not in PROCEDURAL else {}
     ev = evaluate_tokenizer(folder, cfg.dataset, device=str(get_device(device)), probe_features=('bottleneck', 'last'),
                             dataset_kwargs=user_data, strict=True, **s['eval'])     # a point is whole or not stored
     ev['params_encoder'] = _encoder_params(folder)
@@ -160,6 +179,7 @@ def score_point(run, step: int, scale: str, gen: dict | None = None, device=None
     gen_cfg = {**gen, 'dataset': cfg.dataset, 'seed': cfg.seed, **({'dataset_kwargs': user_data} if user_data else {})}
     g = generation_metrics(folder, GenerationEvalConfig.from_dict(gen_cfg), device=device, progress=progress)
     zs, lp, rc = ev['zero_shot'], ev['linear_probe'], ev['reconstruction']
+    attrs = s['eval'].get('probe_attributes', ())
     rec = dict(scale=scale, method=cfg.losses, preset=cfg.preset, seed=cfg.seed, dataset=cfg.dataset,
                data_size=cfg.dataset_kwargs.get('size'), step=step, steps_total=cfg.steps, flops=flops_at(run, step),
                params_encoder=ev['params_encoder'], bottleneck=ev['config']['vision_feature_bottleneck'],
@@ -167,11 +187,17 @@ def score_point(run, step: int, scale: str, gen: dict | None = None, device=None
                zero_shot_top1_heldout=_pick(zs, 'zero_shot_top1_heldout'),
                probe_bottleneck=_pick(lp, 'linear_probe_bottleneck_top1'),
                probe_last=_pick(lp, 'linear_probe_last_top1'),
+               **{f'probe_{a}_{f}': _pick(lp, f'linear_probe_{f}_{a}_top1') for a in attrs
+                  for f in ('bottleneck', 'last')},
+               **{f'probe_{a}_chance': _pick(lp, f'linear_probe_{a}_chance') for a in attrs},
+               sample_shape_accuracy=g.get('sample_shape_accuracy'),
+               sample_colour_accuracy=g.get('sample_colour_accuracy'),
                psnr=_pick(rc, 'psnr'), ssim=_pick(rc, 'ssim'), rFD=_pick(rc, 'rFID'),
                gFD=g[f'FD_{cfg.dataset}'], IS=g.get(f'IS_{cfg.dataset}_mean'),
                precision=g.get(f'precision_{cfg.dataset}'),
                recall=g.get(f'recall_{cfg.dataset}'), config_hash=run.name, point_hash=path.stem.rsplit('_', 1)[-1],
                dit_proxy=g['dit_proxy'], generation_config=g['generation_config'], gen_hash=config_hash(gen),
+               dit_run=Path(g['dit_run']).name,
                eval_hash=config_hash(s['eval']),
                seconds=dict(evaluate=t1 - t0, generation=time.time() - t1), environment=environment_info())
     return write_record(path, rec)
@@ -184,23 +210,29 @@ def run_lock(cfg: PretrainConfig, runs_dir=None):
 # %% ../nbs/13_scaling.ipynb #1f953e75
 def run_series(scale: str, losses: str, seed: int = 0, flops: float | None = None, points=None, gen: dict | None = None,
                device=None, progress: bool = True, root=None, store_only: bool = False, **overrides) -> list:
-    "Train the scaling run of (`losses`, `seed`, overrides) at `scale`; score its checkpoints (stored ones reused)."
-    cfg = scaling_config(scale, losses, seed, flops, **overrides)
-    steps = log_spaced_steps(cfg.steps, cfg.ckpt_log_points)
-    points = points if points is not None else scale_settings(scale).get('points')
-    steps = [steps[i] for i in points] if points is not None else steps
-    paths = [point_path(cfg, s, scale, gen, root) for s in steps]
+    "Train the scaling series of (`losses`, `seed`, overrides) at `scale`; score its points (stored ones reused)."
+    budgets = series_budgets(scale, flops)
+    if budgets is not None:                          # one annealed run per budget, shortest first (shared prefix)
+        todo = [(c, c.steps) for c in (scaling_config(scale, losses, seed, b, **overrides) for b in budgets)]
+        todo = [todo[i] for i in points] if points is not None else todo
+    else:                                            # log-spaced checkpoints of one run
+        cfg = scaling_config(scale, losses, seed, flops, **overrides)
+        steps = log_spaced_steps(cfg.steps, cfg.ckpt_log_points)
+        points = points if points is not None else scale_settings(scale).get('points')
+        todo = [(cfg, steps[i]) for i in points] if points is not None else [(cfg, s) for s in steps]
+    paths = [point_path(c, s, scale, gen, root) for c, s in todo]
     if all(p.exists() for p in paths) or store_only:
         return [json.loads(p.read_text()) for p in paths if p.exists()]
-    with run_lock(cfg):
-        run = pretrain(cfg, device=device, progress=progress)
-        out = []
-        for s in steps:
-            t0 = time.time()
+    out = []
+    for (c, s), path in zip(todo, paths):
+        t0 = time.time()
+        with run_lock(c):
+            run = pretrain(c, device=device, progress=progress)
             out.append(score_point(run, s, scale, gen, device, progress=False, root=root))
-            if progress:
-                print(f"  {losses} seed {seed} step {s}/{cfg.steps}: gFD {out[-1]['gFD']:.2f} rFD {out[-1]['rFD']:.2f} "
-                      f"probe {out[-1]['probe_last']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+        if progress:
+            r = out[-1]
+            print(f"  {losses} seed {seed} step {s}/{c.steps} ({r['flops']:.3g} FLOPs): gFD {r['gFD']:.2f} "
+                  f"rFD {r['rFD']:.2f} probe {r['probe_last']:.3f} ({time.time() - t0:.0f}s)", flush=True)
     return out
 
 def load_results(scale: str, root=None, current: bool = True):

@@ -274,9 +274,13 @@ def _load_json(path):
     return json.loads(p.read_text()) if p.exists() else None
 
 def _diagnostics(scale: str, name: str, root=None):
-    "The testbed-diagnostics record `name` (noise, probes, latents) of `scale`, or None."
+    "The testbed-diagnostics record `name` (noise, probes, latents) of `scale`; None if absent or of another proxy."
+    import json
     from vtp_nbdev.config import project_root
-    return _load_json(project_root(root)/'results'/scale/'diagnostics'/f'{name}.json')
+    from vtp_nbdev.scaling import scale_settings
+    rec = _load_json(project_root(root)/'results'/scale/'diagnostics'/f'{name}.json')
+    gen = json.loads(json.dumps(scale_settings(scale)['gen']))
+    return None if rec is None or rec.get('key', {}).get('gen', gen) != gen else rec
 
 def measured_noise(scale: str, root=None) -> dict:
     "σ_DiT (gFD SD over DiT seeds at a fixed tokenizer), its seed count and the DiT-step gain, from the diagnostics."
@@ -296,8 +300,15 @@ def shape_probe(scale: str, root=None, feature: str = 'last') -> dict | None:
         return None
     return dict({r['model']: r['top1'] for r in rows}, chance=rows[0]['chance'])
 
+def _final_mean(points, method: str, col: str) -> float | None:
+    "Mean over seeds of `col` at the largest budget of `method` (None: no such records or column)."
+    pts = points[points.method == method] if points is not None and len(points) and col in points else None
+    if pts is None or not len(pts) or pts[col].isna().all():
+        return None
+    return float(pts[pts.flops >= pts.flops.max() * 0.99][col].mean())
+
 def testbed_preconditions(points, scale: str, root=None, max_rfd: float = 3., max_rfd_ratio: float = 0.1,
-                          probe_margin: float = 0.1) -> dict:
+                          min_shape_probe: float = 0.6, min_sample_shape: float = 0.5) -> dict:
     "Named preconditions of the headline scaling claims (regime, semantics, proxy strength), evaluated from the data."
     pre = {}
     ae = points[points.method == 'AE'] if points is not None and len(points) else None
@@ -309,18 +320,27 @@ def testbed_preconditions(points, scale: str, root=None, max_rfd: float = 3., ma
         ok = rfd <= max_rfd and rfd <= max_rfd_ratio * gfd
         pre[f'regime: AE rFD at the first budget <= {max_rfd:g} and <= {max_rfd_ratio:g} x gFD (have rFD {rfd:.3g}, '
             f'gFD {gfd:.3g}; needs a first budget where the AE already reconstructs)'] = ok
-    sp = shape_probe(scale, root)
-    if sp is None or 'VTP' not in sp:
-        pre['semantics: VTP shape probe >= chance + 10 points (not measured: run testbed_diagnostics)'] = False
+    probe = _final_mean(points, 'CLIP+SSL+AE', 'probe_shape_bottleneck')
+    if probe is None:                                           # records without it: the diagnostics' probe
+        probe = (shape_probe(scale, root, 'bottleneck') or {}).get('VTP')
+    if probe is None:
+        pre[f'semantics: VTP shape probe (bottleneck, 5-way) >= {min_shape_probe:.0%} (not measured)'] = False
     else:
-        pre[f"semantics: VTP shape probe >= chance + {probe_margin * 100:.0f} points (have {sp['VTP']:.0%}, "
-            f"chance {sp['chance']:.0%}; needs objectives and data that teach shape)"] = (
-                sp['VTP'] >= sp['chance'] + probe_margin)
+        pre[f"semantics: VTP shape probe (bottleneck, 5-way) at the largest budget >= {min_shape_probe:.0%} (have "
+            f"{probe:.0%}, chance 20%; needs objectives and data that teach shape)"] = probe >= min_shape_probe
+    acc = None
+    if points is not None and len(points) and 'sample_shape_accuracy' in points and points.gFD.notna().any():
+        acc = points.loc[points.gFD.idxmin(), 'sample_shape_accuracy']
+    if acc is None or acc != acc:
+        pre[f'proxy: samples of the best tokenizer show the requested shape >= {min_sample_shape:.0%} '
+            '(not measured)'] = False
+    else:
+        pre[f"proxy: samples of the best tokenizer show the requested shape >= {min_sample_shape:.0%} (have "
+            f"{acc:.0%} by the reference network, chance 20%; needs a proxy that generates shapes)"] = (
+                acc >= min_sample_shape)
     ns = measured_noise(scale, root)
     g = ns['step_gain']
-    if g is None:
-        pre['proxy: DiT proxy converged (not measured: run testbed_diagnostics)'] = False
-    else:
+    if g is not None:                                           # measured at this scale's proxy: must have converged
         pre[f"proxy: gFD gain from {ns['half_steps']} to {ns['dit_steps']} DiT steps not above 0 (have "
             f"{g['mean']:.2f}, 95% CI {g['ci_lo']:.2f} .. {g['ci_hi']:.2f}; needs a longer DiT proxy)"] = (
                 g['ci_lo'] <= 0)

@@ -3,7 +3,7 @@
 One small CNN per built-in dataset (`RefCNN`, architecture in `vtp_nbdev.fid.REFERENCE_EXTRACTORS`):
 - `shapes`: multi-head (20-class label = shape x colour, plus shape 5, colour 4, size 2, count 3, position 5),
   trained on procedurally generated train-split images, evaluated on the test split;
-- `shape_pairs`: multi-head (20-class label, plus shape 5, colour 4, size 2, background 5), trained and evaluated the
+- `shape_pairs`: multi-head (20-class label, plus shape 5, colour 4, size 2, background 4), trained and evaluated the
   same way (train with `--dataset shape_pairs`; `all` trains `shapes` and `fashion_mnist` only);
 - `fashion_mnist`: 10 classes, trained on our train split (official train minus the last 5000), evaluated on val
   and the official test set.
@@ -38,11 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from vtp_nbdev.config import seed_everything
 from vtp_nbdev.data import (shapes_sample, shape_pairs_sample, SPLIT_OFFSETS, SHAPE_KINDS, COLOURS, SIZES, COUNTS,
-                            POSITIONS, BACKGROUNDS, read_idx, fashion_mnist_dir, FASHION_MNIST_FILES, get_dataset)
+                            POSITIONS, PAIR_BACKGROUNDS, read_idx, fashion_mnist_dir, FASHION_MNIST_FILES, get_dataset)
 from vtp_nbdev.fid import RefCNN, REFERENCE_EXTRACTORS, REF_RES, sha256_file
 
 ATTRS = dict(shape=SHAPE_KINDS, colour=tuple(COLOURS), size=SIZES, count=COUNTS, position=POSITIONS)
-PAIR_ATTRS = dict(shape=SHAPE_KINDS, colour=tuple(COLOURS), size=SIZES, background=BACKGROUNDS)
+PAIR_ATTRS = dict(shape=SHAPE_KINDS, colour=tuple(COLOURS), size=SIZES, background=PAIR_BACKGROUNDS)
 BUILTIN = ('shapes', 'fashion_mnist')                                    # what `--dataset all` trains
 DEFAULTS = dict(shapes=dict(n_train=30_000, epochs=6), shape_pairs=dict(n_train=30_000, epochs=6),
                 fashion_mnist=dict(epochs=5))

@@ -672,6 +672,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'vtp_nbdev.scaling.flops_per_step': ('scaling.html#flops_per_step', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.guided_point': ('scaling.html#guided_point', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.load_results': ('scaling.html#load_results', 'vtp_nbdev/scaling.py'),
+                                   'vtp_nbdev.scaling.main': ('scaling.html#main', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.point_key': ('scaling.html#point_key', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.point_path': ('scaling.html#point_path', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.results_dir': ('scaling.html#results_dir', 'vtp_nbdev/scaling.py'),

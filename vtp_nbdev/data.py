@@ -16,16 +16,16 @@ from .runs import rank_world
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SHAPE_KINDS', 'COLOURS', 'SIZES', 'COUNTS', 'POSITIONS', 'BACKGROUNDS',
-           'SHAPES_CLASSES', 'SPLIT_OFFSETS', 'PAIR_SIZES', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_FILES',
-           'MAX_IMAGE_PIXELS', 'HOLDOUT', 'IMAGE_EXTS', 'DATASETS', 'PROCEDURAL', 'ZERO_SHOT_TEMPLATES', 'M32',
-           'normalize', 'denormalize', 'to_uint8', 'uint8_to_model', 'get_text_tokenizer', 'tokenize',
-           'shapes_attributes', 'shapes_label', 'render_shapes', 'shapes_caption', 'shapes_sample', 'VTPDataset',
-           'ShapesDataset', 'shape_pairs_attributes', 'render_shape_pairs', 'shape_pairs_caption', 'shape_pairs_sample',
-           'ShapePairsDataset', 'read_idx', 'fashion_mnist_dir', 'FashionMNISTDataset', 'BadSampleError', 'load_image',
-           'split_of', 'select_split', 'ImageFolderDataset', 'ImageTextDataset', 'TarShardDataset', 'stream_indices',
-           'ShardedStream', 'check_resolution', 'shard_paths', 'get_dataset', 'MemoDataset', 'zero_shot_templates',
-           'zero_shot_prompts', 'local_crop_size', 'random_resized_crops', 'multicrop', 'hash32', 'stream_key',
-           'counter_uniform', 'block_masks', 'block_masks_loop']
+           'SHAPES_CLASSES', 'SPLIT_OFFSETS', 'PAIR_SIZES', 'PAIR_BACKGROUNDS', 'FASHION_MNIST_CLASSES',
+           'FASHION_MNIST_FILES', 'MAX_IMAGE_PIXELS', 'HOLDOUT', 'IMAGE_EXTS', 'DATASETS', 'PROCEDURAL',
+           'ZERO_SHOT_TEMPLATES', 'M32', 'normalize', 'denormalize', 'to_uint8', 'uint8_to_model', 'get_text_tokenizer',
+           'tokenize', 'shapes_attributes', 'shapes_label', 'render_shapes', 'shapes_caption', 'shapes_sample',
+           'VTPDataset', 'ShapesDataset', 'shape_pairs_attributes', 'render_shape_pairs', 'shape_pairs_caption',
+           'shape_pairs_sample', 'ShapePairsDataset', 'read_idx', 'fashion_mnist_dir', 'FashionMNISTDataset',
+           'BadSampleError', 'load_image', 'split_of', 'select_split', 'ImageFolderDataset', 'ImageTextDataset',
+           'TarShardDataset', 'stream_indices', 'ShardedStream', 'check_resolution', 'shard_paths', 'get_dataset',
+           'MemoDataset', 'zero_shot_templates', 'zero_shot_prompts', 'local_crop_size', 'random_resized_crops',
+           'multicrop', 'hash32', 'stream_key', 'counter_uniform', 'block_masks', 'block_masks_loop']
 
 # %% ../nbs/01_data.ipynb #ef9dfebd
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -248,7 +248,8 @@ class ShapesDataset(VTPDataset):
         return shapes_sample(self.offset + i, self.seed, self.res)[3]
 
 # %% ../nbs/01_data.ipynb #9c30e1ee
-PAIR_SIZES = {'small': 0.22, 'large': 0.3}  # object radius as a fraction of the resolution (~14 and ~19 px at 32)
+PAIR_SIZES = {'small': 0.3, 'large': 0.36}  # object radius as a fraction of the resolution (~19 and ~23 px at 32)
+PAIR_BACKGROUNDS = ('striped', 'checkered', 'dotted', 'plain')   # textures a 12x latent can hold (no pixel noise)
 _PAIR_EXTENT = 1.15                         # the widest shape (the diamond) reaches 1.15 radii from its centre
 
 def shape_pairs_attributes(rng) -> tuple:
@@ -256,7 +257,7 @@ def shape_pairs_attributes(rng) -> tuple:
     first = int(rng.integers(len(SHAPE_KINDS)))
     second = (first + 1 + int(rng.integers(len(SHAPE_KINDS) - 1))) % len(SHAPE_KINDS)  # uniform over the other 4
     shared = dict(colour=list(COLOURS)[rng.integers(len(COLOURS))], size=tuple(PAIR_SIZES)[rng.integers(2)],
-                  background=BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
+                  background=PAIR_BACKGROUNDS[rng.integers(len(PAIR_BACKGROUNDS))])
     return shared, (SHAPE_KINDS[first], SHAPE_KINDS[second])
 
 # %% ../nbs/01_data.ipynb #4fcfa407

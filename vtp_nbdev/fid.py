@@ -24,7 +24,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEA
 from torch_fidelity.metric_isc import isc_features_to_metric, KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD
 from torch_fidelity.metric_prc import (prc_features_to_metric, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
                                       KEY_METRIC_F_SCORE)
-from .data import normalize, to_uint8, SHAPE_KINDS, COLOURS, SIZES, COUNTS, POSITIONS, BACKGROUNDS
+from .data import normalize, to_uint8, SHAPE_KINDS, COLOURS, SIZES, COUNTS, POSITIONS, PAIR_BACKGROUNDS
 
 # %% auto #0
 __all__ = ['REF_RES', 'UINT8_POLICY', 'SHAPES_HEADS', 'SHAPE_PAIRS_HEADS', 'REFERENCE_EXTRACTORS', 'INCEPTION', 'INCEPTION_FILE',
@@ -42,7 +42,7 @@ UINT8_POLICY = 'round'
 SHAPES_HEADS = (('logits', 20), ('shape', len(SHAPE_KINDS)), ('colour', len(COLOURS)), ('size', len(SIZES)),
                 ('count', len(COUNTS)), ('position', len(POSITIONS)))
 SHAPE_PAIRS_HEADS = (('logits', 20), ('shape', len(SHAPE_KINDS)), ('colour', len(COLOURS)), ('size', len(SIZES)),
-                     ('background', len(BACKGROUNDS)))
+                     ('background', len(PAIR_BACKGROUNDS)))
 
 class RefCNN(nn.Module):
     "Reference classifier: conv stages -> penultimate `feat` (B, F) -> one linear head per target."
@@ -78,7 +78,7 @@ REFERENCE_EXTRACTORS = {
                'a13cf2b3220164eff88f49609fb56cd63f315c0d1ab7b29bc569d64503e09c32',
                dict(widths=(16, 32, 64), feat_dim=128, heads=SHAPES_HEADS, res=REF_RES)),
     'shape_pairs': ('data_prep/reference/shape_pairs.safetensors',
-                    '314afb84855baab8603f4c979c70e6f6d5e7c4062841930e7782469f6f869e93',
+                    'aae32b67a93c3bb1cc2fdc1a54e016cf224fa9a8451cffd22aa5760f66e4f541',
                     dict(widths=(16, 32, 64), feat_dim=128, heads=SHAPE_PAIRS_HEADS, res=REF_RES)),
     'fashion_mnist': ('data_prep/reference/fashion_mnist.safetensors',
                       '0fa127344dc3b020b663c64477726f6f80db13cb3bfe9bcea33d1477c8d1a7fb',
@@ -476,7 +476,7 @@ def torch_fidelity_metrics(input1, input2=None, extractor='shapes', metrics=METR
 # %% ../nbs/08_fid.ipynb #2079a048
 ATTRIBUTE_VALUES = dict(shape=SHAPE_KINDS, colour=tuple(COLOURS), size=SIZES, count=COUNTS, position=POSITIONS)
 DATASET_ATTRIBUTES = {'shapes': ATTRIBUTE_VALUES,
-                      'shape_pairs': dict(shape=SHAPE_KINDS, colour=tuple(COLOURS), size=SIZES, background=BACKGROUNDS)}
+                      'shape_pairs': dict(shape=SHAPE_KINDS, colour=tuple(COLOURS), size=SIZES, background=PAIR_BACKGROUNDS)}
 
 def attribute_values(dataset: str = 'shapes') -> dict:
     "The attributes (head name -> values) that the reference network of `dataset` reads."

@@ -221,7 +221,7 @@ def save_rolling(run: Path, trainer, opt, step: int, cfg_hash: str, keep: set) -
             old.unlink()
     return new
 
-# %% ../nbs/04a_runs.ipynb #32cb1e0e
+# %% ../nbs/04a_runs.ipynb #491cf203
 def trunk_dir(kind: str, key: dict, runs_dir=None) -> Path:
     "Where the saved states of a shared training prefix live: `<runs_dir>/<kind>-trunk/<hash of key>`."
     return run_dir(f'{kind}-trunk', key, runs_dir)

@@ -15,11 +15,12 @@ from .runs import log_spaced_steps, read_jsonl, write_json, run_lock as file_loc
 from .data import get_dataset, PROCEDURAL
 from .eval_reconstruction import evaluate_tokenizer
 from .generate import GenerationEvalConfig, generation_metrics
+from .fid import REFERENCE_EXTRACTORS
 
 # %% auto #0
 __all__ = ['SCALE_SETTINGS', 'scale_settings', 'series_budgets', 'flops_per_step', 'scaling_config', 'export_checkpoint',
            'results_dir', 'point_key', 'point_path', 'flops_at', 'write_record', 'score_point', 'run_lock',
-           'run_series', 'load_results', 'guided_point']
+           'run_series', 'load_results', 'main', 'guided_point']
 
 # %% ../nbs/13_scaling.ipynb #09a45397
 _GEN_SMOKE = dict(n_latents=256, dit=dict(preset='tiny', steps=30, batch=32, lr=1e-3, log_every=10, ckpt_every=30),
@@ -130,7 +131,10 @@ def point_key(cfg: PretrainConfig, step: int, scale: str, gen: dict | None = Non
     "Everything that determines a point's scores (its hash names the record)."
     s = scale_settings(scale)
     pre = {'num_workers': cfg.num_workers, **cfg.to_dict()}      # the store's record names cover num_workers
-    return dict(pretrain=pre, step=step, eval=s['eval'], gen=gen if gen is not None else s['gen'])
+    key = dict(pretrain=pre, step=step, eval=s['eval'], gen=gen if gen is not None else s['gen'])
+    if cfg.dataset in REFERENCE_EXTRACTORS and cfg.dataset != 'shapes':   # a new renderer means a new reference network
+        key['reference_sha256'] = REFERENCE_EXTRACTORS[cfg.dataset][1]
+    return key
 
 def point_path(cfg: PretrainConfig, step: int, scale: str, gen: dict | None = None, root=None) -> Path:
     "Where the record of a point lives in the results store."
@@ -242,6 +246,29 @@ def load_results(scale: str, root=None, current: bool = True):
     want = (config_hash(s['gen']), config_hash(s['eval']))
     rows = [json.loads(p.read_text()) for p in sorted(results_dir(scale, root).glob('*.json'))]
     return pd.DataFrame([r for r in rows if not current or (r.get('gen_hash'), r.get('eval_hash')) == want])
+
+# %% ../nbs/13_scaling.ipynb #034035c8
+def main(argv=None):
+    "Command line: train and score scaling series into the results store."
+    import argparse
+    from vtp_nbdev.config import setup_threads
+    p = argparse.ArgumentParser(description='Train and score scaling series (AE, CLIP+SSL+AE, ...) into results/.')
+    p.add_argument('--scale', default='cpu', choices=list(SCALE_SETTINGS))
+    p.add_argument('--methods', default='AE,CLIP+SSL+AE', help='comma-separated loss presets')
+    p.add_argument('--seeds', default=None, help="comma-separated seeds (default: the scale's)")
+    p.add_argument('--points', default=None, help='comma-separated budget (or checkpoint) indices (default: all)')
+    p.add_argument('--threads', type=int, default=None, help='torch threads of this process')
+    a = p.parse_args(argv)
+    setup_threads(a.threads)
+    seeds = [int(s) for s in a.seeds.split(',')] if a.seeds else list(scale_settings(a.scale)['seeds'])
+    points = [int(i) for i in a.points.split(',')] if a.points else None
+    for seed in seeds:
+        for m in a.methods.split(','):
+            run_series(a.scale, m.strip(), seed, points=points, progress=True)
+
+if __name__ == '__main__' and '__file__' in globals():
+    main()  # `python -m vtp_nbdev.scaling`, not when run as a notebook
+
 
 # %% ../nbs/13_scaling.ipynb #502c1c76
 def guided_point(scale: str, losses: str, seed: int = 0, cfg_scale: float = 1.5, cfg_interval=(0., 1.), root=None,

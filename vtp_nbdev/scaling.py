@@ -97,7 +97,8 @@ def scaling_config(scale: str, losses: str, seed: int = 0, flops: float | None =
     d = _base_config(scale, losses, seed, **overrides)
     one = dict(steps=1, ckpt_every=1, log_every=1, schedule='cosine', warmup_steps=0)    # the schedule costs no FLOPs
     probe = PretrainConfig.from_dict({**d, **one})
-    steps = max(2 ** d['ckpt_log_points'], round((flops or scale_settings(scale)['flops']) / flops_per_step(probe)))
+    shortest = max(2 ** d['ckpt_log_points'], 2 * d.get('warmup_steps', 0) + 2)       # room for warm-up and cool-down
+    steps = max(shortest, round((flops or scale_settings(scale)['flops']) / flops_per_step(probe)))
     return PretrainConfig.from_dict({**d, 'steps': steps, 'ckpt_every': max(1, steps // 4),
                                      'log_every': min(d['log_every'], steps)})
 
@@ -247,7 +248,7 @@ def load_results(scale: str, root=None, current: bool = True):
     rows = [json.loads(p.read_text()) for p in sorted(results_dir(scale, root).glob('*.json'))]
     return pd.DataFrame([r for r in rows if not current or (r.get('gen_hash'), r.get('eval_hash')) == want])
 
-# %% ../nbs/13_scaling.ipynb #034035c8
+# %% ../nbs/13_scaling.ipynb #8f18a3bb
 def main(argv=None):
     "Command line: train and score scaling series into the results store."
     import argparse

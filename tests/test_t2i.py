@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from vtp_nbdev.data import tokenize, shapes_sample, SPLIT_OFFSETS
+from vtp_nbdev.data import tokenize, shapes_sample, shape_pairs_sample, SPLIT_OFFSETS, PROCEDURAL
 from vtp_nbdev.dit import dit_config
 from vtp_nbdev.flow import guided_velocity
-from vtp_nbdev.fid import attribute_accuracy, predict_attributes
+from vtp_nbdev.fid import attribute_accuracy, attribute_values, predict_attributes
+from vtp_nbdev.latents import extract_latents
 from vtp_nbdev.t2i import (T2IDiT, T2ITrainConfig, T2IConfig, flip_caption, flip_attributes, latents_captions,
-                           caption_token_table, eval_prompts, train_t2i, load_t2i, sample_t2i, t2i_metrics, t2i_param_count)
+                           caption_token_table, eval_prompts, names_value, train_t2i, load_t2i, sample_t2i, t2i_metrics,
+                           t2i_param_count, t2i_settings, T2I_SAMPLERS)
 
 STRIP = ('time_s', 'samples_per_s')
 
@@ -84,8 +86,8 @@ def test_captions_of_latents_and_flips(tiny_latents, tmp_path):
     # latents of another dataset are refused with a clear error
     bad = tmp_path/'lat'; shutil.copytree(lat, bad)
     cfg = json.loads((bad/'config.json').read_text()); (bad/'config.json').write_text(json.dumps({**cfg, 'dataset': 'fashion_mnist'}))
-    with pytest.raises(ValueError, match='need `shapes`'): latents_captions(bad)
-    with pytest.raises(ValueError, match='needs `shapes`'): t2i_metrics(tok, T2IConfig(dataset='fashion_mnist'))
+    with pytest.raises(ValueError, match='need one of'): latents_captions(bad)
+    with pytest.raises(ValueError, match='needs one of'): t2i_metrics(tok, T2IConfig(dataset='fashion_mnist'))
 
 
 def test_attribute_metric_on_real_images():
@@ -97,6 +99,31 @@ def test_attribute_metric_on_real_images():
     for k in ('shape', 'position'):
         counts = [sum(a[k] == v for a in P['attrs']) for v in {a[k] for a in P['attrs']}]
         assert max(counts) - min(counts) <= 1                                      # balanced prompts
+
+
+def test_shape_pairs_captions_prompts_and_metrics(tiny_latents, tmp_path):
+    "`shape_pairs`: captions of its latents (a flip keeps them), prompts that name every scored attribute, its metrics."
+    tok, _ = tiny_latents
+    lat = extract_latents(tok, 'shape_pairs', n=16, dataset_kwargs={'size': 16}, runs_dir=tmp_path, stats_samples=16, progress=False)
+    c = latents_captions(lat)
+    for i in (0, 7, 15):
+        _, cap, _, attrs = shape_pairs_sample(SPLIT_OFFSETS['train'] + i, 0, 32)
+        assert c['captions'][i] == cap and c['attrs'][i] == attrs
+    assert c['flipped'] == c['captions'] and flip_attributes(c['attrs'][0], 'shape_pairs') == c['attrs'][0]
+    assert set(T2I_SAMPLERS) == set(PROCEDURAL)
+    P = eval_prompts(40, dataset='shape_pairs')
+    assert attribute_accuracy(P['images'], P['attrs'], dataset='shape_pairs')['attr_all_acc'] > 0.9
+    for k, vals in attribute_values('shape_pairs').items():
+        counts = [sum(a[k] == v for a in P['attrs']) for v in vals]
+        assert max(counts) - min(counts) <= 1, (k, counts)                         # balanced prompts
+        assert all(names_value(cap, a[k]) for cap, a in zip(P['captions'], P['attrs'])), k   # each names every attribute
+    cfg = T2IConfig(dataset='shape_pairs', n_latents=16, train=dict(preset='tiny', steps=2, batch=8, log_every=1, ckpt_every=2),
+                    text=dict(width=32, depth=1, heads=2), eval_points=1, n_prompts=8, steps=2)
+    m = t2i_metrics(tok, cfg, runs_dir=tmp_path, device='cpu', progress=False)
+    assert np.isfinite(m['FD_shape_pairs']) and 'FD_shapes' not in m and m['extractor'] == 'vtp-ref-shape_pairs'
+    assert {k for k in m if k.startswith('attr_')} == {f'attr_{a}_acc' for a in ('shape', 'colour', 'size', 'background')} | {'attr_all_acc'}
+    assert m['real_attr_all_acc'] > 0.8 and m['t2i_config']['dataset'] == 'shape_pairs'
+    assert [t2i_settings(s).dataset for s in ('smoke', 'cpu', 'paper')] == ['shape_pairs', 'shape_pairs', 'shapes']
 
 
 def test_loss_falls(tiny_latents, tmp_path):

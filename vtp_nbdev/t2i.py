@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from safetensors.torch import load_file
 from .config import PlainConfig, get_device, config_hash
-from .data import tokenize, shapes_sample, shapes_attributes, SPLIT_OFFSETS
+from .data import tokenize, shapes_sample, shapes_attributes, shape_pairs_sample, SPLIT_OFFSETS, _SYN
 from .tokenizer import VTPModel
 from .runs import fit, training_cli, write_json, log_spaced_steps
 from .latents import LatentDataset, extract_latents, load_latents_stats, tokenizer_folder, tokenizer_hash
@@ -22,61 +22,78 @@ from .dit import dit_config
 from .t2i_model import T2IDiT, save_t2i, load_t2i
 from .flow import (DiTTrainConfig, DiTTrainer, DiTRecipe, dit_run_dir, ode_sample, sample_noise,
                             decode_latents)
-from .fid import attribute_accuracy, fidelity_metrics, REF_RES, ATTRIBUTE_VALUES
+from .fid import attribute_accuracy, attribute_values, fidelity_metrics, REF_RES, REFERENCE_EXTRACTORS
 from .pretrain import pretrain
-from .scaling import (scaling_config, point_key, results_dir, run_lock, export_checkpoint, write_record,
-                               flops_at)
+from .scaling import (scale_settings, scaling_config, point_key, results_dir, run_lock, export_checkpoint,
+                               write_record, flops_at)
 
 # %% auto #0
-__all__ = ['TEXT_DEFAULTS', 'main', 'T2I_SCALE_SETTINGS', 'T2I_POINTS', 'flip_caption', 'flip_attributes', 'latents_captions',
-           'T2ITrainConfig', 't2i_model_args', 'T2ITrainer', 't2i_run_dir', 'caption_token_table', 'T2IRecipe',
-           'train_t2i', 'sample_t2i', 'eval_prompts', 'T2IConfig', 't2i_metrics', 't2i_settings', 't2i_param_count',
-           't2i_point']
+__all__ = ['MIRRORED_ATTRIBUTES', 'T2I_SAMPLERS', 'TEXT_DEFAULTS', 'main', 'T2I_SCALE_SETTINGS', 'T2I_POINTS',
+           'mirrored_attributes', 'flip_caption', 'flip_attributes', 'latents_captions', 'T2ITrainConfig',
+           't2i_model_args', 'T2ITrainer', 't2i_run_dir', 'caption_token_table', 'T2IRecipe', 'train_t2i', 'sample_t2i',
+           'names_value', 'eval_prompts', 'T2IConfig', 't2i_metrics', 't2i_settings', 't2i_param_count', 't2i_point']
 
 # %% ../nbs/15_t2i.ipynb #0bf73e05
+MIRRORED_ATTRIBUTES = {'shapes': ('position',), 'shape_pairs': ()}   # what a left-right flip changes, per dataset
+
+def mirrored_attributes(dataset: str = 'shapes') -> tuple:
+    "The attributes of `dataset` that a left-right flip changes (every shape of both datasets is mirror-symmetric)."
+    if dataset not in MIRRORED_ATTRIBUTES:
+        raise ValueError(f"no text-to-image captions for dataset {dataset!r}; expected one of "
+                         f"{tuple(MIRRORED_ATTRIBUTES)}")
+    return MIRRORED_ATTRIBUTES[dataset]
+
 _LR = re.compile(r'\b(left|right)\b')
 
-def flip_caption(caption: str) -> str:
-    "The caption of the left-right flipped image: the words 'left' and 'right' swapped."
-    return _LR.sub(lambda m: 'right' if m[1] == 'left' else 'left', caption)
+def _swap_sides(text: str) -> str:
+    "`text` with the words 'left' and 'right' swapped."
+    return _LR.sub(lambda m: 'right' if m[1] == 'left' else 'left', text)
 
-def flip_attributes(attrs: dict) -> dict:
-    "The `shapes` attributes of the left-right flipped image (position mirrored)."
-    return {**attrs, 'position': flip_caption(attrs['position'])}
+def flip_caption(caption: str, dataset: str = 'shapes') -> str:
+    "The caption of the left-right flipped image: 'left' and 'right' swapped where `dataset` names a side."
+    return _swap_sides(caption) if mirrored_attributes(dataset) else caption
+
+def flip_attributes(attrs: dict, dataset: str = 'shapes') -> dict:
+    "The attributes of the left-right flipped image (`shapes`: position mirrored; `shape_pairs`: unchanged)."
+    return {**attrs, **{k: _swap_sides(attrs[k]) for k in mirrored_attributes(dataset)}}
 
 # %% ../nbs/15_t2i.ipynb #8dd75462
-def _shapes_source(latents_dir) -> dict:
-    "The `shapes` split/seed/size of a latents run (clear error for other datasets: captions need the generator)."
+T2I_SAMPLERS = {'shapes': shapes_sample, 'shape_pairs': shape_pairs_sample}   # sample(index, seed, res) per dataset
+
+def _caption_source(latents_dir) -> dict:
+    "Dataset, split, seed and size of a procedural latents run (other datasets raise: captions need the generator)."
     p = Path(latents_dir)/'config.json'
     if not p.is_file():
         raise FileNotFoundError(f"{latents_dir}: no config.json (not a latents run from extract_latents)")
     c = json.loads(p.read_text())
-    if c['dataset'] != 'shapes':
-        raise ValueError(f"{latents_dir}: latents of dataset {c['dataset']!r}; the text-to-image metrics need `shapes` "
-                         "(captions rebuilt from sample indices, attribute labels read by its reference network)")
+    if c['dataset'] not in T2I_SAMPLERS:
+        raise ValueError(f"{latents_dir}: latents of dataset {c['dataset']!r}; the text-to-image metrics need one of "
+                         f"{tuple(T2I_SAMPLERS)} (captions rebuilt from sample indices, attribute labels read by its "
+                         "reference network)")
     done = Path(latents_dir)/'done.json'
     if not done.is_file():
         raise FileNotFoundError(f"{latents_dir}: no done.json (an unfinished latents run)")
     tok = Path(json.loads(done.read_text())['tokenizer_folder'])/'config.json'
     if not tok.is_file():
-        raise FileNotFoundError(f"{latents_dir}: its tokenizer {tok.parent} is gone; the image size (which the "
+        raise FileNotFoundError(f"{latents_dir}: its tokenizer {tok.parent} is gone; the image size (which `shapes` "
                                 "captions depend on: the generator draws the caption after the pixels) is unknown")
-    return dict(split=c['split'], seed=int(c['dataset_kwargs'].get('seed', 0)), flips=c['flips'],
+    return dict(dataset=c['dataset'], split=c['split'], seed=int(c['dataset_kwargs'].get('seed', 0)), flips=c['flips'],
                 res=int(json.loads(tok.read_text())['image_size']))
 
 def latents_captions(latents_dir) -> dict:
-    "Captions of a `shapes` latents run by latent index: `captions`, `flipped` (left/right swapped), `attrs`."
-    src, ds = _shapes_source(latents_dir), LatentDataset(latents_dir, standardize=False)
-    off = SPLIT_OFFSETS[src['split']]
-    # the caption is drawn after the pixels: same res
-    samples = [shapes_sample(off + i, src['seed'], src['res'])[1:] for i in range(len(ds))]
+    "Captions of a procedural latents run by latent index: `captions`, `flipped` (of the mirrored images), `attrs`."
+    src, ds = _caption_source(latents_dir), LatentDataset(latents_dir, standardize=False)
+    sample, off = T2I_SAMPLERS[src['dataset']], SPLIT_OFFSETS[src['split']]
+    # the `shapes` caption is drawn after the pixels: same res
+    samples = [sample(off + i, src['seed'], src['res'])[1:] for i in range(len(ds))]
     labels = torch.tensor([s[1] for s in samples])
     if not torch.equal(labels, ds.labels):
         bad = int((labels != ds.labels).nonzero()[0])
-        raise RuntimeError(f"{latents_dir}: stored label {int(ds.labels[bad])} of latent {bad} differs from shapes "
-                           f"sample {off + bad} (label {int(labels[bad])}): the latents are not in dataset-index order")
+        raise RuntimeError(f"{latents_dir}: stored label {int(ds.labels[bad])} of latent {bad} differs from "
+                           f"{src['dataset']} sample {off + bad} (label {int(labels[bad])}): the latents are not in "
+                           "dataset-index order")
     caps = [s[0] for s in samples]
-    return dict(captions=caps, flipped=[flip_caption(c) for c in caps], attrs=[s[2] for s in samples])
+    return dict(captions=caps, flipped=[flip_caption(c, src['dataset']) for c in caps], attrs=[s[2] for s in samples])
 
 # %% ../nbs/15_t2i.ipynb #ef25ed09
 TEXT_DEFAULTS = dict(width=64, depth=2, heads=4, context_length=32, seed=0)
@@ -120,7 +137,7 @@ def t2i_run_dir(cfg: T2ITrainConfig, latents_dir, runs_dir=None) -> Path:
     return dit_run_dir(cfg, latents_dir, runs_dir, T2IRecipe.kind)
 
 def caption_token_table(latents_dir, context_length: int) -> Tensor:
-    "Token ids (2, n, L) of a `shapes` latents run: [0] the captions, [1] those of the flipped latents."
+    "Token ids (2, n, L) of a procedural latents run: [0] the captions, [1] those of the flipped latents."
     c = latents_captions(latents_dir)
     return tokenize(c['captions'] + c['flipped'], context_length).view(2, len(c['captions']), context_length)
 
@@ -131,7 +148,7 @@ class T2IRecipe(DiTRecipe):
 
     def build_args(self, ds: LatentDataset) -> dict:
         args = t2i_model_args(self.cfg, ds.shape)
-        self.tokens = caption_token_table(ds.run, args['context_length'])   # (2, n, L); raises for non-shapes latents
+        self.tokens = caption_token_table(ds.run, args['context_length'])   # (2, n, L); raises for other datasets
         return args
 
     def drop_prob(self, trainer: T2ITrainer) -> float:
@@ -153,12 +170,14 @@ class T2IRecipe(DiTRecipe):
 
 def train_t2i(cfg: T2ITrainConfig | dict, latents_dir, runs_dir=None, device=None, max_steps: int | None = None,
               progress: bool = True, fsdp: bool = False) -> Path:
-    "Train (or resume) the T2I DiT of `cfg` on a `shapes` latents run; returns `runs/t2i/<hash>/` (final/ = EMA)."
+    "Train (or resume) the T2I DiT of `cfg` on a procedural latents run; returns `runs/t2i/<hash>/` (final/ = EMA)."
     cfg = T2ITrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     return fit(T2IRecipe(cfg, latents_dir), runs_dir, device, max_steps, progress, fsdp)
 
-main = training_cli(train_t2i, T2ITrainConfig, 'Train a caption-conditioned LightningDiT on a `shapes` latents run.',
-                    inputs=(('--latents-dir', 'a runs/latents/<hash> directory of `shapes` (extract_latents)'),),
+main = training_cli(train_t2i, T2ITrainConfig,
+                    'Train a caption-conditioned LightningDiT on a `shapes` or `shape_pairs` latents run.',
+                    inputs=(('--latents-dir', 'a runs/latents/<hash> directory of `shapes` or `shape_pairs` '
+                                              '(extract_latents)'),),
                     fsdp_help='shard the model and its EMA (FSDP2)')
 
 if __name__ == '__main__' and '__file__' in globals():
@@ -178,16 +197,35 @@ def sample_t2i(model: T2IDiT, tokens: Tensor, seed: int = 0, batch_size: int = 2
     return torch.cat(out)
 
 # %% ../nbs/15_t2i.ipynb #092922db
-def eval_prompts(n: int, seed: int = 0, split: str = 'test', res: int = 32, max_scan: int | None = None) -> dict:
-    "`n` attribute-balanced `shapes` prompts of `split`: indices, captions, attrs, real images (n, 3, res, res) uint8."
+def names_value(caption: str, value: str) -> bool:
+    "Whether `caption` names attribute value `value` (one of the captions' words for it, as a whole word)."
+    return any(re.search(rf'\b{re.escape(w)}\b', caption) for w in _SYN[value])
+
+def _shapes_draw(index: int, seed: int, res: int) -> tuple:
+    "The attributes of a `shapes` sample (its first draws: nothing rendered) and True: its caption names them all."
+    return shapes_attributes(np.random.default_rng([seed, index])), True
+
+def _shape_pairs_draw(index: int, seed: int, res: int) -> tuple:
+    "The attributes of a `shape_pairs` sample and whether its caption names its size and background too."
+    _, caption, _, attrs = shape_pairs_sample(index, seed, res)
+    return attrs, names_value(caption, attrs['size']) and names_value(caption, attrs['background'])
+
+_PROMPT_DRAWS = {'shapes': _shapes_draw, 'shape_pairs': _shape_pairs_draw}
+
+def eval_prompts(n: int, seed: int = 0, split: str = 'test', res: int = 32, max_scan: int | None = None,
+                 dataset: str = 'shapes') -> dict:
+    "`n` attribute-balanced prompts of `dataset`'s `split`: indices, captions, attrs, real images (n, 3, res, res)."
     if n <= 0:
         raise ValueError(f"eval_prompts: n={n}; expected a positive number of prompts")
-    quota = {k: math.ceil(n / len(v)) for k, v in ATTRIBUTE_VALUES.items()}
-    counts = {k: {v: 0 for v in vals} for k, vals in ATTRIBUTE_VALUES.items()}
+    if dataset not in _PROMPT_DRAWS:
+        raise ValueError(f"eval_prompts: no prompts for dataset {dataset!r}; expected one of {tuple(_PROMPT_DRAWS)}")
+    values, draw = attribute_values(dataset), _PROMPT_DRAWS[dataset]
+    quota = {k: math.ceil(n / len(v)) for k, v in values.items()}
+    counts = {k: {v: 0 for v in vals} for k, vals in values.items()}
     off, picked = SPLIT_OFFSETS[split], []
     for i in range(max_scan or 1000 * n + 100_000):
-        a = shapes_attributes(np.random.default_rng([seed, off + i]))     # what shapes_sample draws first
-        if all(counts[k][a[k]] < quota[k] for k in quota):
+        a, names_all = draw(off + i, seed, res)
+        if names_all and all(counts[k][a[k]] < quota[k] for k in quota):
             picked.append(i)
             for k in quota:
                 counts[k][a[k]] += 1
@@ -196,7 +234,7 @@ def eval_prompts(n: int, seed: int = 0, split: str = 'test', res: int = 32, max_
     else:
         raise RuntimeError(f"eval_prompts: found only {len(picked)} balanced prompts of {n} in the first {i + 1} "
                            "samples")
-    s = [shapes_sample(off + i, seed, res) for i in picked]
+    s = [T2I_SAMPLERS[dataset](off + i, seed, res) for i in picked]
     return dict(indices=picked, captions=[x[1] for x in s], attrs=[x[3] for x in s],
                 images=torch.stack([torch.from_numpy(x[0]).permute(2, 0, 1) for x in s]))
 
@@ -210,7 +248,7 @@ def _ref_res(imgs: Tensor) -> Tensor:
 @dataclass
 class T2IConfig(PlainConfig):
     "The text-to-image measurement of one tokenizer: latents, T2I DiT training, fixed prompts, sampler, metrics."
-    dataset: str = 'shapes'
+    dataset: str = 'shapes'              # a procedural dataset: latents, captions, prompts, reference network
     n_latents: int = 10_000   # training images encoded (+ flips); same as the class-conditional proxy: shared
     train: dict = field(default_factory=lambda: dict(preset='S', steps=1500, batch=64, lr=1e-3, ema_decay=0.999,
                                                      log_every=100, ckpt_every=500))
@@ -234,27 +272,30 @@ def t2i_metrics(tokenizer, cfg: T2IConfig | None = None, runs_dir=None, device=N
                 keep_samples: int = 16) -> dict:
     "Prompt following and FD of a tokenizer (folder or run): latents -> T2I DiT -> fixed prompts -> reference network."
     cfg = cfg or T2IConfig()
-    if cfg.dataset != 'shapes':
-        raise ValueError(f"t2i_metrics: dataset {cfg.dataset!r}; this metric needs `shapes` (captions rebuilt from "
-                         "indices, attribute labels read by its reference network)")
+    if cfg.dataset not in T2I_SAMPLERS:
+        raise ValueError(f"t2i_metrics: dataset {cfg.dataset!r}; this metric needs one of {tuple(T2I_SAMPLERS)} "
+                         "(captions rebuilt from indices, attribute labels read by its reference network)")
     device, t0 = get_device(device), time.time()
-    lat = extract_latents(tokenizer, 'shapes', 'train', cfg.n_latents, flips=True, runs_dir=runs_dir, device=device,
+    lat = extract_latents(tokenizer, cfg.dataset, 'train', cfg.n_latents, flips=True, runs_dir=runs_dir, device=device,
                           seed=cfg.seed, progress=progress)
     tcfg = cfg.train_config()
     run = train_t2i(tcfg, lat, runs_dir, device, progress=progress)
     skip = ('train', 'text', 'n_latents', 'caption_dropout')
     key = dict(eval={k: v for k, v in cfg.to_dict().items() if k not in skip}, tokenizer=tokenizer_hash(tokenizer))
+    if cfg.dataset != 'shapes':                  # a new renderer means a new reference network
+        key['reference_sha256'] = REFERENCE_EXTRACTORS[cfg.dataset][1]
     out = run/f't2i_eval_{config_hash(key)}.json'
     if out.exists():
         return json.loads(out.read_text())
     t1 = time.time()
     tok = VTPModel.from_pretrained(tokenizer_folder(tokenizer), device=str(device)).eval()
-    P = eval_prompts(cfg.n_prompts, seed=0, res=tok.config.image_size)
+    P = eval_prompts(cfg.n_prompts, seed=0, res=tok.config.image_size, dataset=cfg.dataset)
     real = _ref_res(P['images'])
-    ceiling = attribute_accuracy(real, P['attrs'], device=device)
+    ceiling = attribute_accuracy(real, P['attrs'], device=device, dataset=cfg.dataset)
     tokens = tokenize(P['captions'], tcfg.text.get('context_length', TEXT_DEFAULTS['context_length']))
     model, transport = load_t2i(run/'final', device=device)
     stats, mult = load_latents_stats(run/'final'), transport.get('latent_multiplier', 1.0)
+    fd_key = f'FD_{cfg.dataset}'              # the FD of the dataset's reference network
     flops_step = json.loads((run/'metrics.jsonl').read_text().splitlines()[0])['flops_per_step']
     curve = []
     for snap in sorted((run/'snapshots').glob('ema-*.safetensors')):
@@ -263,10 +304,10 @@ def t2i_metrics(tokenizer, cfg: T2IConfig | None = None, runs_dir=None, device=N
                        timestep_shift=cfg.timestep_shift,
                        cfg_scale=cfg.cfg_scale)
         imgs = decode_latents(tok, z, stats, mult)
-        acc = attribute_accuracy(_ref_res(imgs), P['attrs'], device=device)
-        fd = fidelity_metrics(_ref_res(imgs), real, extractor='shapes', metrics=('fd',), device=device)
+        acc = attribute_accuracy(_ref_res(imgs), P['attrs'], device=device, dataset=cfg.dataset)
+        fd = fidelity_metrics(_ref_res(imgs), real, extractor=cfg.dataset, metrics=('fd',), device=device)
         step = int(snap.stem.split('-')[1])
-        curve.append(dict(t2i_step=step, t2i_flops=step * flops_step, FD_shapes=fd['FD_shapes'],
+        curve.append(dict(t2i_step=step, t2i_flops=step * flops_step, **{fd_key: fd[fd_key]},
                           **{k: v for k, v in acc.items() if k.startswith('attr_')}))
     t2 = time.time()
     m = dict(curve[-1], curve=curve, **{f'real_{k}': v for k, v in ceiling.items() if k.startswith('attr_')},
@@ -283,11 +324,11 @@ def t2i_metrics(tokenizer, cfg: T2IConfig | None = None, runs_dir=None, device=N
 T2I_SCALE_SETTINGS = {
     'smoke': dict(n_latents=256, train=dict(preset='tiny', steps=20, batch=16, lr=1e-3, log_every=10, ckpt_every=20),
                   text=dict(width=32, depth=1, heads=2, context_length=32, seed=0), eval_points=2, n_prompts=32,
-                  steps=6, cfg_scale=3.0),
+                  steps=6, cfg_scale=3.0, timestep_shift=0.6),
     'cpu': dict(n_latents=10_000, train=dict(preset='S', steps=600, batch=64, lr=1e-3, ema_decay=0.999, log_every=100,
                                              ckpt_every=300),
                 text=dict(width=64, depth=2, heads=4, context_length=32, seed=0), eval_points=2, n_prompts=300,
-                steps=25, cfg_scale=3.0),
+                steps=25, cfg_scale=3.0, timestep_shift=0.6),      # the generation proxy's shift at 16x4x4 latents
     'paper': dict(n_latents=1_281_167, train=dict(preset='B/1', steps=400_000, batch=256, lr=2e-4, ema_decay=0.9999,
                                                   log_every=100, ckpt_every=5000),
                   text=dict(width=768, depth=12, heads=12, context_length=77, seed=0), eval_points=5, n_prompts=10_000,
@@ -295,14 +336,16 @@ T2I_SCALE_SETTINGS = {
                   cfg_scale=3.0, timestep_shift=0.075),
 }
 
-# scaling checkpoints (indices) given a T2I point; None: the scale's own
-T2I_POINTS = {'smoke': None, 'cpu': (0, 5), 'paper': None}
+# the points of a scaling series given a T2I point: indices into its budgets (`series_budgets`; into its log-spaced
+# checkpoints where a scale has no budgets); None: all of them
+T2I_POINTS = {'smoke': None, 'cpu': (0, len(scale_settings('cpu')['budgets']) - 1), 'paper': None}
 
 def t2i_settings(scale: str, seed: int = 0) -> T2IConfig:
-    "The `T2IConfig` of `scale` (seed = the tokenizer run's seed)."
+    "The `T2IConfig` of `scale`: the dataset of the scale's tokenizers, seed = the tokenizer run's seed."
     if scale not in T2I_SCALE_SETTINGS:
         raise ValueError(f"unknown scale {scale!r}; expected one of {list(T2I_SCALE_SETTINGS)}")
-    return T2IConfig.from_dict({**T2I_SCALE_SETTINGS[scale], 'seed': seed})
+    dataset = scale_settings(scale)['tokenizer'].get('dataset', 'shapes')
+    return T2IConfig.from_dict({**T2I_SCALE_SETTINGS[scale], 'dataset': dataset, 'seed': seed})
 
 def t2i_param_count(scale: str, latent_shape=(64, 16, 16)) -> dict:
     "Parameters of the scale's T2IDiT (built on the meta device: no memory, no compute): total, text encoder, DiT."
@@ -314,11 +357,13 @@ def t2i_param_count(scale: str, latent_shape=(64, 16, 16)) -> dict:
 
 # %% ../nbs/15_t2i.ipynb #0df24241
 def t2i_point(scale: str, losses: str, seed: int = 0, step: int | None = None, root=None, progress: bool = False,
-              store_only: bool = False, **overrides) -> dict | None:
-    "T2I metrics of checkpoint `step` (default: last) of a scaling run, in `results/<scale>/t2i/` (or None)."
-    cfg = scaling_config(scale, losses, seed, **overrides)
+              store_only: bool = False, flops: float | None = None, **overrides) -> dict | None:
+    "T2I metrics of checkpoint `step` (default: last) of the scaling run of budget `flops`, in results/<scale>/t2i/."
+    cfg = scaling_config(scale, losses, seed, flops, **overrides)
     step = cfg.steps if step is None else step
     t = t2i_settings(scale, seed)
+    if t.dataset != cfg.dataset:                 # overrides may train the tokenizer on another dataset
+        t = T2IConfig.from_dict({**t.to_dict(), 'dataset': cfg.dataset})
     key = dict(point=point_key(cfg, step, scale), t2i=t.to_dict())
     name = f"{cfg.losses.replace('+', '-')}_{cfg.preset}_s{seed}_step{step:06d}_{config_hash(key)}.json"
     path = results_dir(scale, root)/'t2i'/name

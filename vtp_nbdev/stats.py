@@ -323,11 +323,14 @@ def testbed_preconditions(points, scale: str, root=None, max_rfd: float = 3., ma
     probe = _final_mean(points, 'CLIP+SSL+AE', 'probe_shape_bottleneck')
     if probe is None:                                           # records without it: the diagnostics' probe
         probe = (shape_probe(scale, root, 'bottleneck') or {}).get('VTP')
+    chance = _final_mean(points, 'CLIP+SSL+AE', 'probe_shape_chance')
+    if chance is None:
+        chance = (shape_probe(scale, root, 'bottleneck') or {}).get('chance', 0.2)
     if probe is None:
         pre[f'semantics: VTP shape probe (bottleneck, 5-way) >= {min_shape_probe:.0%} (not measured)'] = False
     else:
         pre[f"semantics: VTP shape probe (bottleneck, 5-way) at the largest budget >= {min_shape_probe:.0%} (have "
-            f"{probe:.0%}, chance 20%; needs objectives and data that teach shape)"] = probe >= min_shape_probe
+            f"{probe:.0%}, chance {chance:.0%}; needs objectives and data that teach shape)"] = probe >= min_shape_probe
     acc = None
     if points is not None and len(points) and 'sample_shape_accuracy' in points and points.gFD.notna().any():
         acc = points.loc[points.gFD.idxmin(), 'sample_shape_accuracy']

@@ -231,21 +231,23 @@ class VTPDataset(Dataset):
 class ShapesDataset(VTPDataset):
     "Procedural `shapes` dataset: `size` distinct images of a split, resolution `res`, deterministic by (seed, index)."
     classes = SHAPES_CLASSES
+    name = 'shapes'
+    sample = staticmethod(shapes_sample)   # (index, seed, res) -> (image, caption, label, attributes)
     def __init__(self, split='train', size=10_000, res=32, seed=0, context_length=77):
         if split not in SPLIT_OFFSETS:
-            raise ValueError(f"shapes: unknown split {split!r}; expected one of {tuple(SPLIT_OFFSETS)}")
+            raise ValueError(f"{self.name}: unknown split {split!r}; expected one of {tuple(SPLIT_OFFSETS)}")
         if not 0 < size <= 10**9:
-            raise ValueError(f"shapes: size={size} must be in 1..1e9 (splits are disjoint 1e9-index ranges)")
+            raise ValueError(f"{self.name}: size={size} must be in 1..1e9 (splits are disjoint 1e9-index ranges)")
         if res < 16:
-            raise ValueError(f"shapes: res={res} too small; expected >= 16 pixels")
+            raise ValueError(f"{self.name}: res={res} too small; expected >= 16 pixels")
         self.split, self.n, self.res, self.seed, self.context_length = split, size, res, seed, context_length
         self.offset = SPLIT_OFFSETS[split]
     def raw(self, i):
-        img, cap, lbl, _ = shapes_sample(self.offset + i, self.seed, self.res)
+        img, cap, lbl, _ = self.sample(self.offset + i, self.seed, self.res)
         return img, cap, lbl
     def attributes(self, i):
         "The semantic attributes of sample `i` (what a prompt-following metric checks)."
-        return shapes_sample(self.offset + i, self.seed, self.res)[3]
+        return self.sample(self.offset + i, self.seed, self.res)[3]
 
 # %% ../nbs/01_data.ipynb #9c30e1ee
 PAIR_SIZES = {'small': 0.3, 'large': 0.36}  # object radius as a fraction of the resolution (~19 and ~23 px at 32)
@@ -300,25 +302,12 @@ def shape_pairs_sample(index: int, seed: int = 0, res: int = 32):
     return img, caption, shapes_label(attrs), attrs
 
 # %% ../nbs/01_data.ipynb #2a6c6147
-class ShapePairsDataset(VTPDataset):
+class ShapePairsDataset(ShapesDataset):
     "Procedural `shape_pairs`: `size` images of a split; indices 2j and 2j+1 differ only in shape."
-    classes = SHAPES_CLASSES
+    name = 'shape_pairs'
+    sample = staticmethod(shape_pairs_sample)
     group = 2                            # 2j, 2j+1 are one hard-negative pair: a batch sampler keeps them together
-    def __init__(self, split='train', size=10_000, res=32, seed=0, context_length=77):
-        if split not in SPLIT_OFFSETS:
-            raise ValueError(f"shape_pairs: unknown split {split!r}; expected one of {tuple(SPLIT_OFFSETS)}")
-        if not 0 < size <= 10**9:
-            raise ValueError(f"shape_pairs: size={size} must be in 1..1e9 (splits are disjoint 1e9-index ranges)")
-        if res < 16:
-            raise ValueError(f"shape_pairs: res={res} too small; expected >= 16 pixels")
-        self.split, self.n, self.res, self.seed, self.context_length = split, size, res, seed, context_length
-        self.offset = SPLIT_OFFSETS[split]
-    def raw(self, i):
-        img, cap, lbl, _ = shape_pairs_sample(self.offset + i, self.seed, self.res)
-        return img, cap, lbl
-    def attributes(self, i):
-        "The semantic attributes of sample `i` (shape, colour, size, background, pair)."
-        return shape_pairs_sample(self.offset + i, self.seed, self.res)[3]
+
 
 # %% ../nbs/01_data.ipynb #2068bfb4
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag',

@@ -191,9 +191,11 @@ def restore_checkpoint(trainer: nn.Module, opt, path, cfg_hash: str) -> int:
     torch.set_rng_state(tensors['rng.torch'])
     return int(meta['step'])
 
-def latest_checkpoint(ckpt_dir) -> Path | None:
-    "Newest readable rolling checkpoint `last-*.safetensors` (a corrupt newer one is reported and skipped)."
-    for p in sorted(Path(ckpt_dir).glob('last-*.safetensors'), reverse=True):
+def latest_checkpoint(ckpt_dir, pattern: str = 'last-*.safetensors', max_step: int | None = None) -> Path | None:
+    "Newest readable checkpoint `pattern` (at or before `max_step`); a corrupt newer one is reported and skipped."
+    for p in sorted(Path(ckpt_dir).glob(pattern), reverse=True):
+        if max_step is not None and int(p.stem.split('-')[1]) > max_step:
+            continue
         try:
             read_checkpoint(p)
         except CheckpointError as e:
@@ -228,17 +230,7 @@ def trunk_dir(kind: str, key: dict, runs_dir=None) -> Path:
 
 def trunk_checkpoint(kind: str, key: dict, step: int, runs_dir=None) -> Path | None:
     "The latest readable saved state of prefix `key` at or before `step` (None: nothing to start from)."
-    d = trunk_dir(kind, key, runs_dir)
-    for p in sorted(d.glob('step-*.safetensors'), reverse=True):
-        if int(p.stem.split('-')[1]) > step:
-            continue
-        try:
-            read_checkpoint(p)
-        except CheckpointError as e:
-            print(f"warning: {e}; skipping this saved prefix", file=sys.stderr)
-            continue
-        return p
-    return None
+    return latest_checkpoint(trunk_dir(kind, key, runs_dir), 'step-*.safetensors', step)
 
 def save_trunk(kind: str, trunk: tuple, state: tuple, runs_dir=None) -> Path:
     "Save the training state (`trainer`, `opt`) at the end of prefix `trunk` = (key, step), atomically."

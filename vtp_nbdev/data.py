@@ -16,7 +16,7 @@ from .runs import rank_world
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SHAPE_KINDS', 'COLOURS', 'SIZES', 'COUNTS', 'POSITIONS', 'BACKGROUNDS',
-           'SHAPES_CLASSES', 'SPLIT_OFFSETS', 'PAIR_SIZES', 'PAIR_BACKGROUNDS', 'FASHION_MNIST_CLASSES',
+           'SHAPES_CLASSES', 'SYNONYMS', 'SPLIT_OFFSETS', 'PAIR_SIZES', 'PAIR_BACKGROUNDS', 'FASHION_MNIST_CLASSES',
            'FASHION_MNIST_FILES', 'MAX_IMAGE_PIXELS', 'HOLDOUT', 'IMAGE_EXTS', 'DATASETS', 'PROCEDURAL',
            'ZERO_SHOT_TEMPLATES', 'M32', 'normalize', 'denormalize', 'to_uint8', 'uint8_to_model', 'get_text_tokenizer',
            'tokenize', 'shapes_attributes', 'shapes_label', 'render_shapes', 'shapes_caption', 'shapes_sample',
@@ -169,7 +169,7 @@ def render_shapes(attrs: dict, rng, res: int = 32) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 # %% ../nbs/01_data.ipynb #37495fc9
-_SYN = dict(
+SYNONYMS = dict(
     circle=('circle', 'disc'), square=('square', 'box'), triangle=('triangle',), diamond=('diamond', 'rhombus'),
     cross=('cross', 'plus sign'),
     red=('red', 'crimson', 'scarlet'), green=('green', 'emerald'), blue=('blue', 'cobalt'), yellow=('yellow', 'golden'),
@@ -192,13 +192,13 @@ def shapes_caption(attrs: dict, rng) -> str:
     "One natural-language caption of `attrs`, phrasing and synonyms picked by `rng`."
     pick = lambda opts: opts[rng.integers(len(opts))]
     n = attrs['count']
-    k = pick(_SYN[attrs['shape']])
+    k = pick(SYNONYMS[attrs['shape']])
     if n > 1:
         k = k + 's' if ' ' in k else (k + 'es' if k.endswith(('s', 'x')) else k + 's')  # plus signs, crosses, boxes
     n_word = pick(_COUNT_WORDS[n])
-    b = pick(_BG_PHRASES).format(bg=pick(_SYN[attrs['background']]))
+    b = pick(_BG_PHRASES).format(bg=pick(SYNONYMS[attrs['background']]))
     t = pick(_CAPTION_TEMPLATES)
-    return t.format(n=n_word, s=pick(_SYN[attrs['size']]), c=pick(_SYN[attrs['colour']]), k=k,
+    return t.format(n=n_word, s=pick(SYNONYMS[attrs['size']]), c=pick(SYNONYMS[attrs['colour']]), k=k,
                     p=pick(_POS_WORDS[attrs['position']]), b=b, be='is' if n == 1 else 'are')
 
 # %% ../nbs/01_data.ipynb #7f8178a5
@@ -285,11 +285,11 @@ def shape_pairs_caption(attrs: dict, rng) -> str:
     "A caption naming colour and shape (size, background sometimes); the shape synonym is `rng`'s last draw."
     pick = lambda opts: opts[rng.integers(len(opts))]
     template = pick(_PAIR_TEMPLATES)
-    size = pick(_SYN[attrs['size']]) + ' ' if rng.random() < 0.5 else ''
-    colour = pick(_SYN[attrs['colour']])
-    background = pick(_BG_PHRASES).format(bg=pick(_SYN[attrs['background']]))
+    size = pick(SYNONYMS[attrs['size']]) + ' ' if rng.random() < 0.5 else ''
+    colour = pick(SYNONYMS[attrs['colour']])
+    background = pick(_BG_PHRASES).format(bg=pick(SYNONYMS[attrs['background']]))
     article = 'an' if (size or colour)[0] in 'aeiou' else 'a'
-    return template.format(a=article, s=size, c=colour, k=pick(_SYN[attrs['shape']]), b=background)
+    return template.format(a=article, s=size, c=colour, k=pick(SYNONYMS[attrs['shape']]), b=background)
 
 # %% ../nbs/01_data.ipynb #76779102
 def shape_pairs_sample(index: int, seed: int = 0, res: int = 32):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from safetensors.torch import load_file
 from .config import PlainConfig, get_device, config_hash
-from .data import tokenize, shapes_sample, shapes_attributes, shape_pairs_sample, SPLIT_OFFSETS, _SYN
+from .data import tokenize, shapes_sample, shapes_attributes, shape_pairs_sample, SPLIT_OFFSETS, SYNONYMS
 from .tokenizer import VTPModel
 from .runs import fit, training_cli, write_json, log_spaced_steps
 from .latents import LatentDataset, extract_latents, load_latents_stats, tokenizer_folder, tokenizer_hash
@@ -199,7 +199,7 @@ def sample_t2i(model: T2IDiT, tokens: Tensor, seed: int = 0, batch_size: int = 2
 # %% ../nbs/15_t2i.ipynb #092922db
 def names_value(caption: str, value: str) -> bool:
     "Whether `caption` names attribute value `value` (one of the captions' words for it, as a whole word)."
-    return any(re.search(rf'\b{re.escape(w)}\b', caption) for w in _SYN[value])
+    return any(re.search(rf'\b{re.escape(w)}\b', caption) for w in SYNONYMS[value])
 
 def _shapes_draw(index: int, seed: int, res: int) -> tuple:
     "The attributes of a `shapes` sample (its first draws: nothing rendered) and True: its caption names them all."

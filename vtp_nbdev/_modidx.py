@@ -697,6 +697,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'vtp_nbdev.stats.partial_correlation': ('stats.html#partial_correlation', 'vtp_nbdev/stats.py'),
                                  'vtp_nbdev.stats.per_seed_slopes': ('stats.html#per_seed_slopes', 'vtp_nbdev/stats.py'),
                                  'vtp_nbdev.stats.pooled_seed_sd': ('stats.html#pooled_seed_sd', 'vtp_nbdev/stats.py'),
+                                 'vtp_nbdev.stats.rfd_outlook': ('stats.html#rfd_outlook', 'vtp_nbdev/stats.py'),
                                  'vtp_nbdev.stats.seed_sd': ('stats.html#seed_sd', 'vtp_nbdev/stats.py'),
                                  'vtp_nbdev.stats.seed_stats': ('stats.html#seed_stats', 'vtp_nbdev/stats.py'),
                                  'vtp_nbdev.stats.shape_probe': ('stats.html#shape_probe', 'vtp_nbdev/stats.py'),

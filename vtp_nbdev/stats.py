@@ -15,7 +15,7 @@ __all__ = ['SINGLE_SEED_FACTOR', 'VERDICTS', 'MIN_POWER_LAW_BUDGETS', 'betainc',
            'seed_stats', 'combine_sd', 'pooled_seed_sd', 'slope_per_decade', 'per_seed_slopes', 'paired_slope_test',
            'slope_summary', 'single_seed_threshold', 'single_seed_effect', 'Verdict', 'decide', 'slope_verdict',
            'single_seed_verdict', 'partial_correlation', 'fit_power_law', 'measured_noise', 'shape_probe',
-           'testbed_preconditions', 'verdict_lines']
+           'rfd_outlook', 'testbed_preconditions', 'verdict_lines']
 
 # %% ../nbs/16_stats.ipynb #ff0682bc
 def _betacf(a: float, b: float, x: float, iters: int = 300, eps: float = 1e-15) -> float:
@@ -307,6 +307,19 @@ def _final_mean(points, method: str, col: str) -> float | None:
         return None
     return float(pts[pts.flops >= pts.flops.max() * 0.99][col].mean())
 
+def rfd_outlook(ae, rfd: float, gfd: float, max_rfd: float, max_rfd_ratio: float) -> str:
+    "How far the AE's rFD trend (log-log over its budgets, means over seeds) is from the regime threshold."
+    by = ae.groupby('flops').rFD.mean()
+    if len(by) < 2 or rfd <= min(max_rfd, max_rfd_ratio * gfd) or (by <= 0).any():
+        return ''
+    b = np.polyfit(np.log10(by.index.values), np.log10(by.values), 1)[0]          # log10 rFD per decade of compute
+    target = min(max_rfd, max_rfd_ratio * gfd)
+    if b >= 0:
+        return (f'; its rFD does not fall with compute ({(10 ** b - 1):+.0%} per 10x), so more compute will not reach '
+                f'{target:.3g}')
+    return (f'; its rFD falls {1 - 10 ** b:.0%} per 10x compute, so reaching {target:.3g} would take ~'
+            f'{10 ** (np.log10(target / rfd) / b):.3g}x the first budget')
+
 def testbed_preconditions(points, scale: str, root=None, max_rfd: float = 3., max_rfd_ratio: float = 0.1,
                           min_shape_probe: float = 0.6, min_sample_shape: float = 0.5) -> dict:
     "Named preconditions of the headline scaling claims (regime, semantics, proxy strength), evaluated from the data."
@@ -318,8 +331,9 @@ def testbed_preconditions(points, scale: str, root=None, max_rfd: float = 3., ma
         first = ae[ae.flops == ae.flops.min()]
         rfd, gfd = float(first.rFD.mean()), float(first.gFD.mean())
         ok = rfd <= max_rfd and rfd <= max_rfd_ratio * gfd
+        outlook = rfd_outlook(ae, rfd, gfd, max_rfd, max_rfd_ratio)
         pre[f'regime: AE rFD at the first budget <= {max_rfd:g} and <= {max_rfd_ratio:g} x gFD (have rFD {rfd:.3g}, '
-            f'gFD {gfd:.3g}; needs a first budget where the AE already reconstructs)'] = ok
+            f'gFD {gfd:.3g}; needs a first budget where the AE already reconstructs{outlook})'] = ok
     probe = _final_mean(points, 'CLIP+SSL+AE', 'probe_shape_bottleneck')
     if probe is None:                                           # records without it: the diagnostics' probe
         probe = (shape_probe(scale, root, 'bottleneck') or {}).get('VTP')

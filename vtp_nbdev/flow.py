@@ -152,7 +152,8 @@ class DiTTrainConfig(PlainConfig):
     ckpt_every: int = 500
     ckpt_log_points: int = 0             # extra checkpoints at log-spaced steps
     grad_accum: int = neutral_field(1)   # micro-batches per step (same global batch; not hashed while 1)
-    compile: bool = neutral_field(False) # torch.compile the training forward (not hashed while off)
+    # torch.compile: True the training forward, 'step' the whole loss step (static shapes); not hashed while off
+    compile: bool | str = neutral_field(False)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -167,6 +168,11 @@ class DiTTrainConfig(PlainConfig):
             raise ValueError(f"{name}.ema_decay={self.ema_decay}; expected a value in [0, 1]")
         if self.lognorm_sigma <= 0:
             raise ValueError(f"{name}.lognorm_sigma={self.lognorm_sigma}; expected > 0")
+        if not (isinstance(self.compile, bool) or self.compile == 'step'):
+            raise ValueError(f"{name}.compile={self.compile!r}; expected False, True (the forward) or 'step' "
+                             "(the whole loss step)")
+        if self.compile == 'step' and self.grad_accum > 1:
+            raise ValueError(f"{name}.compile='step' needs grad_accum=1 (got {self.grad_accum})")
         self.check_model()
 
     def check_model(self):
@@ -192,6 +198,16 @@ class DiTTrainer(nn.Module):
         self.cfg = cfg
         self.model = self.model_class(**model_args)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.step_loss = self.loss                   # what a training step calls: `loss`, or its compiled graph
+
+    def compile_step(self, **kw):
+        "Compile `loss` (path, forward, flow-matching loss; backward through the graph) as one static-shape graph."
+        self.step_loss = torch.compile(self.loss, fullgraph=True, dynamic=False, **kw)
+        return self
+
+    def forward(self, x1: Tensor, y: Tensor, t: Tensor, x0: Tensor, drop: Tensor) -> tuple[Tensor, dict]:
+        "`step_loss` of the online model: what a DDP wrapper of the trainer calls (DDP stays outside the graph)."
+        return self.step_loss(self.model, x1, y, t, x0, drop)
 
     def loss(self, net: nn.Module, x1: Tensor, y: Tensor, t: Tensor, x0: Tensor, drop: Tensor) -> tuple[Tensor, dict]:
         "Flow-matching loss of `net` (model or DDP wrapper) on data x1, labels y, times t, noise x0, label drops."
@@ -334,13 +350,25 @@ class DiTRecipe(Recipe):
         return count_dit_step_flops(trainer, batch)
 
     def network(self, trainer: DiTTrainer, ddp: bool) -> nn.Module:
-        return nn.parallel.DistributedDataParallel(trainer.model, broadcast_buffers=False) if ddp else trainer.model
+        "The online model, or with compile='step' the trainer (its forward: the whole step); DDP-wrapped when `ddp`."
+        net = trainer if self.cfg.compile == 'step' else trainer.model
+        return nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if ddp else net
 
     def shard(self, trainer: DiTTrainer, opt) -> torch.optim.Optimizer:
         return shard_dit(trainer, opt)
 
+    def compile(self, trainer: DiTTrainer, net: nn.Module) -> nn.Module:
+        if self.cfg.compile != 'step':
+            return torch.compile(net)
+        from torch.distributed.fsdp import FSDPModule
+        if isinstance(trainer.model, FSDPModule):
+            raise ValueError(f"{self.name}: compile='step' does not trace FSDP-sharded modules; use compile=True "
+                             "or DDP")
+        trainer.compile_step()                  # in place: the batch's shapes and draws are fixed by the config
+        return net
+
     def loss(self, net: nn.Module, trainer: DiTTrainer, batch: dict, step: int) -> tuple:
-        return trainer.loss(net, **batch)
+        return net(**batch) if self.cfg.compile == 'step' else trainer.loss(net, **batch)
 
     def accumulate(self, net: nn.Module, trainer: DiTTrainer, batch: dict, step: int, amp) -> tuple:
         return dit_accumulate(trainer, net, batch, self.cfg.grad_accum, amp)

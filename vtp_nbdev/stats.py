@@ -145,10 +145,11 @@ def paired_slope_test(slopes_a: dict, slopes_b: dict, alternative: str = 'less',
     return out
 
 def slope_summary(df, y: str, x: str = 'flops', by: str = 'method', seed: str = 'seed') -> dict:
-    "{group: per-seed slopes of `y` per 10x `x` and their `seed_stats`} for every `by` group of a long DataFrame."
+    "{group: per-seed slopes of `y` per 10x `x` and their `seed_stats`} for every `by` group (seeds with >= 2 budgets)."
     out = {}
     for k, g in df.groupby(by):
-        if g[x].nunique() < 2:
+        g = g[g.groupby(seed)[x].transform('nunique') >= 2]                 # a seed with one budget has no slope
+        if not len(g):
             continue
         sl = per_seed_slopes(g, y, x, seed)
         out[k] = dict(slopes=sl, n_budgets=int(g.groupby(seed)[x].nunique().min()), **seed_stats(list(sl.values())))

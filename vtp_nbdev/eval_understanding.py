@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from .data import zero_shot_prompts, zero_shot_templates, tokenize
 
 # %% auto #0
-__all__ = ['FEATURE_CHOICES', 'PROBE_LRS', 'FEATURE_DESCRIPTIONS', 'model_device', 'iter_batches', 'zero_shot_classifier',
-           'topk_accuracy', 'zero_shot', 'probe_features', 'train_linear_probe', 'attribute_labels', 'linear_probe',
-           'retrieval_recall', 'retrieval']
+__all__ = ['FEATURE_CHOICES', 'PROBE_FEATURES', 'PROBE_LRS', 'FEATURE_DESCRIPTIONS', 'model_device', 'iter_batches',
+           'zero_shot_classifier', 'topk_accuracy', 'zero_shot', 'probe_features', 'train_linear_probe',
+           'attribute_labels', 'linear_probe', 'retrieval_recall', 'retrieval']
 
 # %% ../nbs/06_eval_understanding.ipynb #5cd16255
 def model_device(model) -> torch.device:
@@ -84,7 +84,8 @@ def zero_shot(model, dataset_name, dataset, n: int | None = 2000, batch_size: in
     return out
 
 # %% ../nbs/06_eval_understanding.ipynb #d11795fa
-FEATURE_CHOICES = ('bottleneck', 'last', 'last4_avgpool')
+FEATURE_CHOICES = ('bottleneck', 'last', 'last4_avgpool')              # the features every evaluation probes
+PROBE_FEATURES = FEATURE_CHOICES + ('bottleneck_grid',)                 # also on request: the latent grid, flattened
 
 def _n_blocks(model, n: int = 4) -> int:
     depth = getattr(getattr(model, 'config', None), 'vision_depth', None)
@@ -93,9 +94,9 @@ def _n_blocks(model, n: int = 4) -> int:
 @torch.inference_mode()
 def probe_features(model, dataset, n: int | None = None, features=FEATURE_CHOICES, batch_size: int = 256) -> dict:
     "Extract the chosen features once: name -> (N, F) float tensors, plus `labels` (N,)."
-    bad = set(features) - set(FEATURE_CHOICES)
+    bad = set(features) - set(PROBE_FEATURES)
     if bad:
-        raise ValueError(f"unknown probe features {sorted(bad)}; expected a subset of {FEATURE_CHOICES}")
+        raise ValueError(f"unknown probe features {sorted(bad)}; expected a subset of {PROBE_FEATURES}")
     dev, k = model_device(model), _n_blocks(model)
     out = {f: [] for f in features}
     out['labels'] = []
@@ -109,8 +110,12 @@ def probe_features(model, dataset, n: int | None = None, features=FEATURE_CHOICE
             if 'last4_avgpool' in features:
                 out['last4_avgpool'].append(
                     torch.cat([c for _, c in blocks] + [blocks[-1][0].mean(1)], -1).float().cpu())  # (B, (k+1)D)
-        if 'bottleneck' in features:
-            out['bottleneck'].append(model.get_reconstruction_latents(x).float().mean((2, 3)).cpu())  # (B, d)
+        if 'bottleneck' in features or 'bottleneck_grid' in features:
+            z = model.get_reconstruction_latents(x).float().cpu()                # (B, d, h, w)
+            if 'bottleneck' in features:
+                out['bottleneck'].append(z.mean((2, 3)))                         # (B, d)
+            if 'bottleneck_grid' in features:
+                out['bottleneck_grid'].append(z.flatten(1))                      # (B, d*h*w)
         out['labels'].append(y)
     return {f: torch.cat(v) for f, v in out.items()}
 
@@ -184,6 +189,7 @@ def _train_linear_probe(x_train, y_train, x_test, y_test, lrs, epochs, batch_siz
 # %% ../nbs/06_eval_understanding.ipynb #02e41844
 FEATURE_DESCRIPTIONS = dict(
     bottleneck='d-dim reconstruction latent (get_reconstruction_latents), mean over positions',
+    bottleneck_grid='the reconstruction latent of every position, flattened (d x h x w values; on request)',
     last='final-normed CLS of the last block (get_last_layer_feature cls_token)',
     last4_avgpool='CLS of the last {k} blocks (final-normed) + mean patch token of the last block '
                   '(DINOv2 linear-probe features)')

@@ -703,6 +703,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'vtp_nbdev.stats.rfd_outlook': ('stats.html#rfd_outlook', 'vtp_nbdev/stats.py'),
                                  'vtp_nbdev.stats.seed_sd': ('stats.html#seed_sd', 'vtp_nbdev/stats.py'),
                                  'vtp_nbdev.stats.seed_stats': ('stats.html#seed_stats', 'vtp_nbdev/stats.py'),
+                                 'vtp_nbdev.stats.semantics_outlook': ('stats.html#semantics_outlook', 'vtp_nbdev/stats.py'),
                                  'vtp_nbdev.stats.shape_probe': ('stats.html#shape_probe', 'vtp_nbdev/stats.py'),
                                  'vtp_nbdev.stats.single_seed_effect': ('stats.html#single_seed_effect', 'vtp_nbdev/stats.py'),
                                  'vtp_nbdev.stats.single_seed_threshold': ('stats.html#single_seed_threshold', 'vtp_nbdev/stats.py'),

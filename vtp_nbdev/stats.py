@@ -15,7 +15,7 @@ __all__ = ['SINGLE_SEED_FACTOR', 'VERDICTS', 'MIN_POWER_LAW_BUDGETS', 'betainc',
            'seed_stats', 'combine_sd', 'pooled_seed_sd', 'slope_per_decade', 'per_seed_slopes', 'paired_slope_test',
            'slope_summary', 'single_seed_threshold', 'single_seed_effect', 'Verdict', 'decide', 'slope_verdict',
            'single_seed_verdict', 'partial_correlation', 'fit_power_law', 'measured_noise', 'shape_probe',
-           'rfd_outlook', 'testbed_preconditions', 'verdict_lines']
+           'rfd_outlook', 'semantics_outlook', 'testbed_preconditions', 'verdict_lines']
 
 # %% ../nbs/16_stats.ipynb #ff0682bc
 def _betacf(a: float, b: float, x: float, iters: int = 300, eps: float = 1e-15) -> float:
@@ -321,6 +321,17 @@ def rfd_outlook(ae, rfd: float, gfd: float, max_rfd: float, max_rfd_ratio: float
     return (f'; its rFD falls {1 - 10 ** b:.0%} per 10x compute, so reaching {target:.3g} would take ~'
             f'{10 ** (np.log10(target / rfd) / b):.3g}x the first budget')
 
+def semantics_outlook(scale: str, root=None, min_shape_probe: float = 0.6) -> str:
+    "What a failed semantics precondition would take, from the diagnostics' probe of the flattened latent grid."
+    grid = shape_probe(scale, root, 'bottleneck_grid')
+    if not grid or 'VTP' not in grid:
+        return 'needs objectives and data that teach shape'
+    have = f"the diagnostics' probe of the flattened latent grid reads shape at {grid['VTP']:.0%}" + (
+        f" (AE {grid['AE']:.0%})" if 'AE' in grid else '')
+    if grid['VTP'] >= min_shape_probe:
+        return f'{have}: the mean over positions averages away a shape the latent holds; a grid probe would read it'
+    return f'{have}: the latent lacks it too; needs objectives and data that teach shape'
+
 def testbed_preconditions(points, scale: str, root=None, max_rfd: float = 3., max_rfd_ratio: float = 0.1,
                           min_shape_probe: float = 0.6, min_sample_shape: float = 0.5) -> dict:
     "Named preconditions of the headline scaling claims (regime, semantics, proxy strength), evaluated from the data."
@@ -345,7 +356,7 @@ def testbed_preconditions(points, scale: str, root=None, max_rfd: float = 3., ma
         pre[f'semantics: VTP shape probe (bottleneck, 5-way) >= {min_shape_probe:.0%} (not measured)'] = False
     else:
         pre[f"semantics: VTP shape probe (bottleneck, 5-way) at the largest budget >= {min_shape_probe:.0%} (have "
-            f"{probe:.0%}, chance {chance:.0%}; needs objectives and data that teach shape)"] = probe >= min_shape_probe
+            f"{probe:.0%}, chance {chance:.0%}; {semantics_outlook(scale, root)})"] = probe >= min_shape_probe
     acc = None
     if points is not None and len(points) and 'sample_shape_accuracy' in points and points.gFD.notna().any():
         acc = points.loc[points.gFD.idxmin(), 'sample_shape_accuracy']

@@ -100,6 +100,7 @@ def plain_log(ax, x: bool = True, y: bool = False):
     fmt = FuncFormatter(lambda v, _: f'{v:g}')
     if x:
         ax.set_xscale('log')
+        ax.tick_params(axis='x', which='minor', labelsize=7)             # a span of about a decade labels minor ticks
     if y:
         ax.set_yscale('log')
         ax.yaxis.set_major_formatter(fmt)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from .config import config_hash, get_device, get_settings, project_root, environment_info, SCALES
 from .pretrain import PretrainConfig, VTPPretrainer, pretrain, run_dir_for, count_step_flops, load_batch
-from .runs import log_spaced_steps, read_jsonl, write_json, run_lock as file_lock
+from .runs import log_spaced_steps, read_jsonl, write_json, parse_overrides, run_lock as file_lock
 from .data import get_dataset, PROCEDURAL
 from .eval_reconstruction import evaluate_tokenizer
 from .generate import GenerationEvalConfig, generation_metrics
@@ -259,13 +259,19 @@ def main(argv=None):
     p.add_argument('--seeds', default=None, help="comma-separated seeds (default: the scale's)")
     p.add_argument('--points', default=None, help='comma-separated budget (or checkpoint) indices (default: all)')
     p.add_argument('--threads', type=int, default=None, help='torch threads of this process')
+    p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='PretrainConfig overrides of every series, e.g. model={"vision_feature_bottleneck": 64}')
     a = p.parse_args(argv)
+    try:
+        overrides = parse_overrides(a.set)
+    except ValueError as e:
+        p.error(str(e))
     setup_threads(a.threads)
     seeds = [int(s) for s in a.seeds.split(',')] if a.seeds else list(scale_settings(a.scale)['seeds'])
     points = [int(i) for i in a.points.split(',')] if a.points else None
     for seed in seeds:
         for m in a.methods.split(','):
-            run_series(a.scale, m.strip(), seed, points=points, progress=True)
+            run_series(a.scale, m.strip(), seed, points=points, progress=True, **overrides)
 
 if __name__ == '__main__' and '__file__' in globals():
     main()  # `python -m vtp_nbdev.scaling`, not when run as a notebook

@@ -15,7 +15,7 @@ __all__ = ['SINGLE_SEED_FACTOR', 'VERDICTS', 'MIN_POWER_LAW_BUDGETS', 'betainc',
            'seed_stats', 'combine_sd', 'pooled_seed_sd', 'slope_per_decade', 'per_seed_slopes', 'paired_slope_test',
            'slope_summary', 'single_seed_threshold', 'single_seed_effect', 'Verdict', 'decide', 'slope_verdict',
            'single_seed_verdict', 'partial_correlation', 'fit_power_law', 'measured_noise', 'shape_probe',
-           'rfd_outlook', 'semantics_outlook', 'testbed_preconditions', 'verdict_lines']
+           'rfd_outlook', 'semantics_outlook', 'headline_points', 'testbed_preconditions', 'verdict_lines']
 
 # %% ../nbs/16_stats.ipynb #ff0682bc
 def _betacf(a: float, b: float, x: float, iters: int = 300, eps: float = 1e-15) -> float:
@@ -332,10 +332,27 @@ def semantics_outlook(scale: str, root=None, min_shape_probe: float = 0.6) -> st
         return f'{have}: the mean over positions averages away a shape the latent holds; a grid probe would read it'
     return f'{have}: the latent lacks it too; needs objectives and data that teach shape'
 
+def headline_points(points, scale: str):
+    "The rows of `points` with the scale's default tokenizer (preset, bottleneck width, data size): its headline series."
+    import pandas as pd
+    from vtp_nbdev.scaling import scaling_config
+    from vtp_nbdev.tokenizer import vtp_config
+    if points is None or not len(points) or not {'preset', 'bottleneck', 'data_size'} & set(points):
+        return points
+    cfg = scaling_config(scale, 'AE', 0, flops=1.)
+    default = dict(preset=cfg.preset, bottleneck=vtp_config(cfg.preset, **cfg.model).vision_feature_bottleneck,
+                   data_size=cfg.dataset_kwargs.get('size'))
+    keep = pd.Series(True, index=points.index)
+    for col, v in default.items():
+        if col in points and v is not None:
+            keep &= points[col] == v
+    return points[keep]
+
 def testbed_preconditions(points, scale: str, root=None, max_rfd: float = 3., max_rfd_ratio: float = 0.1,
                           min_shape_probe: float = 0.6, min_sample_shape: float = 0.5) -> dict:
     "Named preconditions of the headline scaling claims (regime, semantics, proxy strength), evaluated from the data."
     pre = {}
+    points = headline_points(points, scale)                     # side studies (other widths, presets, data) excluded
     ae = points[points.method == 'AE'] if points is not None and len(points) else None
     if ae is None or not len(ae):
         pre['regime: AE rFD at the first budget <= 3 and <= 0.1 x gFD (no AE point stored)'] = False

@@ -695,6 +695,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'vtp_nbdev.stats.combine_sd': ('stats.html#combine_sd', 'vtp_nbdev/stats.py'),
                                  'vtp_nbdev.stats.decide': ('stats.html#decide', 'vtp_nbdev/stats.py'),
                                  'vtp_nbdev.stats.fit_power_law': ('stats.html#fit_power_law', 'vtp_nbdev/stats.py'),
+                                 'vtp_nbdev.stats.headline_points': ('stats.html#headline_points', 'vtp_nbdev/stats.py'),
                                  'vtp_nbdev.stats.measured_noise': ('stats.html#measured_noise', 'vtp_nbdev/stats.py'),
                                  'vtp_nbdev.stats.paired_slope_test': ('stats.html#paired_slope_test', 'vtp_nbdev/stats.py'),
                                  'vtp_nbdev.stats.partial_correlation': ('stats.html#partial_correlation', 'vtp_nbdev/stats.py'),

@@ -6,7 +6,8 @@ Reads the committed points (`results/<scale>/`, `t2i/`) and the run folders they
 DiT proxy runs in `runs/dit/`), so it needs the `runs/` of the machine that ran the batch. For every stage: how many
 runs, the wall time they logged, the FLOPs they counted, the FLOP/s they reached, and the time the same FLOPs would
 take at the matmul peak (the floor no code change can beat at these settings), and a floor for the whole batch at a
-given MFU (`--mfu`): the counted FLOPs at that MFU plus the logged time of the work that counts none. Each tokenizer run is counted once,
+given MFU (`--mfu`): the counted FLOPs at that MFU plus the logged time of the work that counts none. Each tokenizer run is counted once
+(a run started from a shared `wsd` stable phase with only the steps it trained itself),
 however many points it feeds. Guided points (`guided/`) log no time and are left out (minutes in all).
 """
 from __future__ import annotations
@@ -17,11 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def last_row(run: Path) -> dict:
-    "The last logged row of a run's `metrics.jsonl` ({} if the run is not here)."
+    "The last logged row of a run's `metrics.jsonl` ({} if the run is not here), with `own_flops` (see `own_flops`)."
     p = run / 'metrics.jsonl'
     if not p.exists(): return {}
-    lines = p.read_text().splitlines()
-    return json.loads(lines[-1]) if lines else {}
+    rows = [json.loads(x) for x in p.read_text().splitlines()[:2]] + [json.loads(x) for x in p.read_text().splitlines()[-1:]]
+    return dict(rows[-1], own_flops=own_flops(rows)) if rows else {}
+
+
+def own_flops(rows: list) -> float:
+    "FLOPs of the steps this run trained itself: a run started from a shared `wsd` stable phase logs cumulative FLOPs."
+    first, last = rows[0], rows[-1]
+    if 'flops_per_step' not in last: return last.get('flops', 0)
+    every = rows[1]['step'] - first['step'] if len(rows) > 2 and rows[1]['step'] > first['step'] else first['step']
+    start = max(first['step'] - every, 0)                                   # the step it started from (0 or the trunk)
+    return (last['step'] - start) * last['flops_per_step']
 
 
 def collect(scale: str, root: Path) -> dict:
@@ -35,7 +45,7 @@ def collect(scale: str, root: Path) -> dict:
     missing = set()
     for h in sorted({p['config_hash'] for p in points} | {p['config_hash'] for p in t2i}):
         r = last_row(runs / 'tokenizer' / h)
-        if r: stages['tokenizer pre-training'].append((r.get('time_s', 0.), r.get('flops', 0)))
+        if r: stages['tokenizer pre-training'].append((r.get('time_s', 0.), r['own_flops']))
         else: missing.add(h)
     for p in points:
         s = p.get('seconds') or {}

@@ -239,6 +239,17 @@ def test_repro_cost_sums_runs_once_and_floors_at_peak(tmp_path):
     assert r.returncode != 0 and 'no committed points' in r.stderr
 
 
+def test_repro_cost_counts_a_branched_run_from_its_start():
+    "A run started from a shared wsd stable phase logs cumulative FLOPs: only its own steps count."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('repro_cost', ROOT/'benchmarks'/'repro_cost.py')
+    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+    row = lambda step: dict(step=step, flops=5. * step, flops_per_step=5.)
+    assert m.own_flops([row(1020), row(1040), row(2000)]) == 5. * (2000 - 1000)      # resumed at step 1000
+    assert m.own_flops([row(20), row(40), row(2000)]) == 5. * 2000                      # trained from step 0
+    assert m.own_flops([dict(time_s=1., flops=7.)]) == 7.                               # no per-step count logged
+
+
 # ---- FSDP (FSDP2 over gloo): LightningDiT sharded over 2 ranks == 1 process; its checkpoints resume anywhere --------
 def _dit_worker(rank, world, port, cfg, lat, runs, max_steps, fsdp):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))

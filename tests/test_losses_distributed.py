@@ -60,6 +60,7 @@ def _worker(rank, init_file, out_dir):
         out = {}
         _losses(rank, out)
         torch.save(out, os.path.join(out_dir, f'rank{rank}.pt'))
+        dist.barrier()                       # no rank tears the group down while its peer is still communicating
     finally:
         dist.destroy_process_group()
 

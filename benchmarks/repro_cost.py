@@ -21,7 +21,8 @@ def last_row(run: Path) -> dict:
     "The last logged row of a run's `metrics.jsonl` ({} if the run is not here), with `own_flops` (see `own_flops`)."
     p = run / 'metrics.jsonl'
     if not p.exists(): return {}
-    rows = [json.loads(x) for x in p.read_text().splitlines()[:2]] + [json.loads(x) for x in p.read_text().splitlines()[-1:]]
+    lines = p.read_text().splitlines()
+    rows = [json.loads(x) for x in lines[:2] + lines[-1:]]
     return dict(rows[-1], own_flops=own_flops(rows)) if rows else {}
 
 

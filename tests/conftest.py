@@ -28,6 +28,13 @@ def tiny_latents(tmp_path_factory):
                                     stats_samples=48, progress=False)
 
 
+def end_process_group():
+    "Tear a rank's process group down once every rank got here (a rank must not leave while its peer communicates)."
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 @pytest.fixture
 def spawn_ranks():
     "Run `fn(rank, world, port, *args)` in `world` spawned processes (gloo rendezvous on a free local port)."

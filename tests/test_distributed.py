@@ -10,6 +10,7 @@ from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, pretrain, accumula
 from vtp_nbdev.runs import batch_indices
 from vtp_nbdev.flow import DiTTrainConfig, train_dit
 from vtp_nbdev.data import ShapesDataset, TarShardDataset, ShardedStream
+from conftest import end_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(vision_depth=2, decoder_depth=1, text_depth=1, dino_out_dim=256, dino_hidden_dim=64, dino_bottleneck_dim=32)
@@ -83,7 +84,7 @@ def _worker(rank, world, port, cfg, batch, out, k):
     torch.distributed.all_gather(losses, loss)
     if rank == 0:
         torch.save(dict(loss=torch.stack(losses).mean(), grads=grads, centres=centres), out)
-    torch.distributed.destroy_process_group()
+    end_process_group()
 
 
 @pytest.mark.parametrize('k', [1, 2])
@@ -254,7 +255,7 @@ def test_repro_cost_counts_a_branched_run_from_its_start():
 def _dit_worker(rank, world, port, cfg, lat, runs, max_steps, fsdp):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     train_dit(cfg, lat, runs, device='cpu', max_steps=max_steps, progress=False, fsdp=fsdp)
-    torch.distributed.destroy_process_group()
+    end_process_group()
 
 
 def test_fsdp_dit_two_ranks_match_one_and_resume(tiny_latents, tmp_path, spawn_ranks):
@@ -278,7 +279,7 @@ def test_fsdp_dit_two_ranks_match_one_and_resume(tiny_latents, tmp_path, spawn_r
 def _tok_worker(rank, world, port, cfg, runs, max_steps):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     pretrain(cfg, runs, device='cpu', max_steps=max_steps, progress=False, fsdp=True)
-    torch.distributed.destroy_process_group()
+    end_process_group()
 
 
 @pytest.mark.parametrize('accum', [1, 2])

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 from vtp_nbdev.flow import DiTTrainConfig, DiTTrainer, DiTRecipe, train_dit
+from conftest import end_process_group
 
 STRIP = ('time_s', 'samples_per_s')
 # aot_eager (dynamo's capture and AOT autograd, eager kernels) runs the eager ATen kernels on the same inputs; only
@@ -118,7 +119,7 @@ def _ddp_worker(rank, world, port, cfg, lat, runs):
     seen = dict(graphs=counters['stats']['unique_graphs'], breaks=len(counters['graph_break']),
                 recompiles=len(counters['recompiles']))
     (runs/f'counters-{rank}.json').write_text(json.dumps(seen))
-    torch.distributed.destroy_process_group()
+    end_process_group()
 
 
 def test_ddp_wraps_the_compiled_step(tiny_latents, tmp_path, spawn_ranks):

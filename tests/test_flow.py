@@ -9,6 +9,7 @@ from vtp_nbdev.latents import LatentDataset
 from vtp_nbdev.runs import read_checkpoint
 from vtp_nbdev.flow import DiTTrainConfig, DiTTrainer, train_dit, sample_images, sample_latents, step_draws
 from vtp_nbdev.dit import load_lightningdit
+from conftest import end_process_group
 
 STRIP = ('time_s', 'samples_per_s')
 
@@ -126,7 +127,7 @@ def _worker(rank, world, port, cfg, lat, runs):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     train_dit(cfg, lat, runs, 'cpu', progress=False)
-    torch.distributed.destroy_process_group()
+    end_process_group()
 
 
 def test_ddp_two_processes_match_one(latents, tmp_path, spawn_ranks):

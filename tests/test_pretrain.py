@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 from vtp_nbdev.pretrain import PretrainConfig, PretrainRecipe, VTPPretrainer, pretrain
 from vtp_nbdev.runs import batch_indices, CheckpointError, read_checkpoint
+from conftest import end_process_group
 
 SMALL = dict(vision_depth=2, decoder_depth=1, text_depth=1, dino_out_dim=256, dino_hidden_dim=64, dino_bottleneck_dim=32)
 
@@ -142,7 +143,7 @@ def test_cli(tmp_path):
 def _pretrain_worker(rank, world, port, cfg, runs, max_steps):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     pretrain(cfg, runs_dir=runs, device='cpu', max_steps=max_steps, progress=False)
-    torch.distributed.destroy_process_group()
+    end_process_group()
 
 
 def test_checkpoint_from_two_ranks_resumes_on_one_and_back(tmp_path, spawn_ranks):

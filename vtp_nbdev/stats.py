@@ -333,11 +333,19 @@ def semantics_outlook(scale: str, root=None, min_shape_probe: float = 0.6) -> st
     return f'{have}: the latent lacks it too; needs objectives and data that teach shape'
 
 def headline_points(points, scale: str):
-    "The rows of `points` with the scale's default tokenizer (preset, bottleneck width, data size): its headline series."
+    "The rows of `points` from the scale's default scaling runs: by run hash, else by preset, bottleneck and data size."
     import pandas as pd
-    from vtp_nbdev.scaling import scaling_config
+    from vtp_nbdev.config import config_hash
+    from vtp_nbdev.scaling import scaling_config, series_budgets
     from vtp_nbdev.tokenizer import vtp_config
-    if points is None or not len(points) or not {'preset', 'bottleneck', 'data_size'} & set(points):
+    if points is None or not len(points):
+        return points
+    if 'config_hash' in points and {'method', 'seed'} <= set(points):     # exact: the runs `run_series` trains unasked
+        budgets = series_budgets(scale) or [None]
+        runs = {config_hash(scaling_config(scale, m, int(s), flops=b).to_dict())
+                for m, s in set(zip(points.method, points.seed)) for b in budgets}
+        return points[points.config_hash.isin(runs)]
+    if not {'preset', 'bottleneck', 'data_size'} & set(points):
         return points
     cfg = scaling_config(scale, 'AE', 0, flops=1.)
     default = dict(preset=cfg.preset, bottleneck=vtp_config(cfg.preset, **cfg.model).vision_feature_bottleneck,
@@ -352,7 +360,7 @@ def testbed_preconditions(points, scale: str, root=None, max_rfd: float = 3., ma
                           min_shape_probe: float = 0.6, min_sample_shape: float = 0.5) -> dict:
     "Named preconditions of the headline scaling claims (regime, semantics, proxy strength), evaluated from the data."
     pre = {}
-    points = headline_points(points, scale)                     # side studies (other widths, presets, data) excluded
+    points = headline_points(points, scale)                     # side studies (other models, data, steps) excluded
     ae = points[points.method == 'AE'] if points is not None and len(points) else None
     if ae is None or not len(ae):
         pre['regime: AE rFD at the first budget <= 3 and <= 0.1 x gFD (no AE point stored)'] = False

@@ -380,8 +380,9 @@ def testbed_preconditions(points, scale: str, root=None, max_rfd: float = 3., ma
     if probe is None:
         pre[f'semantics: VTP shape probe (bottleneck, 5-way) >= {min_shape_probe:.0%} (not measured)'] = False
     else:
+        outlook = semantics_outlook(scale, root, min_shape_probe)
         pre[f"semantics: VTP shape probe (bottleneck, 5-way) at the largest budget >= {min_shape_probe:.0%} (have "
-            f"{probe:.0%}, chance {chance:.0%}; {semantics_outlook(scale, root, min_shape_probe)})"] = probe >= min_shape_probe
+            f"{probe:.0%}, chance {chance:.0%}; {outlook})"] = probe >= min_shape_probe
     acc = None
     if points is not None and len(points) and 'sample_shape_accuracy' in points and points.gFD.notna().any():
         acc = points.loc[points.gFD.idxmin(), 'sample_shape_accuracy']

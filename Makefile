@@ -39,8 +39,11 @@ test-sync: setup
 	  git status --porcelain -- vtp_nbdev nbs; exit 1; fi; echo "nbdev sync: ok"
 
 test-nbs: setup
+	@# the notebooks' temporary folders (checkpoints of their demo runs) live in one folder, removed afterwards
 	@expected=$$(find nbs -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' -not -path 'nbs/repro/*' -not -name '_*' | wc -l); \
-	$(VENV)/bin/nbdev-test --do-print --timing --n-workers 1 --skip-folder-re '^([_.]|repro$$)' 2>&1 | tee /tmp/vtp_nbdev_test.log; rc=$${PIPESTATUS[0]}; \
+	scratch=$$(mktemp -d); \
+	TMPDIR=$$scratch $(VENV)/bin/nbdev-test --do-print --timing --n-workers 1 --skip-folder-re '^([_.]|repro$$)' 2>&1 \
+	  | tee /tmp/vtp_nbdev_test.log; rc=$${PIPESTATUS[0]}; rm -rf "$$scratch"; \
 	ran=$$(grep -c '^- Completed' /tmp/vtp_nbdev_test.log); \
 	echo "nbdev-test: $$ran of $$expected notebooks ran (rc=$$rc)"; \
 	[ "$$rc" = 0 ] && [ "$$ran" -ge "$$expected" ] && [ "$$expected" -gt 0 ]

@@ -657,6 +657,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'vtp_nbdev.runs.run_lock': ('runs.html#run_lock', 'vtp_nbdev/runs.py'),
                                 'vtp_nbdev.runs.save_rolling': ('runs.html#save_rolling', 'vtp_nbdev/runs.py'),
                                 'vtp_nbdev.runs.save_trunk': ('runs.html#save_trunk', 'vtp_nbdev/runs.py'),
+                                'vtp_nbdev.runs.second_name': ('runs.html#second_name', 'vtp_nbdev/runs.py'),
                                 'vtp_nbdev.runs.shard_optimizer': ('runs.html#shard_optimizer', 'vtp_nbdev/runs.py'),
                                 'vtp_nbdev.runs.to_device': ('runs.html#to_device', 'vtp_nbdev/runs.py'),
                                 'vtp_nbdev.runs.training_cli': ('runs.html#training_cli', 'vtp_nbdev/runs.py'),

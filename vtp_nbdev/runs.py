@@ -4,7 +4,7 @@
 
 # %% ../nbs/04a_runs.ipynb #1df6fff1
 from __future__ import annotations
-import argparse, contextlib, fcntl, functools, json, os, re, sys, tempfile, time, types
+import argparse, contextlib, fcntl, functools, json, os, re, shutil, sys, tempfile, time, types
 from pathlib import Path
 import numpy as np
 import torch
@@ -18,10 +18,10 @@ from .config import get_settings, get_device, config_hash, seed_everything, setu
 __all__ = ['CHECKPOINT_FORMAT', 'atomic_write', 'write_json', 'atomic_save', 'read_jsonl', 'append_jsonl', 'rewrite_jsonl',
            'resume_rows', 'run_dir', 'prepare_run_dir', 'remove_stale_temps', 'is_finished', 'run_lock',
            'CheckpointError', 'checkpoint_state', 'read_checkpoint', 'restore_checkpoint', 'latest_checkpoint',
-           'log_spaced_steps', 'save_rolling', 'trunk_dir', 'trunk_checkpoint', 'save_trunk', 'epoch_permutation',
-           'batch_indices', 'to_device', 'batch_to', 'defer_finite_check', 'rank_world', 'init_distributed',
-           'full_tensor', 'gathered', 'shard_optimizer', 'Recipe', 'fit', 'parse_overrides', 'read_config_file',
-           'training_cli']
+           'log_spaced_steps', 'second_name', 'save_rolling', 'trunk_dir', 'trunk_checkpoint', 'save_trunk',
+           'epoch_permutation', 'batch_indices', 'to_device', 'batch_to', 'defer_finite_check', 'rank_world',
+           'init_distributed', 'full_tensor', 'gathered', 'shard_optimizer', 'Recipe', 'fit', 'parse_overrides',
+           'read_config_file', 'training_cli']
 
 # %% ../nbs/04a_runs.ipynb #de3ddc61
 @contextlib.contextmanager
@@ -211,13 +211,25 @@ def log_spaced_steps(total: int, n: int) -> list:
     first = max(1, total / 2 ** (n - 1) if n > 1 else total)
     return sorted({int(round(x)) for x in np.geomspace(first, total, n)} | {total})
 
+def second_name(src: Path, path: Path) -> Path:
+    "Give file `src` the name `path` too, atomically: a hard link (one copy on disk), a copy where links fail."
+    with _replacing(Path(path)) as tmp:
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+    return Path(path)
+
 def save_rolling(run: Path, trainer, opt, step: int, cfg_hash: str, keep: set) -> Path:
     "Write `last-<step>` (older `last-*` removed once it exists) and keep the log-spaced `step-<step>` ones."
     tensors, meta = checkpoint_state(trainer, opt, step, cfg_hash)
     d = run/'checkpoints'
-    new = atomic_save(tensors, d/f'last-{step:08d}.safetensors', meta)
+    new = d/f'last-{step:08d}.safetensors'
     if step in keep:
-        atomic_save(tensors, d/f'step-{step:08d}.safetensors', meta)
+        second_name(atomic_save(tensors, d/f'step-{step:08d}.safetensors', meta), new)
+    else:
+        atomic_save(tensors, new, meta)
     for old in d.glob('last-*.safetensors'):
         if old != new:
             old.unlink()

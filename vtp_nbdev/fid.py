@@ -476,7 +476,8 @@ def torch_fidelity_metrics(input1, input2=None, extractor='shapes', metrics=METR
 # %% ../nbs/08_fid.ipynb #2079a048
 ATTRIBUTE_VALUES = dict(shape=SHAPE_KINDS, colour=tuple(COLOURS), size=SIZES, count=COUNTS, position=POSITIONS)
 DATASET_ATTRIBUTES = {'shapes': ATTRIBUTE_VALUES,
-                      'shape_pairs': dict(shape=SHAPE_KINDS, colour=tuple(COLOURS), size=SIZES, background=PAIR_BACKGROUNDS)}
+                      'shape_pairs': dict(shape=SHAPE_KINDS, colour=tuple(COLOURS), size=SIZES,
+                                          background=PAIR_BACKGROUNDS)}
 
 def attribute_values(dataset: str = 'shapes') -> dict:
     "The attributes (head name -> values) that the reference network of `dataset` reads."

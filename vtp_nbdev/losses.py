@@ -416,7 +416,7 @@ def hinge_g_loss(fake_logits):
     return -fake_logits.mean()
 
 def adaptive_gan_weight(rec_loss, g_loss, last_layer_weight, max_weight: float = 1e4, eps: float = 1e-4):
-    "Detached weight ‖∇rec‖ / (‖∇g‖ + eps), clamped to [0, max_weight], gradients at the decoder's last layer."
+    "Detached weight ‖∇rec‖ / (‖∇g‖ + eps) clamped to [0, max_weight] (gradients at the decoder's last layer)."
     g_rec = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)[0]
     g_gan = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)[0]
     return (g_rec.norm() / (g_gan.norm() + eps)).clamp(0., max_weight).detach()

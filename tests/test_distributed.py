@@ -284,7 +284,8 @@ def _tok_worker(rank, world, port, cfg, runs, max_steps):
 
 @pytest.mark.parametrize('accum', [1, 2])
 def test_fsdp_tokenizer_two_ranks_match_one_and_resume(tmp_path, spawn_ranks, accum):
-    cfg = small_cfg(steps=4, ckpt_every=2, grad_accum=accum)               # CLIP+SSL+AE: scalar logit_scale, teacher, heads
+    # CLIP+SSL+AE: scalar logit_scale, teacher, heads; the final state kept as `step-<steps>`
+    cfg = small_cfg(steps=4, ckpt_every=2, grad_accum=accum, ckpt_log_points=1)
     one = pretrain(cfg, runs_dir=tmp_path/'one', device='cpu', progress=False)
     spawn_ranks(_tok_worker, cfg, tmp_path/'fsdp', 2)                        # FSDP -> checkpoint at step 2
     run = pretrain(cfg, runs_dir=tmp_path/'fsdp', device='cpu', max_steps=3, progress=False)   # -> 1 process
@@ -301,8 +302,8 @@ def test_fsdp_tokenizer_two_ranks_match_one_and_resume(tmp_path, spawn_ranks, ac
     for k in a:                     # the key bias has a zero gradient (softmax ignores it): Adam steps on rounding noise
         if k.endswith('in_proj_bias'): E = a[k].numel() // 3; a[k][E:2 * E] = b[k][E:2 * E]
         assert torch.allclose(a[k], b[k], atol=1e-5), k
-    last = sorted((run/'checkpoints').glob('last-*'))[-1]                    # FSDP checkpoints: DDP's format and shapes
-    ta, tb = load_file(sorted((one/'checkpoints').glob('last-*'))[-1]), load_file(last)
+    last = sorted((run/'checkpoints').glob('step-*'))[-1]                    # FSDP checkpoints: DDP's format and shapes
+    ta, tb = load_file(sorted((one/'checkpoints').glob('step-*'))[-1]), load_file(last)
     assert ta.keys() == tb.keys() and all(ta[k].shape == tb[k].shape for k in ta)
 
 

@@ -112,7 +112,8 @@ def _dit_child(cfg, lat, runs):
 
 
 def test_dit_sigkill_anywhere_then_resume_is_bit_identical(dit_latents, tmp_path, one_thread):
-    cfg = DiTTrainConfig(steps=36, batch=8, lr=1e-3, ema_decay=0.9, log_every=1, ckpt_every=1, model={'depth': 2})
+    cfg = DiTTrainConfig(steps=36, batch=8, lr=1e-3, ema_decay=0.9, log_every=1, ckpt_every=1, ckpt_log_points=1,
+                         model={'depth': 2})
     ref = train_dit(cfg, dit_latents, tmp_path/'ref', 'cpu', progress=False)
     run = ref.parent.parent.parent/'killed'/'dit'/ref.name                   # same config + latents: same hash
     rng, kills, ctx = random.Random(0), 0, multiprocessing.get_context('fork')
@@ -128,8 +129,8 @@ def test_dit_sigkill_anywhere_then_resume_is_bit_identical(dit_latents, tmp_path
     assert train_dit(cfg, dit_latents, tmp_path/'killed', 'cpu', progress=False) == run   # resumes from the last good checkpoint
     for n in ('model.safetensors', 'online.safetensors'): assert _same_files(ref/'final'/n, run/'final'/n), n
     assert _rows(run) == _rows(ref)
-    ta, _ = read_checkpoint(next((ref/'checkpoints').glob('last-*')))
-    tb, _ = read_checkpoint(next((run/'checkpoints').glob('last-*')))
+    ta, _ = read_checkpoint(next((ref/'checkpoints').glob('step-*')))
+    tb, _ = read_checkpoint(next((run/'checkpoints').glob('step-*')))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta if k.startswith(('model.', 'optim.')))
     assert not [p for p in (run/'checkpoints').iterdir() if p.name.endswith('.tmp')]
 
@@ -251,13 +252,13 @@ def test_disk_full_error_names_the_checkpoint(tmp_path, monkeypatch):
 
 # ---- determinism: the same config and seed twice ------------------------------------------------------------------
 def test_same_config_and_seed_twice_is_identical(tmp_path, one_thread):
-    cfg = pt_cfg(steps=5, ckpt_every=5)
+    cfg = pt_cfg(steps=5, ckpt_every=5, ckpt_log_points=1)
     a = pretrain(cfg, runs_dir=tmp_path/'a', device='cpu', progress=False)
     b = pretrain(cfg, runs_dir=tmp_path/'b', device='cpu', progress=False)
     ra, rb = _rows(a, STRIP), _rows(b, STRIP)
     assert [r['step'] for r in ra] == [1, 2, 3, 4, 5]
     assert ra == rb                                                             # every logged loss term, bit for bit
     assert _same_files(a/'final'/'model.safetensors', b/'final'/'model.safetensors')
-    assert _same_files(next((a/'checkpoints').glob('last-*')), next((b/'checkpoints').glob('last-*')))   # + optimiser, RNG
+    assert _same_files(next((a/'checkpoints').glob('step-*')), next((b/'checkpoints').glob('step-*')))   # + optimiser, RNG
     c = pretrain(pt_cfg(steps=5, ckpt_every=5, seed=1), runs_dir=tmp_path/'c', device='cpu', progress=False)
     assert _rows(c, STRIP)[0]['loss'] != ra[0]['loss']                    # and the seed matters

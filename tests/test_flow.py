@@ -34,7 +34,7 @@ def _weights(run):
 
 def test_resume_is_bit_identical(latents, tmp_path):
     _, lat = latents
-    cfg = small_cfg()
+    cfg = small_cfg(ckpt_log_points=1)                                    # the final state kept as `step-<steps>`
     full = train_dit(cfg, lat, tmp_path/'a', 'cpu', progress=False)
     part = train_dit(cfg, lat, tmp_path/'b', 'cpu', max_steps=3, progress=False)         # interrupted after step 3
     assert not (part/'done.json').exists()
@@ -44,8 +44,8 @@ def test_resume_is_bit_identical(latents, tmp_path):
     for n in a:
         assert a[n].keys() == b[n].keys() and all(torch.equal(a[n][k], b[n][k]) for k in a[n]), n
     assert _rows(full) == _rows(part)
-    ta, _ = read_checkpoint(next((full/'checkpoints').glob('last-*')))
-    tb, _ = read_checkpoint(next((part/'checkpoints').glob('last-*')))
+    ta, _ = read_checkpoint(next((full/'checkpoints').glob('step-*')))
+    tb, _ = read_checkpoint(next((part/'checkpoints').glob('step-*')))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta if k.startswith(('model.', 'optim.')))
 
 

@@ -18,7 +18,7 @@ def small_cfg(**kw):
 
 
 def test_resume_is_bit_identical(tmp_path):
-    cfg = small_cfg()
+    cfg = small_cfg(ckpt_log_points=1)                                    # the final state kept as `step-<steps>`
     full = pretrain(cfg, runs_dir=tmp_path/'a', device='cpu', progress=False)
     part = pretrain(cfg, runs_dir=tmp_path/'b', device='cpu', max_steps=3, progress=False)   # stops after step 3
     assert not (part/'done.json').exists()
@@ -30,8 +30,9 @@ def test_resume_is_bit_identical(tmp_path):
     rb = [json.loads(l) for l in (part/'metrics.jsonl').read_text().splitlines()]
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ('time_s', 'samples_per_s')} for r in rows]
     assert strip(ra) == strip(rb)
-    ta, _ = read_checkpoint(next((full/'checkpoints').glob('last-*')))
-    tb, _ = read_checkpoint(next((part/'checkpoints').glob('last-*')))
+    assert not list((full/'checkpoints').glob('last-*'))                   # a finished run drops its resume state
+    ta, _ = read_checkpoint(next((full/'checkpoints').glob('step-*')))
+    tb, _ = read_checkpoint(next((part/'checkpoints').glob('step-*')))
     assert all(torch.equal(ta[k], tb[k]) for k in ta if k.startswith(('model.', 'optim.')))  # teacher, centres, moments too
 
 

@@ -582,6 +582,8 @@ def fit(recipe: Recipe, runs_dir=None, device=None, max_steps: int | None = None
                 info = recipe.save_final(run, trainer, final)
                 write_json(run/'done.json', dict(steps=step, flops=step * flops, config_hash=h, world_size=world,
                                                  **info))
+                for rolling in (run/'checkpoints').glob('last-*.safetensors'):   # nothing resumes a finished run
+                    rolling.unlink()
     if world > 1:
         dist.barrier()
     return run

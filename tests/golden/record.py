@@ -11,8 +11,9 @@ HERE = Path(__file__).resolve().parent
 SMALL = dict(vision_depth=2, decoder_depth=1, text_depth=1, dino_out_dim=256, dino_hidden_dim=64, dino_bottleneck_dim=32)
 PRETRAIN = dict(preset='tiny', losses='CLIP+SSL+AE', model=SMALL, steps=4, batch_clip=8, batch_ssl=4, batch_rec=2,
                 n_local_crops=2, log_every=1, ckpt_every=2, ckpt_log_points=2, dataset='shapes', dataset_kwargs={'size': 40})
-DIT = dict(preset='tiny', steps=4, batch=8, lr=1e-3, ema_decay=0.9, log_every=1, ckpt_every=2)
-T2I = dict(preset='tiny', steps=4, batch=8, lr=1e-3, ema_decay=0.9, log_every=1, ckpt_every=2, eval_points=2,
+DIT = dict(preset='tiny', steps=4, batch=8, lr=1e-3, ema_decay=0.9, log_every=1, ckpt_every=2, ckpt_log_points=1)
+T2I = dict(preset='tiny', steps=4, batch=8, lr=1e-3, ema_decay=0.9, log_every=1, ckpt_every=2, ckpt_log_points=1,
+           eval_points=2,
            text=dict(width=32, depth=1, heads=2))
 STRIP = ('time_s', 'samples_per_s')
 

@@ -11,7 +11,7 @@ import torch
 
 # %% auto #0
 __all__ = ['SETTINGS_KEYS', 'SCALES', 'PRECISIONS', 'project_root', 'get_settings', 'get_device', 'setup_threads',
-           'seed_everything', 'cpu_flags', 'cpu_precision', 'config_hash', 'type_name', 'check_field_types',
+           'seed_everything', 'cpu_flags', 'cpu_precision', 'cpu_kind', 'config_hash', 'type_name', 'check_field_types',
            'neutral_field', 'PlainConfig', 'environment_info']
 
 # %% ../nbs/00_config.ipynb #86240ed6
@@ -91,6 +91,21 @@ def cpu_precision(precision: str = 'auto', cpuinfo: str | None = None) -> str:
         return precision
     return 'bf16' if 'amx_bf16' in cpu_flags(cpuinfo) else 'fp32'
 
+def cpu_kind(cpuinfo: str | None = None) -> str:
+    "This CPU's vendor, vector ISA and AMX, e.g. 'amd-avx512', 'intel-avx512-amx': float kernels differ by kind."
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path('/proc/cpuinfo').read_text()
+        except OSError:
+            cpuinfo = ''
+    vendors = {'GenuineIntel': 'intel', 'AuthenticAMD': 'amd'}
+    pairs = [l.split(':', 1) for l in cpuinfo.splitlines() if ':' in l]
+    ids = [v.strip() for k, v in pairs if k.strip() == 'vendor_id']
+    vendor = vendors.get(ids[0], ids[0].lower()) if ids else 'unknown'
+    flags = cpu_flags(cpuinfo)
+    isa = 'avx512' if 'avx512f' in flags else 'avx2' if 'avx2' in flags else 'base'
+    return f"{vendor}-{isa}" + ('-amx' if 'amx_bf16' in flags else '')
+
 # %% ../nbs/00_config.ipynb #290c87a0
 def config_hash(cfg: dict, n: int = 12) -> str:
     "Stable short hash of a JSON-serialisable config (key order does not matter)."
@@ -158,7 +173,7 @@ class PlainConfig:
 
 # %% ../nbs/00_config.ipynb #34ddf6c7
 def environment_info(root=None) -> dict:
-    "Versions of Python and the main libraries, and the project's git commit (None outside a git checkout)."
+    "Versions of Python and the main libraries, the CPU kind and the git commit (None outside a git checkout)."
     import platform, subprocess, importlib.metadata as md
     libs = {}
     for name in ('torch', 'torchvision', 'timm', 'open_clip_torch', 'torch-fidelity', 'safetensors', 'numpy', 'nbdev',
@@ -175,4 +190,5 @@ def environment_info(root=None) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
     return dict(python=platform.python_version(), libraries=libs, git_commit=commit, git_dirty=dirty,
-                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), cuda=torch.cuda.is_available())
+                cpu=cpu_kind(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                cuda=torch.cuda.is_available())

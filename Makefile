@@ -10,10 +10,11 @@ export PYTHONHASHSEED := 0
 
 .PHONY: setup repro test test-sync test-nbs test-repro test-py clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	@# constraints.txt pins the tested torch / torchvision; pyproject.toml declares only the oldest versions that work
+	$(PY) -m pip install -q -e '.[dev]' -c constraints.txt
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@# Fashion-MNIST comes from Debian's package where apt is available (optional: without it only that dataset errors).
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && [ ! -d /usr/share/datasets/fashion-mnist ]; then \

@@ -1,7 +1,7 @@
-"The README is a user's document: its results table is generated from figures/results.md, and it tells no history."
+"The README: a short user's document, its results block from figures/results.md, its numbers from the files it cites."
 import re
 from pathlib import Path
-from vtp_nbdev.figures import readme_results
+from vtp_nbdev.figures import README_MARKERS, readme_results
 
 ROOT = Path(__file__).parents[1]
 
@@ -10,6 +10,38 @@ def test_readme_results_match_the_store():
     readme = (ROOT/'README.md').read_text()
     regenerated = readme_results(readme, (ROOT/'figures'/'results.md').read_text())
     assert readme == regenerated, "README's results block differs from figures/results.md: run results_summary (cpu)"
+
+
+def readme_prose():
+    "The README without its generated results block."
+    readme = (ROOT/'README.md').read_text()
+    begin, end = README_MARKERS
+    return readme.split(begin)[0] + readme.split(end)[1]
+
+
+def test_readme_is_short_and_undated():
+    "A user's README: about 175 lines, prose lines of at most 120 characters, no dated 'current numbers'."
+    readme = (ROOT/'README.md').read_text()
+    assert len(readme.splitlines()) <= 200, f"README has {len(readme.splitlines())} lines; keep it near 175"
+    long = [line[:60] for line in readme_prose().splitlines() if len(line) > 120 and not line.startswith('|')]
+    assert not long, f"README prose lines over 120 characters: {long}"
+    dates = re.findall(r'\b20\d\d-\d\d-\d\d\b', readme_prose())
+    assert not dates, f"README states dates {dates}: numbers belong to the generated files that date them"
+
+
+def test_readme_numbers_come_from_the_figures_they_cite():
+    "Every decimal number in a README paragraph or bullet that cites `figures/*.md` occurs in one of those files."
+    checked = 0
+    for chunk in re.split(r'\n(?=- )|\n\n', readme_prose()):
+        cited = sorted(set(re.findall(r'figures/[\w.]+\.md', chunk)))
+        if not cited:
+            continue
+        assert all((ROOT/c).is_file() for c in cited), f"README cites a missing file: {cited}"
+        sources = ''.join((ROOT/c).read_text() for c in cited)
+        for number in re.findall(r'(?<![\w.,])\d+\.\d+(?![\w.])', chunk):
+            assert number in sources, f"README number {number} is in none of {cited}: {chunk[:120]!r}"
+            checked += 1
+    assert checked >= 5, f"only {checked} README numbers cite a figures file: the check lost its subject"
 
 
 def test_user_documents_tell_no_development_history():

@@ -5,17 +5,17 @@ fits and verdicts computed from the data (never written by hand)."""
 
 # %% ../nbs/14_figures.ipynb #482a9154
 from __future__ import annotations
-import math
+import json, math, re
 from pathlib import Path
 import numpy as np, pandas as pd
 from .config import get_settings
 
 # %% auto #0
-__all__ = ['README_MARKERS', 'PAPER_TRAINING_SCALING', 'PAPER_AE_RFID', 'PAPER_CLAIMS', 'PAPER_PARAM_SCALING',
+__all__ = ['README_MARKERS', 'VERDICT_WORDS', 'PAPER_TRAINING_SCALING', 'PAPER_AE_RFID', 'PAPER_CLAIMS', 'PAPER_PARAM_SCALING',
            'PAPER_DATA_SCALING', 'PAPER_DECODER_SCALING', 'PAPER_TABLE1', 'PAPER_TABLE3', 'PAPER_TABLE2',
-           'METHOD_ORDER', 'METHOD_COLORS', 'figures_dir', 'markdown_table', 'save_table', 'verdict_rows',
-           'readme_results', 'setup_style', 'plain_log', 'paper_panel', 'seed_summary', 'log_slope',
-           'improvement_per_10x', 'correlations']
+           'METHOD_ORDER', 'METHOD_COLORS', 'figures_dir', 'markdown_table', 'save_table', 'split_detail',
+           'write_verdicts', 'read_verdicts', 'precondition_name', 'results_table', 'readme_results', 'setup_style',
+           'plain_log', 'paper_panel', 'seed_summary', 'log_slope', 'improvement_per_10x', 'correlations']
 
 # %% ../nbs/14_figures.ipynb #b0e38d50
 def figures_dir(scale: str) -> Path:
@@ -42,27 +42,96 @@ def save_table(df: pd.DataFrame, out: Path, name: str, md: bool = True, floatfmt
 
 # %% ../nbs/14_figures.ipynb #b2e1d4f6
 README_MARKERS = ('<!-- results:begin -->', '<!-- results:end -->')
+VERDICT_WORDS = ('REPRODUCED', 'REFUTED', 'INCONCLUSIVE')
 
-def verdict_rows(results_md: str) -> list:
-    "The rows (notebook, verdict, finding, evidence) of the table in a `results.md` text."
-    rows = []
-    for line in results_md.splitlines():
-        cells = [c.strip() for c in line.strip().strip('|').split(' | ')]
-        if line.startswith('| ') and len(cells) == 4 and cells[0] not in ('notebook', '---'):
-            rows.append(dict(zip(('notebook', 'verdict', 'finding', 'evidence'), cells)))
-    return rows
+def split_detail(detail: str) -> dict:
+    "A verdict's numbers as `ours` (our values, interval and test) and `paper` (its `paper ...` parts, '' if none)."
+    paper, ours = [], []
+    for part in detail.split('; '):
+        if part.startswith('paper '):
+            paper.append(part[len('paper '):])
+            continue
+        for m in re.finditer(r' \(paper ([^()]*)\)', part):
+            paper.append(m[1])
+        ours.append(re.sub(r' \(paper [^()]*\)', '', part))
+    return dict(ours='; '.join(ours), paper='; '.join(paper))
+
+def write_verdicts(out: Path, name: str, verdicts, notes=(), paper: dict | None = None,
+                   ours: dict | None = None) -> Path:
+    "Write `<name>_verdict.md` (verdict lines, then notes) and `<name>_verdict.json` (the same, one field per item)."
+    paper, ours = paper or {}, ours or {}
+    unknown = sorted((set(paper) | set(ours)) - {v.claim for v in verdicts})
+    if unknown:
+        raise ValueError(f"write_verdicts({name!r}): paper/ours name claims without a verdict: {unknown}")
+    records = []
+    for v in verdicts:
+        r = dict(v.to_dict(), **split_detail(v.detail))
+        r.update({k: d[v.claim] for k, d in (('paper', paper), ('ours', ours)) if v.claim in d})
+        records.append(r)
+    lines = [f'- {v}' for v in verdicts] + [f'- {n}' for n in notes]
+    (out/f'{name}_verdict.md').write_text(''.join(f'{line}\n' for line in lines))
+    (out/f'{name}_verdict.json').write_text(json.dumps(dict(verdicts=records, notes=list(notes)), indent=1) + '\n')
+    return out/f'{name}_verdict.json'
+
+def read_verdicts(path: Path) -> dict:
+    "A `*_verdict.json` written by `write_verdicts`, checked: {'verdicts': [...], 'notes': [...]}."
+    rec = json.loads(Path(path).read_text())
+    keys = ('claim', 'verdict', 'rule', 'failed_preconditions', 'paper', 'ours')
+    if not isinstance(rec, dict) or not isinstance(rec.get('verdicts'), list) or not isinstance(rec.get('notes'), list):
+        raise ValueError(f"{path}: expected an object with the lists 'verdicts' and 'notes'")
+    for i, v in enumerate(rec['verdicts']):
+        missing = [k for k in keys if k not in v]
+        if missing or v['verdict'] not in VERDICT_WORDS:
+            raise ValueError(f"{path}: verdict {i} lacks {missing} or has verdict {v.get('verdict')!r}; "
+                             f"expected the keys {keys} and one of {VERDICT_WORDS}")
+    return rec
+
+def precondition_name(text: str) -> str:
+    "The short name of a precondition: `regime` of 'regime: AE rFD ...', else the text before its first ' ('."
+    m = re.match(r'(\w+): ', text)
+    return m[1] if m else text.split(' (')[0]
+
+def results_table(records: dict) -> str:
+    "Failed preconditions stated once, one row per claim (both between `README_MARKERS`), then the notes."
+    esc = lambda t: str(t).replace('|', '\\|')                             # a cell of a markdown table
+    pre, rows, notes = {}, [], []
+    for nb, rec in records.items():
+        if rec is None:
+            rows.append(dict(claim='(not run at this scale yet)', paper='', ours='', verdict='missing',
+                             preconditions='', notebook=nb))
+            continue
+        for v in rec['verdicts']:
+            names = []
+            for p in v['failed_preconditions']:
+                name = next((k for k, text in pre.items() if text == p), precondition_name(p))
+                name = name if pre.get(name, p) == p else f'{name} ({nb})'      # measured differently elsewhere
+                pre[name] = p
+                names.append(name)
+            rows.append(dict(claim=esc(v['claim']), paper=esc(v['paper']), ours=esc(v['ours']),
+                             verdict=v['verdict'], preconditions=', '.join(names), notebook=nb))
+        notes += [f'- {nb}: {n}' for n in rec['notes']]
+    table = pd.DataFrame(rows, columns=['claim', 'paper', 'ours', 'verdict', 'preconditions', 'notebook'])
+    table = table.rename(columns={'preconditions': 'failed preconditions'})
+    stated = {k: re.sub(r'^\w+: ', '', v) for k, v in pre.items()}          # 'regime: ...' -> '**regime**: ...'
+    head = ''.join(f'- **{k}**: {esc(v)}\n' for k, v in stated.items())
+    if head:
+        head = ('Failed preconditions (measured on the stored points; a claim that names one is INCONCLUSIVE):\n'
+                f'{head}\n')
+    tail = '\nNotes (measurements beside the claims, not verdicts):\n' + '\n'.join(notes) + '\n' if notes else ''
+    begin, end = README_MARKERS
+    return f"{begin}\n{head}{markdown_table(table)}{end}\n{tail}"
 
 def readme_results(readme: str, results_md: str) -> str:
-    "`readme` with the block between `README_MARKERS` rebuilt from the verdict table in `results_md`."
+    "`readme` with the block between `README_MARKERS` replaced by the same block of `results_md`."
     begin, end = README_MARKERS
-    if begin not in readme or end not in readme:
-        raise ValueError(f"the README has no results block: expected the lines {begin!r} and {end!r}")
-    rows = verdict_rows(results_md)
-    if not rows:
-        raise ValueError("results.md holds no verdict rows: expected a table notebook | verdict | finding | evidence")
-    table = markdown_table(pd.DataFrame(rows)[['finding', 'verdict', 'evidence', 'notebook']])
+    for what, text in (('the README', readme), ('results.md', results_md)):
+        if begin not in text or end not in text:
+            raise ValueError(f"{what} has no results block: expected the lines {begin!r} and {end!r}")
+    block = results_md.split(begin, 1)[1].split(end, 1)[0]
+    if '| claim |' not in block:
+        raise ValueError("results.md's results block holds no table: expected a header '| claim | ...'")
     head, rest = readme.split(begin, 1)
-    return head + begin + '\n' + table + end + rest.split(end, 1)[1]
+    return head + begin + block + end + rest.split(end, 1)[1]
 
 # %% ../nbs/14_figures.ipynb #ef4ebae5
 PAPER_TRAINING_SCALING = pd.DataFrame(dict(

@@ -14,8 +14,8 @@ import numpy as np
 # %% auto #0
 __all__ = ['SINGLE_SEED_FACTOR', 'VERDICTS', 'MIN_POWER_LAW_BUDGETS', 'BUDGET_REL_TOL', 'betainc', 't_cdf', 't_sf', 't_ppf',
            'seed_sd', 'seed_stats', 'combine_sd', 'pooled_seed_sd', 'slope_per_decade', 'per_seed_slopes',
-           'paired_slope_test', 'slope_summary', 'single_seed_threshold', 'single_seed_effect', 'Verdict', 'decide',
-           'slope_verdict', 'single_seed_verdict', 'partial_correlation', 'nominal_budgets', 'fit_power_law',
+           'paired_slope_test', 'slope_summary', 'slope_line', 'single_seed_threshold', 'single_seed_effect', 'Verdict',
+           'decide', 'slope_verdict', 'single_seed_verdict', 'partial_correlation', 'nominal_budgets', 'fit_power_law',
            't_critical', 'satterthwaite_df', 'single_run_test', 'paired_comparison', 'equivalence_test', 'tost_slope',
            'final_gap', 'crossover', 'holm', 'nct_cdf', 't_test_power', 'seeds_for_power', 'Claim', 'Family',
            'decide_family', 'scaling_family', 'verdict_lines']
@@ -157,6 +157,14 @@ def slope_summary(df, y: str, x: str = 'flops', by: str = 'method', seed: str = 
         sl = per_seed_slopes(g, y, x, seed)
         out[k] = dict(slopes=sl, n_budgets=int(g.groupby(seed)[x].nunique().min()), **seed_stats(list(sl.values())))
     return out
+
+# %% ../nbs/16_stats.ipynb #b42c6947
+def slope_line(label: str, first: float, last: float, summary: dict, span: float | None = None) -> str:
+    "'label first -> last [over span x FLOPs], slope m per 10x (SD, 95% CI, seeds)' from a `slope_summary` entry."
+    over = f" over {span:.0f}x FLOPs" if span else ''
+    s = summary
+    return (f"{label} {first:.2f} -> {last:.2f}{over}, slope {s['mean']:+.2f} per 10x (SD {s['sd']:.2f}, "
+            f"95% CI {s['ci_lo']:+.2f} .. {s['ci_hi']:+.2f}, {s['n']} seeds)")
 
 # %% ../nbs/16_stats.ipynb #37328c23
 SINGLE_SEED_FACTOR = 2 * math.sqrt(2)

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .config import config_hash, project_root
-from .scaling import scale_settings, scaling_config, series_budgets
+from .scaling import scale_settings, scaling_config, series_budgets, flops_per_step
 from .tokenizer import vtp_config
 from .stats import seed_sd, seed_stats
 
 # %% auto #0
-__all__ = ['measured_noise', 'shape_probe', 'rfd_outlook', 'semantics_outlook', 'headline_points', 'testbed_preconditions']
+__all__ = ['measured_noise', 'shape_probe', 'rfd_outlook', 'semantics_outlook', 'headline_points', 'testbed_preconditions',
+           'same_samples']
 
 # %% ../nbs/16a_testbed.ipynb #196189c2
 def _load_json(path):
@@ -142,3 +143,10 @@ def testbed_preconditions(points, scale: str, root=None, max_rfd: float = 3., ma
             f"{g['mean']:.2f}, 95% CI {g['ci_lo']:.2f} .. {g['ci_hi']:.2f}; needs a longer DiT proxy)"] = (
                 g['ci_lo'] <= 0)
     return pre
+
+# %% ../nbs/16a_testbed.ipynb #0b41da53
+def same_samples(scale: str, method: str, seed: int = 0, **overrides) -> dict:
+    "run_series overrides: `method` with `overrides`, trained for as many steps as the scale's default run of `method`."
+    base = scaling_config(scale, method, seed)
+    probe = scaling_config(scale, method, seed, flops=1., **overrides)     # flops=1: the config, to count its step
+    return dict(flops=base.steps * flops_per_step(probe), **overrides)

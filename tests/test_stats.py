@@ -101,22 +101,69 @@ def test_power_law_needs_four_budgets():
     assert f['change_per_10x'] == pytest.approx(10 ** -0.1 - 1)
 
 
-def test_slope_summary_and_preconditions_from_stored_diagnostics(tmp_path):
-    import json, pandas as pd
-    from vtp_nbdev.stats import slope_summary, measured_noise, testbed_preconditions, verdict_lines, decide
+def test_slope_summary_and_verdict_lines():
+    from vtp_nbdev.stats import slope_summary, verdict_lines
     d = pd.DataFrame(dict(method=['A'] * 6, seed=[0, 0, 0, 1, 1, 1], flops=[1e9, 1e10, 1e11] * 2,
                           gFD=[30., 20., 10., 32., 22., 12.]))
     s = slope_summary(d, 'gFD')['A']
     assert s['n'] == 2 and s['n_budgets'] == 3 and abs(s['mean'] + 10) < 1e-9
-    (tmp_path/'settings.ini').write_text('')
-    assert measured_noise('smoke', root=tmp_path)['n_seeds'] == 0
-    pts = pd.DataFrame(dict(method=['AE', 'AE'], flops=[1e9, 1e10], rFD=[20., 1.], gFD=[40., 30.]))
-    pre = testbed_preconditions(pts, 'smoke', root=tmp_path)
-    assert [k.split(':')[0] for k, ok in pre.items() if not ok] == ['regime', 'semantics', 'proxy']
-    dg = tmp_path/'results'/'smoke'/'diagnostics'
-    dg.mkdir(parents=True)
-    seeds = [dict(fd_1k=f, fd_1k_half_steps=f + 3) for f in (25., 26., 24.)]
-    (dg/'noise.json').write_text(json.dumps(dict(seeds=seeds, dit_steps=8, half_steps=4)))
-    ns = measured_noise('smoke', root=tmp_path)
-    assert ns['n_seeds'] == 3 and abs(ns['sigma'] - 1) < 1e-12 and abs(ns['step_gain']['mean'] - 3) < 1e-12
     assert verdict_lines([decide('c', 'r', True)]).startswith('- REPRODUCED: c [rule: r]')
+
+
+def synthetic_points(effect: bool, n_seeds: int, seed: int = 0) -> pd.DataFrame:
+    "A synthetic store: VTP gFD falls from 40 by C^-0.15; the AE stays at 30 (effect) or equals VTP (no effect)."
+    rng = np.random.default_rng(seed)
+    budgets = (4e12, 8e12, 16e12, 32e12, 64e12)
+    rows = []
+    for m in ('AE', 'CLIP+SSL+AE'):
+        for s in range(n_seeds):
+            off = rng.normal(0, 1.)
+            for c in budgets:
+                c = c * (1 + rng.uniform(-0.002, 0.002))
+                vtp = 40 * (c / budgets[0]) ** -0.15
+                mean = 30. if effect and m == 'AE' else vtp
+                rows.append(dict(method=m, seed=s, flops=c, gFD=mean + off + rng.normal(0, 0.5)))
+    return pd.DataFrame(rows)
+
+
+def test_t_critical_and_single_run_false_positive_rate():
+    from vtp_nbdev.stats import t_critical, single_run_test, SINGLE_SEED_FACTOR
+    assert t_critical(0.05, 2) == pytest.approx(4.3026527297, abs=1e-8)
+    rng = np.random.default_rng(1)
+    draws = 4000
+    sig = rng.normal(0, 1, (draws, 3)).std(1, ddof=1)
+    delta = rng.normal(0, 1, draws) - rng.normal(0, 1, draws)
+    old = np.mean(np.abs(delta) > SINGLE_SEED_FACTOR * sig)
+    new = np.mean([single_run_test(d, s, 2)['significant'] for d, s in zip(delta, sig)])
+    assert 0.15 < old < 0.22 and 0.035 < new < 0.065, (old, new)
+
+
+def test_budgets_counted_by_nominal_budget():
+    from vtp_nbdev.stats import nominal_budgets
+    pts = synthetic_points(True, 3)
+    assert pts.flops.nunique() == 30 and len(np.unique(nominal_budgets(pts.flops))) == 5
+    few = pts[pts.flops < 2e13]
+    with pytest.raises(ValueError, match='3 distinct compute budgets'):
+        fit_power_law(few.flops, few.gFD)
+    f = fit_power_law(pts.flops, pts.gFD, n_boot=200, seeds=pts.seed)
+    assert f['n_budgets'] == 5 and f['bootstrap'] == 'seed'
+
+
+def test_equivalence_holm_power():
+    from vtp_nbdev.stats import tost_slope, holm, seeds_for_power, t_test_power
+    assert tost_slope({0: 0.1, 1: -0.2, 2: 0.05, 3: 0.}, 1.)['equivalent']
+    assert not tost_slope({0: 3., 1: -4., 2: 2.}, 1.)['equivalent']
+    assert [r['reject'] for r in holm([0.01, 0.04, 0.03, 0.005])] == [True, False, False, True]
+    assert t_test_power(1., 1., 10) == pytest.approx(0.8031, abs=2e-4)
+    assert seeds_for_power(0.5, 1.) == 34 and seeds_for_power(1., 1., paired=False) == 17
+
+
+@pytest.mark.parametrize('effect,n_seeds,want', [
+    (True, 5, ['REPRODUCED'] * 5),
+    (False, 5, ['REPRODUCED', 'REFUTED', 'not REPRODUCED', 'not REPRODUCED', 'not REPRODUCED']),
+    (True, 2, ['INCONCLUSIVE'] * 5)])
+def test_scaling_family_on_synthetic_stores(effect, n_seeds, want):
+    from vtp_nbdev.stats import scaling_family, decide_family
+    got = [v.word for v in decide_family(scaling_family(synthetic_points(effect, n_seeds), margin=2., n_boot=300))]
+    for g, w in zip(got, want):
+        assert g != 'REPRODUCED' if w == 'not REPRODUCED' else g == w, (got, want)

@@ -18,9 +18,10 @@ from .generate import GenerationEvalConfig, generation_metrics
 from .fid import REFERENCE_EXTRACTORS
 
 # %% auto #0
-__all__ = ['SCALE_SETTINGS', 'scale_settings', 'series_budgets', 'flops_per_step', 'scaling_config', 'export_checkpoint',
-           'results_dir', 'point_key', 'point_path', 'flops_at', 'write_record', 'score_point', 'run_lock',
-           'run_series', 'load_results', 'main', 'guided_point']
+__all__ = ['SCALE_SETTINGS', 'UNCHECKED_SCALES', 'scale_settings', 'series_budgets', 'flops_per_step', 'scaling_config',
+           'export_checkpoint', 'results_dir', 'point_key', 'record_path', 'point_path', 'flops_at', 'dirty_files',
+           'check_provenance', 'write_record', 'score_point', 'run_lock', 'run_series', 'load_results', 'main',
+           'guided_point']
 
 # %% ../nbs/13_scaling.ipynb #09a45397
 _GEN_SMOKE = dict(n_latents=256, dit=dict(preset='tiny', steps=30, batch=32, lr=1e-3, log_every=10, ckpt_every=30),
@@ -137,18 +138,47 @@ def point_key(cfg: PretrainConfig, step: int, scale: str, gen: dict | None = Non
         key['reference_sha256'] = REFERENCE_EXTRACTORS[cfg.dataset][1]
     return key
 
+def record_path(scale: str, cfg: PretrainConfig, tag: str, key: dict, sub: str = '', root=None) -> Path:
+    "A store record's path: `results/<scale>/<sub>/<method>_<preset>_s<seed>_<tag>_<hash of key>.json`."
+    name = f"{cfg.losses.replace('+', '-')}_{cfg.preset}_s{cfg.seed}_{tag}_{config_hash(key)}.json"
+    return results_dir(scale, root)/sub/name if sub else results_dir(scale, root)/name
+
 def point_path(cfg: PretrainConfig, step: int, scale: str, gen: dict | None = None, root=None) -> Path:
     "Where the record of a point lives in the results store."
-    h = config_hash(point_key(cfg, step, scale, gen))
-    name = f"{cfg.losses.replace('+', '-')}_{cfg.preset}_s{cfg.seed}_step{step:06d}_{h}.json"
-    return results_dir(scale, root)/name
+    return record_path(scale, cfg, f'step{step:06d}', point_key(cfg, step, scale, gen), root=root)
 
 def flops_at(run: Path, step: int) -> float:
     "Training FLOPs of a tokenizer run up to `step` (from its logged FLOPs per step)."
     return float(read_jsonl(run/'metrics.jsonl')[0]['flops_per_step']) * step
 
-def write_record(path: Path, rec: dict) -> dict:
-    "Write a store record atomically; returns it."
+UNCHECKED_SCALES = ('smoke',)                        # records of these scales may come from uncommitted code
+
+def dirty_files(root=None) -> list:
+    "Tracked files with uncommitted changes in the project's git checkout ([] when clean or not a git checkout)."
+    import subprocess
+    try:
+        r = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=project_root(root),
+                           capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line[3:] for line in r.stdout.splitlines() if line.strip()] if r.returncode == 0 else []
+
+def check_provenance(scale: str, root=None) -> list:
+    "Refuse to make a `scale` record from a dirty git tree (smoke excepted); returns the dirty files (smoke: marked)."
+    dirty = dirty_files(root)
+    if dirty and scale not in UNCHECKED_SCALES:
+        raise RuntimeError(f"refusing to write a {scale!r} results record from a git tree with uncommitted changes "
+                           f"in {dirty[:10]}{' ...' if len(dirty) > 10 else ''}: commit them first "
+                           f"(only {UNCHECKED_SCALES} records may come from uncommitted code)")
+    return dirty
+
+def write_record(path: Path, rec: dict, root=None) -> dict:
+    "Write a store record atomically with its environment; refused from a dirty git tree except at smoke scale."
+    if 'scale' not in rec:
+        raise ValueError(f"write_record: the record for {path} has no 'scale' key")
+    dirty = check_provenance(rec['scale'], root)
+    env = rec.get('environment') or environment_info(root)
+    rec = dict(rec, environment=dict(env, dirty_files=dirty) if dirty else env)
     write_json(path, rec)
     return rec
 
@@ -172,6 +202,7 @@ def score_point(run, step: int, scale: str, gen: dict | None = None, device=None
     path = point_path(cfg, step, scale, gen, root)
     if path.exists():
         return json.loads(path.read_text())
+    check_provenance(scale, root)                    # before the work: a refused record costs nothing
     s = scale_settings(scale)
     gen = gen if gen is not None else s['gen']
     folder = export_checkpoint(run, step)
@@ -204,8 +235,8 @@ def score_point(run, step: int, scale: str, gen: dict | None = None, device=None
                dit_proxy=g['dit_proxy'], generation_config=g['generation_config'], gen_hash=config_hash(gen),
                dit_run=Path(g['dit_run']).name,
                eval_hash=config_hash(s['eval']),
-               seconds=dict(evaluate=t1 - t0, generation=time.time() - t1), environment=environment_info())
-    return write_record(path, rec)
+               seconds=dict(evaluate=t1 - t0, generation=time.time() - t1), environment=environment_info(root))
+    return write_record(path, rec, root)
 
 # %% ../nbs/13_scaling.ipynb #e5902a2d
 def run_lock(cfg: PretrainConfig, runs_dir=None):
@@ -284,10 +315,10 @@ def guided_point(scale: str, losses: str, seed: int = 0, cfg_scale: float = 1.5,
     cfg = scaling_config(scale, losses, seed, **overrides)
     gen = {**scale_settings(scale)['gen'], 'cfg_scale': float(cfg_scale), 'cfg_interval': tuple(cfg_interval)}
     key = dict(point=point_key(cfg, cfg.steps, scale), guidance=[gen['cfg_scale'], list(gen['cfg_interval'])])
-    name = f"{cfg.losses.replace('+', '-')}_{cfg.preset}_s{seed}_cfg{cfg_scale:g}_{config_hash(key)}.json"
-    path = results_dir(scale, root)/'guided'/name
+    path = record_path(scale, cfg, f'cfg{cfg_scale:g}', key, 'guided', root)
     if path.exists():
         return json.loads(path.read_text())
+    check_provenance(scale, root)
     with run_lock(cfg):
         folder = export_checkpoint(pretrain(cfg, progress=False), cfg.steps)
         g = generation_metrics(folder, GenerationEvalConfig.from_dict({**gen, 'dataset': cfg.dataset, 'seed': seed}),
@@ -297,5 +328,6 @@ def guided_point(scale: str, losses: str, seed: int = 0, cfg_scale: float = 1.5,
                cfg_interval=list(cfg_interval),
                gFD=g[f'FD_{d}'], IS=g.get(f'IS_{d}_mean'), precision=g.get(f'precision_{d}'),
                recall=g.get(f'recall_{d}'),
-               config_hash=config_hash(cfg.to_dict()), generation_config=g['generation_config'])
-    return write_record(path, rec)
+               config_hash=config_hash(cfg.to_dict()), generation_config=g['generation_config'],
+               environment=environment_info(root))
+    return write_record(path, rec, root)

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from .config import config_hash, environment_info
 from .scaling import (scale_settings, series_budgets, scaling_config, export_checkpoint, run_lock,
-                               results_dir, point_path, flops_at)
+                               point_path, flops_at)
 from .pretrain import pretrain
 from .runs import log_spaced_steps, fit
 from .data import get_dataset, SHAPES_CLASSES, SHAPE_KINDS, COLOURS

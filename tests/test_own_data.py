@@ -97,7 +97,7 @@ def test_pretrain_evaluate_and_latents_end_to_end(user_data, tmp_path):
                                       **dict(kw, steps=1)), runs_dir=runs, progress=False)
     assert (run_csv/'final'/'model.safetensors').is_file() and run_csv != run
     gan = finetune_decoder_gan(run, GANFinetuneConfig(steps=2, batch=4, disc_start=1), device='cpu', progress=False)
-    assert (gan/'model.safetensors').is_file()
+    assert (gan/'final'/'model.safetensors').is_file()
 
     model = VTPModel.from_pretrained(run/'final', rope_dtype='fp32')                  # export -> reload
     model.save_pretrained(tmp_path/'exported')

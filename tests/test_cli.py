@@ -101,7 +101,8 @@ def test_t2i_command_line(tiny_latents, tmp_path):
 
 def test_threads_from_settings(tiny_latents, tmp_path, monkeypatch):
     "Every training entry point applies the settings' thread count (VTP_THREADS)."
-    from vtp_nbdev.pretrain import PretrainConfig, pretrain, finetune_decoder_gan, GANFinetuneConfig
+    from vtp_nbdev.pretrain import PretrainConfig, pretrain
+    from vtp_nbdev.gan import finetune_decoder_gan, GANFinetuneConfig
     from vtp_nbdev.flow import DiTTrainConfig, train_dit
     from vtp_nbdev.t2i import T2ITrainConfig, train_t2i
     _, lat = tiny_latents

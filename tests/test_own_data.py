@@ -13,7 +13,8 @@ from vtp_nbdev import losses
 from vtp_nbdev.data import ShapesDataset, get_dataset
 from vtp_nbdev.eval_reconstruction import evaluate_tokenizer
 from vtp_nbdev.latents import extract_latents
-from vtp_nbdev.pretrain import PretrainConfig, GANFinetuneConfig, pretrain, finetune_decoder_gan
+from vtp_nbdev.pretrain import PretrainConfig, pretrain
+from vtp_nbdev.gan import GANFinetuneConfig, finetune_decoder_gan
 from vtp_nbdev.tokenizer import VTPModel
 
 N = 40

@@ -69,9 +69,9 @@ def test_missing_image_in_csv_claims_no_run_dir(tmp_path):
     gone = next(f'blue{i}.png' for i in range(100) if split_of(f'blue{i}.png') == 'train')   # a training row
     (tmp_path/'pairs.csv').write_text(f'path,caption\nred.png,a red square\n{gone},a blue square\n')
     runs = tmp_path/'runs'
+    data = ['dataset=image_text', f'dataset_kwargs={json.dumps({"source": str(tmp_path/"pairs.csv")})}']
     out = _run([_script('vtp-pretrain'), '--runs-dir', str(runs), '--device', 'cpu', '--no-progress', '--set',
-                *[a for a in PRE if not a.startswith('dataset_kwargs')], 'dataset=image_text',
-                f'dataset_kwargs={json.dumps({"source": str(tmp_path/"pairs.csv")})}'])
+                *[a for a in PRE if not a.startswith('dataset_kwargs')], *data])
     assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr[-2000:]
     assert f"{tmp_path/'pairs.csv'}:3" in out.stderr and gone in out.stderr, out.stderr[-2000:]
     assert not runs.exists() or not any(runs.rglob('*')), sorted(runs.rglob('*'))

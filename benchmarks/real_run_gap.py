@@ -4,6 +4,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 import torch
 import vtp_nbdev.data as vdata
+import vtp_nbdev.loader as vloader
 import vtp_nbdev.pretrain as vpre
 import vtp_nbdev.runs as vruns
 from vtp_nbdev.config import seed_everything, setup_threads
@@ -97,8 +98,8 @@ def instrumented(timers: Timers, captured: dict):
             (R, 'schedule', 'loop: schedule'), (R, 'loss', 'step: forward + loss'),
             (R, 'after_step', 'step: EMA teacher'), (torch.Tensor, 'backward', 'step: backward'),
             (torch.nn.utils, 'clip_grad_norm_', 'step: grad norm'), (vruns, '_check_finite', 'loop: finite check'),
-            (vpre.MaskCollate, '__call__', 'data: collate'), (vpre, 'ibot_masks', 'data: iBOT masks'),
-            (vpre.StepSamples, '__getitems__', 'data: sample lookup'), (vdata.MemoDataset, '__getitem__',
+            (vloader.MaskCollate, '__call__', 'data: collate'), (vloader, 'ibot_masks', 'data: iBOT masks'),
+            (vloader.StepSamples, '__getitems__', 'data: sample lookup'), (vdata.MemoDataset, '__getitem__',
                                                                        'data: sample lookup'),
             (vdata.VTPDataset, '__getitem__', 'data: normalise'), (vdata, 'tokenize', 'data: tokenize'),
             (vdata.ShapePairsDataset, 'raw', 'data: render'), (vdata.ShapesDataset, 'raw', 'data: render'),

@@ -59,6 +59,23 @@ def test_dataset_error_claims_no_run_dir(tmp_path):
     assert not list((tmp_path/'runs').rglob('config.json'))
 
 
+
+def test_missing_image_in_csv_claims_no_run_dir(tmp_path):
+    "A CSV naming a missing image: the error names the file and line, and no run directory is left behind."
+    from PIL import Image
+    from vtp_nbdev.data import split_of
+    Image.new('RGB', (40, 40), (200, 30, 30)).save(tmp_path/'red.png')
+    assert split_of('red.png') == 'train'
+    gone = next(f'blue{i}.png' for i in range(100) if split_of(f'blue{i}.png') == 'train')   # a training row
+    (tmp_path/'pairs.csv').write_text(f'path,caption\nred.png,a red square\n{gone},a blue square\n')
+    runs = tmp_path/'runs'
+    data = ['dataset=image_text', f'dataset_kwargs={json.dumps({"source": str(tmp_path/"pairs.csv")})}']
+    out = _run([_script('vtp-pretrain'), '--runs-dir', str(runs), '--device', 'cpu', '--no-progress', '--set',
+                *[a for a in PRE if not a.startswith('dataset_kwargs')], *data])
+    assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+    assert f"{tmp_path/'pairs.csv'}:3" in out.stderr and gone in out.stderr, out.stderr[-2000:]
+    assert not runs.exists() or not any(runs.rglob('*')), sorted(runs.rglob('*'))
+
 def test_vtp_train_dit_exits_zero_and_names_wrong_types(tiny_latents, tmp_path):
     _, lat = tiny_latents
     base = [_script('vtp-train-dit'), '--latents-dir', str(lat), '--runs-dir', str(tmp_path), '--device', 'cpu',
@@ -84,7 +101,8 @@ def test_t2i_command_line(tiny_latents, tmp_path):
 
 def test_threads_from_settings(tiny_latents, tmp_path, monkeypatch):
     "Every training entry point applies the settings' thread count (VTP_THREADS)."
-    from vtp_nbdev.pretrain import PretrainConfig, pretrain, finetune_decoder_gan, GANFinetuneConfig
+    from vtp_nbdev.pretrain import PretrainConfig, pretrain
+    from vtp_nbdev.gan import finetune_decoder_gan, GANFinetuneConfig
     from vtp_nbdev.flow import DiTTrainConfig, train_dit
     from vtp_nbdev.t2i import T2ITrainConfig, train_t2i
     _, lat = tiny_latents

@@ -4,6 +4,7 @@ import pytest, torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from vtp_nbdev import losses as L
+from vtp_nbdev.discriminator import PatchGANDiscriminator
 
 
 def test_clip_known_values():
@@ -164,7 +165,7 @@ def test_gan():
     assert math.isclose(L.hinge_d_loss(torch.tensor([-1.]), torch.tensor([2.])).item(), (2 + 3) / 2)
     assert math.isclose(L.hinge_g_loss(torch.tensor([2., 4.])).item(), -3.)
     for norm in ('batch', 'spectral', 'none'):
-        D = L.PatchGANDiscriminator(in_ch=3, ch=4, n_layers=3, norm=norm)
+        D = PatchGANDiscriminator(in_ch=3, ch=4, n_layers=3, norm=norm)
         assert D(torch.randn(2, 3, 64, 64)).shape == (2, 1, 6, 6)
     w = torch.ones(3, requires_grad=True)
     rec, g = (2 * w).sum(), (0.5 * w).sum()

@@ -13,7 +13,8 @@ from vtp_nbdev import losses
 from vtp_nbdev.data import ShapesDataset, get_dataset
 from vtp_nbdev.eval_reconstruction import evaluate_tokenizer
 from vtp_nbdev.latents import extract_latents
-from vtp_nbdev.pretrain import PretrainConfig, GANFinetuneConfig, pretrain, finetune_decoder_gan
+from vtp_nbdev.pretrain import PretrainConfig, pretrain
+from vtp_nbdev.gan import GANFinetuneConfig, finetune_decoder_gan
 from vtp_nbdev.tokenizer import VTPModel
 
 N = 40
@@ -97,7 +98,7 @@ def test_pretrain_evaluate_and_latents_end_to_end(user_data, tmp_path):
                                       **dict(kw, steps=1)), runs_dir=runs, progress=False)
     assert (run_csv/'final'/'model.safetensors').is_file() and run_csv != run
     gan = finetune_decoder_gan(run, GANFinetuneConfig(steps=2, batch=4, disc_start=1), device='cpu', progress=False)
-    assert (gan/'model.safetensors').is_file()
+    assert (gan/'final'/'model.safetensors').is_file()
 
     model = VTPModel.from_pretrained(run/'final', rope_dtype='fp32')                  # export -> reload
     model.save_pretrained(tmp_path/'exported')

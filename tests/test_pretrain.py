@@ -121,6 +121,47 @@ def test_run_dir_with_other_config_is_refused(tmp_path):
         pretrain(cfg, runs_dir=tmp_path, device='cpu', progress=False)
 
 
+
+def test_grad_clip_zero_trains_and_positive_clips(tmp_path, monkeypatch):
+    "grad_clip=0 means no clipping (the parameters move); a positive limit still bounds the gradient norm."
+    seen, orig = [], torch.nn.utils.clip_grad_norm_
+    def spy(params, max_norm, *a, **k):
+        params = [p for p in params if p.grad is not None]
+        total = orig(params, max_norm, *a, **k)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        seen.append((max_norm, total.item(), after.item()))
+        return total
+    monkeypatch.setattr(torch.nn.utils, 'clip_grad_norm_', spy)
+    from vtp_nbdev.config import seed_everything
+    cfg = small_cfg(losses='AE', batch_rec=8, steps=2, grad_clip=0., weight_decay=0.)   # changes come from gradients
+    seed_everything(cfg.seed)
+    start = VTPPretrainer(cfg).model.state_dict()
+    end = load_file(pretrain(cfg, runs_dir=tmp_path, device='cpu', progress=False)/'final'/'model.safetensors')
+    tuned = ('pixel_decoder.proj_out.weight', 'pixel_decoder.proj_out.bias')
+    moved = [k for k in tuned if not torch.equal(start[k], end[k])]
+    assert len(moved) == 2, moved
+    assert [m for m, _, _ in seen] == [float('inf')] * 2 and all(after > 0 for _, _, after in seen)
+    seen.clear()
+    clipped = small_cfg(losses='AE', batch_rec=8, steps=2, grad_clip=1e-3)
+    pretrain(clipped, runs_dir=tmp_path, device='cpu', progress=False)
+    assert [m for m, _, _ in seen] == [1e-3] * 2
+    assert all(total > 1e-3 and after == pytest.approx(1e-3, rel=1e-3) for _, total, after in seen), seen
+    assert PretrainRecipe(small_cfg(grad_clip=0.)).grad_clip == float('inf')
+
+
+def test_weight_decay_skips_vectors_and_learned_tokens():
+    "AdamW decays the matrices only: no decay on 1-D parameters, the CLS and mask tokens and the token embedding."
+    from vtp_nbdev.pretrain import make_optimizer
+    tr = VTPPretrainer(small_cfg())
+    decay, no_decay = (set(map(id, g['params'])) for g in make_optimizer(tr, tr.cfg).param_groups)
+    names = {id(p): n for n, p in tr.named_parameters()}
+    exempt_matrices = sorted(names[i] for i in no_decay if dict(tr.named_parameters())[names[i]].ndim >= 2)
+    assert exempt_matrices == ['net.model.token_embedding.weight', 'net.model.trunk.cls_token',
+                               'net.model.trunk.mask_token']
+    assert all(dict(tr.named_parameters())[names[i]].ndim >= 2 for i in decay)
+    assert 'net.model.positional_embedding' in {names[i] for i in decay}
+    assert len(decay) + len(no_decay) == sum(p.requires_grad for p in tr.parameters())
+
 def test_config_errors():
     with pytest.raises(ValueError, match='unknown PretrainConfig keys'): PretrainConfig.from_dict({'batch': 3})
     with pytest.raises(ValueError, match='steps=0'): PretrainConfig(steps=0)

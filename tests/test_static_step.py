@@ -4,7 +4,8 @@ import pytest
 import torch
 from vtp_nbdev.config import seed_everything
 from vtp_nbdev.data import ShapesDataset
-from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, mask_capacity
+from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer
+from vtp_nbdev.masks import mask_capacity
 
 SMALL = dict(vision_depth=2, decoder_depth=1, text_depth=1, dino_out_dim=256, dino_hidden_dim=64,
              dino_bottleneck_dim=32)

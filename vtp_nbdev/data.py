@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from .config import get_settings
-from .runs import rank_world
+from .distributed import rank_world
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SHAPE_KINDS', 'COLOURS', 'SIZES', 'COUNTS', 'POSITIONS', 'BACKGROUNDS',

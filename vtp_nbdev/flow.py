@@ -16,8 +16,8 @@ from .config import PlainConfig, neutral_field, get_device
 from .data import to_uint8
 from .layers import flop_counter_mode
 from .tokenizer import VTPModel
-from .runs import (Recipe, fit, training_cli, run_dir, batch_indices, to_device, gathered, shard_optimizer,
-                            atomic_save)
+from .runs import Recipe, fit, training_cli, run_dir, batch_indices, to_device, atomic_save
+from .distributed import gathered, shard_optimizer
 from .latents import LatentDataset, load_latents_stats, destandardize, tokenizer_folder
 from .dit import LightningDiT, DIT_PRESETS, dit_config, load_lightningdit, save_lightningdit, check_dit_args
 

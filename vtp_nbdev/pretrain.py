@@ -4,30 +4,27 @@
 
 # %% ../nbs/05_pretrain.ipynb #614ef184
 from __future__ import annotations
-import contextlib, json, math
+import contextlib, math
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from tqdm.auto import tqdm
-from .config import (PlainConfig, neutral_field, get_device, seed_everything, setup_threads,
-                              cpu_precision, PRECISIONS)
-from .data import get_dataset, MemoDataset, multicrop, block_masks, stream_key, DATASETS
+from .config import PlainConfig, neutral_field, cpu_precision, PRECISIONS
+from .data import get_dataset, MemoDataset, multicrop, DATASETS
 from .layers import flop_counter_mode
 from .tokenizer import VTPModel, VTPPretrainModel, vtp_config, VTP_PRESETS
 from .losses import (ClipLoss, SigLipLoss, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT, DINOLoss,
                               iBOTPatchLoss, KoLeoLoss, ReconstructionLoss, loss_weights, total_loss,
                               teacher_temp_schedule, exp_logit_scale, LOSS_PRESETS)
-from .runs import (Recipe, fit, training_cli, run_dir, batch_indices, batch_to, rank_world, gathered,
-                            full_tensor, shard_optimizer, rewrite_jsonl)
+from .runs import Recipe, fit, training_cli, run_dir, batch_indices
+from .distributed import rank_world, gathered, full_tensor, shard_tokenizer
+from .masks import indices_on, masked_tokens, mask_capacity, padded_mask_indices, IBOTMasks, ibot_masks
+from .loader import MaskCollate, step_batches
 
 # %% auto #0
-__all__ = ['main', 'PretrainConfig', 'cosine_schedule', 'wsd_schedule', 'step_schedules', 'indices_on', 'masked_tokens',
-           'mask_capacity', 'padded_mask_indices', 'IBOTMasks', 'ibot_masks', 'VTPPretrainer', 'MicroBatch',
-           'micro_batches', 'accumulate_grads', 'count_step_flops', 'make_optimizer', 'run_dir_for', 'load_batch',
-           'StepSamples', 'collate_samples', 'MaskCollate', 'step_batches', 'compile_blocks', 'shard_tokenizer',
-           'PretrainRecipe', 'pretrain', 'GANFinetuneConfig', 'finetune_decoder_gan', 'demo_config']
+__all__ = ['main', 'PretrainConfig', 'cosine_schedule', 'wsd_schedule', 'step_schedules', 'VTPPretrainer', 'MicroBatch',
+           'micro_batches', 'accumulate_grads', 'count_step_flops', 'decays_weight', 'make_optimizer', 'run_dir_for',
+           'compile_blocks', 'PretrainRecipe', 'pretrain', 'demo_config']
 
 # %% ../nbs/05_pretrain.ipynb #c582decb
 @dataclass
@@ -206,49 +203,6 @@ def step_schedules(cfg: PretrainConfig, step: int) -> dict:
     return dict(lr=cosine_schedule(step, cfg.steps, cfg.lr, cfg.min_lr, int(cfg.warmup * cfg.steps)),
                 momentum=cosine_schedule(step, cfg.steps, cfg.ema_momentum[0], cfg.ema_momentum[1]),
                 teacher_temp=teacher_temp_schedule(step, int(cfg.teacher_temp_warmup * cfg.steps), *cfg.teacher_temp))
-
-# %% ../nbs/05_pretrain.ipynb #af2bc60a
-def indices_on(mask: torch.Tensor, device) -> torch.Tensor:
-    "Positions of the True entries of a (CPU) bool `mask`, flattened, as indices on `device`: no host sync on CUDA."
-    return mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
-
-def masked_tokens(tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    "The tokens (B, N, D) where `masks` (B, N) is True, as (M, D) in row-major order (no host sync)."
-    return tokens.flatten(0, 1).index_select(0, indices_on(masks, tokens.device))     # (M, D)
-
-def mask_capacity(n_images: int, n_patches: int, ratio_range: tuple) -> int:
-    "Length of the fixed masked-token buffer: an upper bound of the tokens `block_masks` masks in `n_images` images."
-    t = max(1, math.ceil(n_patches * ratio_range[1]))                # the largest target of one image
-    # the last block of an image covers at most left + 1.19*sqrt(left) + 0.25 patches (rounded sides, aspect <= 1/0.3)
-    return n_images * min(n_patches, math.floor(t + 1.19 * math.sqrt(t) + 0.25))
-
-def padded_mask_indices(masks: torch.Tensor, length: int, device) -> tuple:
-    "Indices (L,) of the masked tokens of CPU bool `masks` (n, N) padded with 0 to `length`; iBOT weights; validity."
-    idx = masks.flatten().nonzero().squeeze(1)                                      # (M,) row-major
-    if len(idx) > length:
-        raise ValueError(f"padded_mask_indices: {len(idx)} masked tokens exceed the buffer of {length}")
-    w = (1 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]     # (M,): 1 / masked tokens of the row
-    pad = (0, length - len(idx))
-    out = (F.pad(idx, pad), F.pad(w, pad), F.pad(torch.ones(len(idx)), pad))         # padding: token 0, weight 0
-    return tuple(x.to(device, non_blocking=True) for x in out)
-
-@dataclass
-class IBOTMasks:
-    "A step's iBOT masks (2b, N) (CPU bool) and, for a static step, their `padded_mask_indices` (CPU)."
-    masks: torch.Tensor
-    padded: tuple | None = None      # (idx, w, valid), each (L,)
-
-    def pin_memory(self):
-        "A copy in pinned memory (a `DataLoader` with `pin_memory=True` calls it)."
-        return IBOTMasks(self.masks.pin_memory(), self.padded and tuple(x.pin_memory() for x in self.padded))
-
-def ibot_masks(cfg, step: int, b: int, grid: tuple, rank: int = 0, world: int = 1, static: bool = False) -> IBOTMasks:
-    "The masks of this rank's `b` SSL rows (both global crops) at `step`, keyed by (seed, step, global row)."
-    ids = (torch.arange(2)[:, None] * b * world + rank + world * torch.arange(b)).flatten()   # (2b,)
-    masks = block_masks(ids, grid, cfg.mask_ratio, cfg.mask_prob, key=stream_key(cfg.seed, step))  # (2b, N)
-    if not static:
-        return IBOTMasks(masks)
-    return IBOTMasks(masks, padded_mask_indices(masks, mask_capacity(2 * b, grid[0] * grid[1], cfg.mask_ratio), 'cpu'))
 
 # %% ../nbs/05_pretrain.ipynb #963fa668
 class VTPPretrainer(nn.Module):
@@ -466,12 +420,16 @@ def count_step_flops(trainer: VTPPretrainer, batch: dict, step: int = 0) -> int:
     return int(fc.get_total_flops())
 
 # %% ../nbs/05_pretrain.ipynb #2d740075
+def decays_weight(name: str, p: torch.Tensor) -> bool:
+    "Whether parameter `name` takes weight decay: matrices, except the learned tokens (any name with `token`)."
+    return p.ndim >= 2 and 'token' not in name
+
 def make_optimizer(trainer: nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
-    "AdamW (fused kernel) with weight decay on matrices only."
+    "AdamW (fused kernel) with weight decay where `decays_weight`, none elsewhere."
     decay, no_decay = [], []
     for n, p in trainer.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 and 'token' not in n else no_decay).append(p)
+            (decay if decays_weight(n, p) else no_decay).append(p)
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.)]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
 
@@ -480,56 +438,6 @@ def run_dir_for(cfg: PretrainConfig, runs_dir=None) -> Path:
     "The run directory of a config: `<runs_dir>/tokenizer/<hash>`."
     return run_dir('tokenizer', cfg.to_dict(), runs_dir)
 
-def load_batch(ds, idx: list, device) -> dict:
-    "Collate the samples `idx` of `ds` and move the tensors to `device` (CUDA: pinned memory, no host sync)."
-    return batch_to(torch.utils.data.default_collate([ds[i] for i in idx]), device)
-
-class StepSamples(torch.utils.data.Dataset):
-    "`ds` read a step at a time: `__getitems__((step, indices))` is `(step, samples)` (what a `DataLoader` collates)."
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return self.ds[i]
-
-    def __getitems__(self, key) -> tuple:
-        step, idx = key
-        return step, [self.ds[i] for i in idx]
-
-def collate_samples(item: tuple) -> dict:
-    "The batch of `(step, samples)`: `default_collate` of the samples."
-    return torch.utils.data.default_collate(item[1])
-
-@dataclass
-class MaskCollate:
-    "Collate `(step, samples)` and add the step's `IBOTMasks` of this rank's SSL rows as `masks` (SSL runs)."
-    cfg: PretrainConfig
-    patch_size: int
-    rank: int = 0
-    world: int = 1
-
-    def __call__(self, item: tuple) -> dict:
-        step, samples = item
-        batch, cfg = collate_samples(item), self.cfg
-        if cfg.uses_ssl:
-            n = batch['image'].shape[-1] // self.patch_size                  # global crops: square, the image's size
-            b = cfg.ssl_rows(len(samples))
-            batch['masks'] = ibot_masks(cfg, step, b, (n, n), self.rank, self.world, cfg.compile == 'step')
-        return batch
-
-def step_batches(ds, keys, num_workers: int, device, collate=collate_samples):
-    "Iterator over the batches of `keys` ((step, indices) per step), in order: collated here, or by worker processes."
-    data = StepSamples(ds)
-    if num_workers == 0:
-        return (batch_to(collate(data.__getitems__(k)), device) for k in keys)
-    pin = torch.device(device).type == 'cuda'
-    dl = torch.utils.data.DataLoader(data, batch_sampler=keys, num_workers=num_workers, pin_memory=pin,
-                                     collate_fn=collate, prefetch_factor=4)   # every sample is deterministic by index
-    return (batch_to(b, device) for b in dl)
-
 # %% ../nbs/05_pretrain.ipynb #011e3574
 def compile_blocks(module: nn.Module) -> int:
     "`torch.compile` in place every member of every `nn.ModuleList` of `module` (its blocks); returns how many."
@@ -537,26 +445,6 @@ def compile_blocks(module: nn.Module) -> int:
     for b in blocks:
         b.compile()
     return len(blocks)
-
-# %% ../nbs/05_pretrain.ipynb #b367e887
-def shard_tokenizer(trainer: VTPPretrainer, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    "Shard `trainer` with FSDP2 in place (blocks, then the rest; 0-d parameters as `(1,)`); returns `opt` sharded."
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    old = list(trainer.parameters())
-    trainer._fsdp_shapes = {}
-    for n, p in list(trainer.named_parameters()):
-        if p.ndim == 0:                                                   # FSDP2 shards dim 0: carry scalars as (1,)
-            mod, leaf = trainer.get_submodule(n.rpartition('.')[0]), n.rpartition('.')[2]
-            setattr(mod, leaf, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
-            trainer._fsdp_shapes[n] = p.shape
-    plain = lambda m: isinstance(m, nn.ModuleList) and not isinstance(m, nn.utils.parametrize.ParametrizationList)
-    lists = [m for m in trainer.modules() if plain(m)]
-    units = [b for m in lists for b in m if next(b.parameters(), None) is not None]
-    for b in reversed(units):                                             # reversed pre-order: children before parents
-        fully_shard(b)
-    fully_shard(trainer)
-    register_fsdp_forward_method(trainer, 'micro_batches')   # gradient accumulation runs it outside `forward`
-    return shard_optimizer(opt, old, list(trainer.parameters()))
 
 # %% ../nbs/05_pretrain.ipynb #3e9bd125
 class PretrainRecipe(Recipe):
@@ -568,7 +456,7 @@ class PretrainRecipe(Recipe):
         self.label = f'pretrain {cfg.losses} {cfg.preset}'
 
     def setup(self, device, rank: int, world: int):
-        "Check accumulation against the world size; build the dataset (memoised: epochs re-read it)."
+        "Check accumulation against the world size; build the dataset (memoised) and read the first step's samples."
         super().setup(device, rank, world)
         cfg = self.cfg
         if cfg.grad_accum > 1:
@@ -577,6 +465,8 @@ class PretrainRecipe(Recipe):
         ds = get_dataset(cfg.dataset, 'train', res=mc.image_size, patch_size=mc.vision_patch_size,
                          context_length=mc.text_context_length, **cfg.data_kwargs())
         self.ds = MemoDataset(ds)
+        for i in self._indices(0):           # files are opened lazily: bad data fails here, before the run is claimed
+            self.ds[i]
         self.collate = MaskCollate(cfg, mc.vision_patch_size, rank, world)   # the masks travel with the batch
         # CPU runs: bf16 autocast of the forward passes where `precision` resolves to bf16 (CUDA: `fit`'s own)
         self.cpu_bf16 = torch.device(device).type == 'cpu' and cpu_precision(cfg.precision) == 'bf16'
@@ -634,10 +524,6 @@ class PretrainRecipe(Recipe):
         return accumulate_grads(trainer, batch, step, self.cfg.grad_accum, net, amp)
 
     @property
-    def grad_clip(self) -> float:
-        return self.cfg.grad_clip
-
-    @property
     def samples_per_step(self) -> int:
         return self.cfg.batch_clip
 
@@ -671,67 +557,6 @@ main = training_cli(pretrain, PretrainConfig, 'Pre-train a VTP tokenizer (CLIP +
 
 if __name__ == '__main__' and '__file__' in globals():
     raise SystemExit(main())
-
-# %% ../nbs/05_pretrain.ipynb #e5f6f567
-@dataclass
-class GANFinetuneConfig:
-    "Stage-2 decoder fine-tuning settings."
-    steps: int = 200
-    batch: int = 32
-    lr: float = 1e-4
-    disc_lr: float = 1e-4
-    disc_start: int = 50
-    gan_weight: float = 0.1
-    disc_channels: int = 32
-    disc_layers: int = 2
-    lpips_path: str | None = None
-    seed: int = 0
-
-def finetune_decoder_gan(run, cfg: GANFinetuneConfig | None = None, device=None, progress: bool = True) -> Path:
-    "Fine-tune the pixel decoder of tokenizer run `run` with L1 (+LPIPS) + PatchGAN hinge; writes `run/final_gan`."
-    from vtp_nbdev.losses import PatchGANDiscriminator, hinge_d_loss, hinge_g_loss, adaptive_gan_weight
-    setup_threads()
-    cfg, run, device = cfg or GANFinetuneConfig(), Path(run), get_device(device)
-    out = run/'final_gan'
-    if (out/'model.safetensors').exists():
-        return out
-    pcfg = PretrainConfig.from_dict(json.loads((run/'config.json').read_text()))
-    seed_everything(cfg.seed)
-    model = VTPModel.from_pretrained(run/'final', device=device).to(device)
-    model.requires_grad_(False)
-    model.pixel_decoder.requires_grad_(True).train()
-    disc = PatchGANDiscriminator(3, cfg.disc_channels, cfg.disc_layers).to(device)
-    opt_g = torch.optim.AdamW(model.pixel_decoder.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.)
-    rec_loss = ReconstructionLoss(cfg.lpips_path, perceptual_weight=1.0 if cfg.lpips_path else 0.0).to(device)
-    c = model.config
-    ds = get_dataset(pcfg.dataset, 'train', res=c.image_size, patch_size=c.vision_patch_size,
-                     context_length=c.text_context_length if c.train_clip else 77,
-                     **pcfg.data_kwargs())
-    last = model.pixel_decoder.proj_out.weight
-    rows = []
-    for step in tqdm(range(cfg.steps), disable=not progress, desc='stage-2 GAN'):
-        x = load_batch(ds, batch_indices(step, cfg.batch, len(ds), cfg.seed + 1), device)['image']
-        with torch.no_grad():
-            z = model.get_reconstruction_latents(x)                                   # frozen encoder
-        rec = model.get_latents_decoded_images(z)                                     # (B, 3, H, W)
-        l_rec = rec_loss(rec, x)
-        gan_on = step >= cfg.disc_start
-        l_g = hinge_g_loss(disc(rec)) if gan_on else rec.new_zeros(())
-        w = adaptive_gan_weight(l_rec, l_g, last) * cfg.gan_weight if gan_on else 0.
-        opt_g.zero_grad(set_to_none=True)
-        (l_rec + w * l_g).backward()
-        opt_g.step()
-        if gan_on:
-            l_d = hinge_d_loss(disc(x), disc(rec.detach()))
-            opt_d.zero_grad(set_to_none=True)
-            l_d.backward()
-            opt_d.step()
-        d = l_d.item() if gan_on else None
-        rows.append(dict(step=step + 1, rec=l_rec.item(), g=float(l_g), d=d, gan_weight=float(w)))
-    model.eval().save_pretrained(out)
-    rewrite_jsonl(run/'metrics_gan.jsonl', rows)
-    return out
 
 # %% ../nbs/05_pretrain.ipynb #25affa03
 def demo_config(losses: str = 'CLIP+SSL+AE', steps: int = 300, **kw) -> PretrainConfig:

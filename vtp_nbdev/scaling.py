@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from .config import config_hash, get_device, get_settings, project_root, environment_info, SCALES
-from .pretrain import PretrainConfig, VTPPretrainer, pretrain, run_dir_for, count_step_flops, load_batch
+from .pretrain import PretrainConfig, VTPPretrainer, pretrain, run_dir_for, count_step_flops
+from .loader import load_batch
 from .runs import log_spaced_steps, read_jsonl, write_json, parse_overrides, run_lock as file_lock
 from .data import get_dataset, PROCEDURAL
 from .eval_reconstruction import evaluate_tokenizer

@@ -14,7 +14,7 @@ from torch import Tensor
 from safetensors.torch import load_file
 from timm.layers import PatchEmbed, Mlp
 from .layers import RMSNorm, sdpa, check_state_dict, flop_counter_mode
-from .runs import atomic_save, atomic_write
+from .io import atomic_save, atomic_write
 
 # %% auto #0
 __all__ = ['DIT_ARGS', 'DIT_PRESETS', 'TRANSPORT_KEYS', 'sincos_pos_embed_2d', 'rotate_pairs', 'VisionRotaryEmbeddingFast',

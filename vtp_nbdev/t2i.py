@@ -24,13 +24,13 @@ from .flow import (DiTTrainConfig, DiTTrainer, DiTRecipe, dit_run_dir, ode_sampl
                             decode_latents)
 from .fid import attribute_accuracy, attribute_values, fidelity_metrics, REF_RES, REFERENCE_EXTRACTORS
 from .pretrain import pretrain
-from .scaling import (scale_settings, scaling_config, point_key, results_dir, run_lock, export_checkpoint,
+from .scaling import (scale_settings, scaling_config, point_key, results_dir, tokenizer_lock, export_checkpoint,
                                write_record, flops_at)
 
 # %% auto #0
 __all__ = ['MIRRORED_ATTRIBUTES', 'T2I_SAMPLERS', 'TEXT_DEFAULTS', 'main', 'T2I_SCALE_SETTINGS', 'T2I_POINTS',
            'mirrored_attributes', 'flip_caption', 'flip_attributes', 'latents_captions', 'T2ITrainConfig',
-           't2i_model_args', 'T2ITrainer', 't2i_run_dir', 'caption_token_table', 'T2IRecipe', 'train_t2i', 'sample_t2i',
+           't2i_model_args', 't2i_run_dir', 'caption_token_table', 'T2IRecipe', 'train_t2i', 'sample_t2i',
            'names_value', 'eval_prompts', 'T2IConfig', 't2i_metrics', 't2i_settings', 't2i_param_count', 't2i_point']
 
 # %% ../nbs/15_t2i.ipynb #0bf73e05
@@ -127,10 +127,6 @@ def t2i_model_args(cfg: T2ITrainConfig, shape) -> dict:
     return dict(d, text_width=t['width'], text_depth=t['depth'], text_heads=t['heads'],
                 context_length=t['context_length'], text_seed=t['seed'], caption_dropout_prob=cfg.caption_dropout)
 
-class T2ITrainer(DiTTrainer):
-    "`DiTTrainer` (flow-matching loss, EMA) around a `T2IDiT`; `y` is the batch's caption ids."
-    model_class = T2IDiT
-
 # %% ../nbs/15_t2i.ipynb #28e76375
 def t2i_run_dir(cfg: T2ITrainConfig, latents_dir, runs_dir=None) -> Path:
     "`<runs_dir>/t2i/<hash of (config, latents run)>`."
@@ -143,30 +139,17 @@ def caption_token_table(latents_dir, context_length: int) -> Tensor:
 
 class T2IRecipe(DiTRecipe):
     "The DiT recipe on captions: a `T2IDiT`, `y` = caption ids of the drawn latents (flip-aware), EMA snapshots."
-    kind, name, model_label = 't2i', 'train_t2i', 'T2I DiT'
-    trainer_class = T2ITrainer
+    kind, name = 't2i', 'train_t2i'
 
-    def build_args(self, ds: LatentDataset) -> dict:
-        args = t2i_model_args(self.cfg, ds.shape)
-        self.tokens = caption_token_table(ds.run, args['context_length'])   # (2, n, L); raises for other datasets
-        return args
-
-    def drop_prob(self, trainer: T2ITrainer) -> float:
-        return self.cfg.caption_dropout
-
-    def condition(self, idx: list, flip: Tensor) -> tuple[Tensor, Tensor]:
-        "(x1, y): y the caption ids (B, L), the flipped latent's caption where flipped."
-        x1, _ = self.ds.get_batch(idx, flip)
-        return x1, self.tokens[(flip & self.ds.has_flips).long(), torch.as_tensor(idx)]
-
-    def snapshot_steps(self) -> set:
-        return set(log_spaced_steps(self.cfg.steps, self.cfg.eval_points))
-
-    def save_model(self, model: T2IDiT, folder: Path) -> Path:
-        return save_t2i(model, folder, self.cfg.transport())
-
-    def done_info(self) -> dict:
-        return {}
+    def setup(self, device, rank: int, world: int):
+        "The latents, the T2IDiT (geometry from them), each latent's caption ids, the log-spaced EMA snapshots."
+        ds = self.read_latents(device, rank, world)
+        self.model_class, self.save_model = T2IDiT, save_t2i
+        self.model_args = t2i_model_args(self.cfg, ds.shape)
+        self.p_drop = self.cfg.caption_dropout
+        self.conditions = caption_token_table(ds.run, self.model_args['context_length'])   # (2, n, L); other data raise
+        self.ema_steps = set(log_spaced_steps(self.cfg.steps, self.cfg.eval_points))
+        self.info = {}
 
 def train_t2i(cfg: T2ITrainConfig | dict, latents_dir, runs_dir=None, device=None, max_steps: int | None = None,
               progress: bool = True, fsdp: bool = False) -> Path:
@@ -371,7 +354,7 @@ def t2i_point(scale: str, losses: str, seed: int = 0, step: int | None = None, r
         return json.loads(path.read_text())
     if store_only:
         return None
-    with run_lock(cfg):
+    with tokenizer_lock(cfg):
         run = pretrain(cfg, progress=False)
         folder = export_checkpoint(run, step)
         m = t2i_metrics(folder, t, progress=progress)

@@ -13,7 +13,7 @@ from torch import Tensor
 from safetensors.torch import load_file
 from .data import get_text_tokenizer
 from .layers import RMSNorm, check_state_dict
-from .runs import atomic_save, atomic_write
+from .io import atomic_save, atomic_write
 from timm.layers import PatchEmbed
 from .dit import (LightningDiT, LightningDiTBlock, Attention, SwiGLUFFN, TimestepEmbedder, FinalLayer,
                            VisionRotaryEmbeddingFast, DIT_ARGS, check_dit_args, init_dit_weights)

@@ -335,7 +335,7 @@ class DiTRecipe(Recipe):
                                  fused=True)                             # one fused kernel (CPU and CUDA)
 
     def batch(self, step: int) -> dict:
-        "This rank's rows of global batch `step`: latents, their conditions (the flipped latent's where flipped), draws."
+        "This rank's rows of global batch `step`: latents, their conditions (of the flipped latent if flipped), draws."
         cfg, dev = self.cfg, self.device
         d = step_draws(cfg, step, cfg.batch, self.ds.shape, self.p_drop, self.rank, self.world, dev)
         idx = batch_indices(step, cfg.batch, len(self.ds), cfg.seed, self.rank, self.world)

@@ -104,7 +104,7 @@ def instrumented(timers: Timers, captured: dict):
             (vdata.VTPDataset, '__getitem__', 'data: normalise'), (vdata, 'tokenize', 'data: tokenize'),
             (vdata.ShapePairsDataset, 'raw', 'data: render'), (vdata.ShapesDataset, 'raw', 'data: render'),
             (vruns, 'append_jsonl', 'logging: metrics.jsonl'), (vruns, 'full_tensor', 'logging: values'),
-            (vruns, 'save_rolling', 'checkpoints: rolling'), (vruns, 'save_trunk', 'checkpoints: trunk (wsd)'),
+            (vruns, 'save_rolling', 'checkpoints: rolling'), (vruns, 'save_shared_prefix', 'checkpoints: shared prefix (wsd)'),
             (R, 'save_final', 'end: final model'), (vruns, 'rewrite_jsonl', 'end: metrics files'),
             (vruns, '_csv', 'end: metrics files'), (vruns, 'prepare_run_dir', 'startup: run dir')]:
         timers.patch(owner, name, label)
@@ -123,9 +123,8 @@ def bare_steps(recipe, trainer, opt, batch: dict, n: int) -> list:
         for g in opt.param_groups:
             g['lr'] = sch['lr']
         opt.zero_grad(set_to_none=True)
-        loss, _ = recipe.loss(trainer, trainer, batch, step)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(recipe.clip_params(trainer), recipe.grad_clip)
+        recipe.loss(trainer, trainer, batch, step, contextlib.nullcontext())        # forward and backward
+        torch.nn.utils.clip_grad_norm_(trainer.parameters(), recipe.grad_clip)
         opt.step()
         recipe.after_step(trainer, step, sch)
         out.append(time.perf_counter() - t0)

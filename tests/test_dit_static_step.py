@@ -1,5 +1,5 @@
 "DiT `compile='step'`: static shapes fixed by the config, one graph without recompiles, the eager step's losses."
-import copy, json
+import contextlib, copy, json
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -18,7 +18,7 @@ def _cfg(**kw):
 
 
 def _recipe(lat, cfg):
-    "The recipe set up on one CPU process and its seeded trainer (which sets the label-drop probability)."
+    "The recipe set up on one CPU process and its seeded trainer."
     recipe = DiTRecipe(cfg, lat)
     recipe.setup(torch.device('cpu'), 0, 1)
     torch.manual_seed(0)
@@ -39,12 +39,11 @@ def test_step_inputs_have_shapes_fixed_by_the_config(tiny_latents):
 
 
 def _train(recipe, trainer, steps, after_first=lambda: None):
-    "`steps` AdamW steps with the EMA update through the recipe's loss; the losses (`after_first` after step 0)."
-    opt, net, out = recipe.optimizer(trainer), recipe.network(trainer, ddp=False), []
+    "`steps` AdamW steps with the EMA update through the recipe's loss step; the losses (`after_first` after step 0)."
+    opt, out = recipe.optimizer(trainer), []
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss, _ = recipe.loss(net, trainer, recipe.batch(step), step)
-        loss.backward()
+        loss, _ = recipe.loss(trainer, trainer, recipe.batch(step), step, contextlib.nullcontext())   # and backward
         opt.step()
         recipe.after_step(trainer, step, {})
         out.append(loss.item())

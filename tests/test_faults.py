@@ -66,7 +66,7 @@ def test_truncated_checkpoint_is_named_and_skipped(tmp_path):
 # ---- DiT training killed anywhere (forked child: same process image and thread count, no re-import) -------------------
 import errno
 import multiprocessing
-from vtp_nbdev import runs as runs_mod
+from vtp_nbdev import io as io_mod
 from vtp_nbdev.pretrain import PretrainConfig, VTPPretrainer, pretrain
 from vtp_nbdev.runs import read_checkpoint, latest_checkpoint
 from vtp_nbdev.tokenizer import VTPModel, vtp_config
@@ -208,13 +208,13 @@ def test_unwritable_existing_run_dir_is_refused_on_resume(kind, dit_latents, tmp
 # ---- disk full while writing a checkpoint ---------------------------------------------------------------------------
 def _disk_full_after(monkeypatch, n_ok):
     "safetensors writes succeed `n_ok` times, then write part of the file and fail with ENOSPC (as a full disk does)."
-    real, calls = runs_mod.save_file, {'n': 0}
+    real, calls = io_mod.save_file, {'n': 0}
     def save_file(tensors, filename, metadata=None):
         calls['n'] += 1
         if calls['n'] <= n_ok: return real(tensors, filename, metadata=metadata)
         with open(filename, 'wb') as f: f.write(b'\x00' * 200)             # the part that fitted
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(runs_mod, 'save_file', save_file)
+    monkeypatch.setattr(io_mod, 'save_file', save_file)
     return calls
 
 

@@ -74,8 +74,8 @@ def test_nan_loss_stops_and_keeps_checkpoint(latents, tmp_path, monkeypatch):
     cfg = small_cfg(steps=6, ckpt_every=2)
     run = train_dit(cfg, lat, tmp_path, 'cpu', max_steps=2, progress=False)
     orig, calls = DiTTrainer.loss, {'n': 0}
-    def poisoned(self, net, **b):
-        loss, terms = orig(self, net, **b)
+    def poisoned(self, net, *a, **b):
+        loss, terms = orig(self, net, *a, **b)
         calls['n'] += 1
         return (loss * float('nan') if calls['n'] == 3 else loss), terms   # resumed: FLOPs come from the metrics
     monkeypatch.setattr(DiTTrainer, 'loss', poisoned)

@@ -9,9 +9,11 @@ from vtp_nbdev.dit import dit_config
 from vtp_nbdev.flow import guided_velocity
 from vtp_nbdev.fid import attribute_accuracy, attribute_values, predict_attributes
 from vtp_nbdev.latents import extract_latents
-from vtp_nbdev.t2i import (T2IDiT, T2ITrainConfig, T2IConfig, flip_caption, flip_attributes, latents_captions,
-                           caption_token_table, eval_prompts, names_value, train_t2i, load_t2i, sample_t2i, t2i_metrics,
-                           t2i_param_count, t2i_settings, T2I_SAMPLERS)
+from vtp_nbdev.t2i_model import T2IDiT, load_t2i
+from vtp_nbdev.t2i import (T2ITrainConfig, flip_caption, flip_attributes, latents_captions, caption_token_table,
+                           train_t2i, T2I_SAMPLERS)
+from vtp_nbdev.t2i_generate import T2IConfig, eval_prompts, names_value, sample_t2i, t2i_metrics
+from vtp_nbdev.t2i_scaling import t2i_param_count, t2i_settings
 
 STRIP = ('time_s', 'samples_per_s')
 

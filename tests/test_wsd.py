@@ -4,7 +4,7 @@ import json
 import torch
 from safetensors.torch import load_file
 from vtp_nbdev.pretrain import PretrainConfig, pretrain
-from vtp_nbdev.runs import read_jsonl, trunk_dir
+from vtp_nbdev.runs import read_jsonl, shared_prefix_dir
 
 
 def _cfg(steps, **kw):
@@ -21,7 +21,7 @@ def test_branch_equals_alone(tmp_path):
     short = pretrain(_cfg(8), tmp_path/'shared', 'cpu', progress=False)      # stable phase saved at step 6
     branch = pretrain(_cfg(12), tmp_path/'shared', 'cpu', progress=False)    # starts at step 6
     alone = pretrain(_cfg(12), tmp_path/'alone', 'cpu', progress=False)
-    saved = sorted(p.name for p in trunk_dir('tokenizer', _cfg(8).trunk_key(), tmp_path/'shared').glob('step-*'))
+    saved = sorted(p.name for p in shared_prefix_dir('tokenizer', _cfg(8).shared_prefix_key(), tmp_path/'shared').glob('step-*'))
     assert saved == ['step-00000006.safetensors', 'step-00000009.safetensors']
     assert read_jsonl(branch/'metrics.jsonl')[0]['step'] == 7
     a, b = _final(branch), _final(alone)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 from .config import config_hash, environment_info
-from .scaling import (scale_settings, series_budgets, scaling_config, export_checkpoint, run_lock,
+from .scaling import (scale_settings, series_budgets, scaling_config, export_checkpoint, tokenizer_lock,
                                point_path, flops_at)
 from .pretrain import pretrain
 from .runs import log_spaced_steps, fit
@@ -89,7 +89,7 @@ class DiagnosticsSetup:
 def tokenizer_run(tb: DiagnosticsSetup, losses: str, flops: float | None = None, **overrides) -> tuple:
     "The scale's scaling run of `losses` at budget `flops` (default: the largest; trained once, cached): (config, run)."
     cfg = scaling_config(tb.scale, losses, tb.seed, flops, **overrides)
-    with run_lock(cfg):
+    with tokenizer_lock(cfg):
         run = pretrain(cfg, progress=False)
     return cfg, run
 
@@ -139,10 +139,7 @@ class SnapshotRecipe(DiTRecipe):
 
     def __init__(self, cfg: DiTTrainConfig, latents_dir, keep):
         super().__init__(cfg, latents_dir)
-        self.keep = set(keep)
-
-    def snapshot_steps(self) -> set:
-        return {s for s in self.keep if s < self.cfg.steps}
+        self.ema_steps = {s for s in keep if s < cfg.steps}           # the final EMA is in `final/` anyway
 
 # %% ../nbs/17_diagnostics.ipynb #5137acc5
 def snapshot_run(run, step: int) -> Path:
@@ -336,7 +333,7 @@ def compute_latents(tb: DiagnosticsSetup) -> dict:
     for d in tb.dims:
         pts, folders = series_points(tb, 'AE', **ae_overrides(tb, d)), []
         for i, (cfg, st) in enumerate(pts):
-            with run_lock(cfg):
+            with tokenizer_lock(cfg):
                 run = pretrain(cfg, progress=False)
             folders.append(export_checkpoint(run, st))
             rows.append(dict(d=d, point=i, step=st, steps_total=cfg.steps, flops=flops_at(run, st),

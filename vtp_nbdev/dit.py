@@ -14,13 +14,13 @@ from torch import Tensor
 from safetensors.torch import load_file
 from timm.layers import PatchEmbed, Mlp
 from .layers import RMSNorm, sdpa, check_state_dict, flop_counter_mode
-from .runs import atomic_save, atomic_write
+from .io import atomic_save, atomic_write
 
 # %% auto #0
 __all__ = ['DIT_ARGS', 'DIT_PRESETS', 'TRANSPORT_KEYS', 'sincos_pos_embed_2d', 'rotate_pairs', 'VisionRotaryEmbeddingFast',
            'TimestepEmbedder', 'LabelEmbedder', 'modulate', 'SwiGLUFFN', 'Attention', 'LightningDiTBlock', 'FinalLayer',
-           'init_dit_weights', 'LightningDiT', 'check_dit_args', 'dit_config', 'build_dit', 'split_dit_config',
-           'read_dit_state_dict', 'load_lightningdit', 'save_lightningdit', 'dit_forward_flops']
+           'init_dit_weights', 'DiTBackbone', 'LightningDiT', 'check_dit_args', 'dit_config', 'build_dit',
+           'split_dit_config', 'read_dit_state_dict', 'load_lightningdit', 'save_lightningdit', 'dit_forward_flops']
 
 # %% ../nbs/10_dit.ipynb #6256935e
 def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
@@ -137,14 +137,18 @@ class Attention(nn.Module):
         self.k_norm = norm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, rope: nn.Module | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: nn.Module | None = None, mask: Tensor | None = None) -> Tensor:
+        "Attention over the tokens of x (B, N, D); `mask` (B, N), True = attend, masks keys (padding)."
         B, N, C = x.shape
         # (B, H, N, Dh)
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q), rope(k)
-        x = sdpa(q, k, v)                                               # (B, H, N, Dh)
+        if mask is None:
+            x = sdpa(q, k, v)                                           # (B, H, N, Dh)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
         return self.proj(x.transpose(1, 2).reshape(B, N, C))            # (B, N, D)
 
 class LightningDiTBlock(nn.Module):
@@ -209,7 +213,44 @@ def init_dit_weights(model: nn.Module, label_table: Tensor | None = None):
         nn.init.zeros_(m.weight)
         nn.init.zeros_(m.bias)
 
-class LightningDiT(nn.Module):
+class DiTBackbone(nn.Module):
+    "What every DiT here shares: patch and time embedders, sin-cos positions, RoPE, blocks, final layer, unpatchify."
+    def build_layers(self, a: dict, condition=None, block: type = LightningDiTBlock, **block_kw):
+        "The layers of constructor arguments `a`; `condition(hidden_size)` builds the `y_embedder` (None: none)."
+        D, heads = a['hidden_size'], a['num_heads']
+        self.in_channels, self.learn_sigma, self.patch_size = a['in_channels'], a['learn_sigma'], a['patch_size']
+        self.out_channels = 2 * self.in_channels if self.learn_sigma else self.in_channels
+        self.num_heads, self.use_checkpoint = heads, a['use_checkpoint']
+        self.x_embedder = PatchEmbed(a['input_size'], self.patch_size, self.in_channels, D, bias=True)
+        self.t_embedder = TimestepEmbedder(D)
+        if condition is not None:
+            self.y_embedder = condition(D)
+        self.grid = a['input_size'] // self.patch_size
+        # fixed (official: frozen Parameter)
+        self.register_buffer('pos_embed', torch.zeros(1, self.grid ** 2, D))
+        self.feat_rope = VisionRotaryEmbeddingFast(D // heads // 2, self.grid) if a['use_rope'] else None
+        flags = {k: a[k] for k in ('mlp_ratio', 'use_qknorm', 'use_swiglu', 'use_rmsnorm', 'wo_shift')}
+        self.blocks = nn.ModuleList([block(D, heads, **flags, **block_kw) for _ in range(a['depth'])])
+        self.final_layer = FinalLayer(D, self.patch_size, self.out_channels, a['use_rmsnorm'])
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        "(N, T, p²C) -> (N, C, H, W)."
+        c, p, h = self.out_channels, self.patch_size, self.grid
+        x = x.reshape(x.shape[0], h, h, p, p, c)
+        return torch.einsum('nhwpqc->nchpwq', x).reshape(x.shape[0], c, h * p, h * p)
+
+    def denoise(self, x: Tensor, c: Tensor, *context) -> Tensor:
+        "Velocity (B, C, H, W) of latents x given the adaLN condition c (B, D); `context` goes to every block."
+        x = self.x_embedder(x) + self.pos_embed                          # (B, T, D)
+        for block in self.blocks:
+            if self.use_checkpoint and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, c, self.feat_rope, *context, use_reentrant=False)
+            else:
+                x = block(x, c, self.feat_rope, *context)              # (B, T, D)
+        x = self.unpatchify(self.final_layer(x, c))                       # (B, out_C, H, W)
+        return x[:, :self.in_channels] if self.learn_sigma else x
+
+class LightningDiT(DiTBackbone):
     "LightningDiT: patchify -> + sin-cos positions -> adaLN-Zero blocks (RoPE, RMSNorm, SwiGLU) -> unpatchify."
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 32, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
@@ -219,45 +260,19 @@ class LightningDiT(nn.Module):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k in DIT_ARGS}
         check_dit_args(self.config)
-        self.in_channels, self.learn_sigma = in_channels, learn_sigma
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.patch_size, self.num_heads, self.num_classes = patch_size, num_heads, num_classes
+        self.num_classes = num_classes
         self.null_label = num_classes              # the null class: the unconditional label of guidance
-        self.use_checkpoint = use_checkpoint
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.grid = input_size // patch_size
-        # fixed (official: frozen Parameter)
-        self.register_buffer('pos_embed', torch.zeros(1, self.grid ** 2, hidden_size))
-        self.feat_rope = VisionRotaryEmbeddingFast(hidden_size // num_heads // 2, self.grid) if use_rope else None
-        self.blocks = nn.ModuleList([LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu,
-                                                       use_rmsnorm, wo_shift)
-                                     for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm)
+        self.build_layers(self.config, lambda D: LabelEmbedder(num_classes, D, class_dropout_prob))
         self.initialize_weights()
 
     def initialize_weights(self):
         "Official init (`init_dit_weights`), the label table drawn from N(0, .02)."
         init_dit_weights(self, self.y_embedder.embedding_table.weight)
 
-    def unpatchify(self, x: Tensor) -> Tensor:
-        "(N, T, p²C) -> (N, C, H, W)."
-        c, p, h = self.out_channels, self.patch_size, self.grid
-        x = x.reshape(x.shape[0], h, h, p, p, c)
-        return torch.einsum('nhwpqc->nchpwq', x).reshape(x.shape[0], c, h * p, h * p)
-
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
         "Velocity (B, C, H, W) for latents x (B, C, H, W), times t (B,) in [0, 1], labels y (B,)."
-        x = self.x_embedder(x) + self.pos_embed                          # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)   # (B, D)
-        for block in self.blocks:
-            if self.use_checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, c, self.feat_rope, use_reentrant=False)
-            else:
-                x = block(x, c, self.feat_rope)                        # (B, T, D)
-        x = self.unpatchify(self.final_layer(x, c))                       # (B, out_C, H, W)
-        return x[:, :self.in_channels] if self.learn_sigma else x
+        return self.denoise(x, c)
 
 DIT_ARGS = tuple(inspect.signature(LightningDiT.__init__).parameters)[1:]
 

@@ -190,13 +190,11 @@ class DiTTrainConfig(PlainConfig):
 
 # %% ../nbs/11_flow.ipynb #71e8e1e7
 class DiTTrainer(nn.Module):
-    "The online model (a `model_class`) and its EMA copy; `loss(...)` is the flow-matching objective of one batch."
-    model_class = LightningDiT
-
-    def __init__(self, model_args: dict, cfg: DiTTrainConfig):
+    "The online model (a `model_class`: LightningDiT, T2IDiT) and its EMA; `loss(...)`: the flow-matching objective."
+    def __init__(self, model_args: dict, cfg: DiTTrainConfig, model_class: type = LightningDiT):
         super().__init__()
-        self.cfg = cfg
-        self.model = self.model_class(**model_args)
+        self.cfg, self.model_class = cfg, model_class
+        self.model = model_class(**model_args)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.step_loss = self.loss                   # what a training step calls: `loss`, or its compiled graph
 
@@ -239,14 +237,14 @@ def step_draws(cfg: DiTTrainConfig, step: int, batch: int, shape, p_drop: float,
     sl = slice(rank, None, world)
     return dict(flip=flip[sl], t=to_device(t[sl], device), drop=to_device(drop[sl], device), noise=noise[sl])
 
-def dit_accumulate(trainer: DiTTrainer, net: nn.Module, batch: dict, k: int, amp=None) -> tuple[Tensor, dict]:
-    "Forward + backward of `batch` as `k` micro-batches (rows j::k) into `.grad` (DDP syncs on the last)."
+def dit_accumulate(net: nn.Module, batch: dict, k: int, amp=None) -> tuple[Tensor, dict]:
+    "Forward + backward of `batch` through `net` (a DiTTrainer or its wrapper) as `k` micro-batches (rows j::k)."
     amp, loss, terms = amp or contextlib.nullcontext(), 0., {}
     ddp = isinstance(net, nn.parallel.DistributedDataParallel)
     for j in range(k):
         with net.no_sync() if ddp and j < k - 1 else contextlib.nullcontext():
             with amp:
-                l, t = trainer.loss(net, **{key: v[j::k] for key, v in batch.items()})
+                l, t = net(**{key: v[j::k] for key, v in batch.items()})
             (l / k).backward()                                             # every term is a mean over the batch
         loss = loss + l.detach() / k
         terms = {n: terms.get(n, 0) + v / k for n, v in t.items()}
@@ -294,117 +292,107 @@ def _model_args(cfg: DiTTrainConfig, ds: LatentDataset, unconditional: bool = Fa
     return args
 
 class DiTRecipe(Recipe):
-    "What `fit` trains for `train_dit`: a class-conditional LightningDiT and its EMA on a latents run."
-    kind, name, model_label = 'dit', 'train_dit', 'LightningDiT'
-    trainer_class = DiTTrainer
+    "What `fit` trains for `train_dit`: a LightningDiT (class labels, or none) and its EMA on a latents run."
+    kind, name = 'dit', 'train_dit'
 
     def __init__(self, cfg: DiTTrainConfig, latents_dir):
         super().__init__(cfg)
         self.latents_dir = Path(latents_dir)
-        self.label = f'{self.model_label} {cfg.preset}'
+        self.label = f'{self.name} {cfg.preset}'
+        self.ema_steps = set()                  # steps whose EMA weights are kept in `snapshots/`
 
     def key(self) -> dict:
         return dit_run_key(self.cfg, self.latents_dir)
 
-    def setup(self, device, rank: int, world: int):
-        "Read the latents and derive the model's arguments: bad latents fail before the run is claimed."
+    def read_latents(self, device, rank: int, world: int) -> LatentDataset:
+        "Check the batch against world size and accumulation; read the latents (bad latents fail here)."
         super().setup(device, rank, world)
         cfg = self.cfg
         if cfg.batch % (world * cfg.grad_accum):
             raise ValueError(f"global batch {cfg.batch} is not divisible by the world size {world} x grad_accum "
                              f"{cfg.grad_accum}")
         self.ds = LatentDataset(self.latents_dir, multiplier=cfg.latent_multiplier)
-        self.model_args = self.build_args(self.ds)
+        return self.ds
 
-    def build_args(self, ds: LatentDataset) -> dict:
-        "The model's constructor arguments (geometry and classes from the latents; one class when all unlabelled)."
+    def setup(self, device, rank: int, world: int):
+        "The latents, the model (geometry and classes from them; one class when unlabelled), each latent's label."
+        ds = self.read_latents(device, rank, world)
         self.conditioning = latents_conditioning(ds)
-        return _model_args(self.cfg, ds, self.conditioning == 'unconditional')
+        unconditional = self.conditioning == 'unconditional'
+        self.model_class, self.save_model = LightningDiT, save_lightningdit
+        self.model_args = _model_args(self.cfg, ds, unconditional)
+        self.p_drop = self.model_args['class_dropout_prob']             # label dropout (classifier-free guidance)
+        labels = torch.zeros_like(ds.labels) if unconditional else ds.labels
+        self.conditions = torch.stack([labels, labels])                 # (2, n): of each latent, of its flip
+        self.info = dict(classes=ds.meta.get('classes'), conditioning=self.conditioning)
 
     def trainer(self) -> DiTTrainer:
-        trainer = self.trainer_class(self.model_args, self.cfg)
-        self.p_drop = self.drop_prob(trainer)
-        return trainer
-
-    def drop_prob(self, trainer: DiTTrainer) -> float:
-        "Probability that a sample's condition is replaced by the null one (classifier-free guidance)."
-        return trainer.model.y_embedder.dropout_prob
+        return DiTTrainer(self.model_args, self.cfg, self.model_class)
 
     def optimizer(self, trainer: DiTTrainer) -> torch.optim.AdamW:
         c = self.cfg
         return torch.optim.AdamW(trainer.model.parameters(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay,
                                  fused=True)                             # one fused kernel (CPU and CUDA)
 
-    def condition(self, idx: list, flip: Tensor) -> tuple[Tensor, Tensor]:
-        "(x1, y) of the latents `idx` (flipped copies where `flip`): y the class labels (0 when unconditional)."
-        x1, y = self.ds.get_batch(idx, flip)
-        return x1, (torch.zeros_like(y) if self.conditioning == 'unconditional' else y)
-
     def batch(self, step: int) -> dict:
+        "This rank's rows of global batch `step`: latents, their conditions (of the flipped latent if flipped), draws."
         cfg, dev = self.cfg, self.device
         d = step_draws(cfg, step, cfg.batch, self.ds.shape, self.p_drop, self.rank, self.world, dev)
-        x1, y = self.condition(batch_indices(step, cfg.batch, len(self.ds), cfg.seed, self.rank, self.world), d['flip'])
+        idx = batch_indices(step, cfg.batch, len(self.ds), cfg.seed, self.rank, self.world)
+        x1, _ = self.ds.get_batch(idx, d['flip'])
+        y = self.conditions[(d['flip'] & self.ds.has_flips).long(), torch.as_tensor(idx)]
         return dict(x1=to_device(x1, dev), y=to_device(y, dev), t=d['t'], x0=d['noise'], drop=d['drop'])
+
+    def batches(self, start: int, end: int):
+        return (self.batch(s) for s in range(start, end))
 
     def step_flops(self, trainer: DiTTrainer, batch: dict) -> int:
         return count_dit_step_flops(trainer, batch)
 
-    def network(self, trainer: DiTTrainer, ddp: bool) -> nn.Module:
-        "The online model, or with compile='step' the trainer (its forward: the whole step); DDP-wrapped when `ddp`."
-        net = trainer if self.cfg.compile == 'step' else trainer.model
-        return nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if ddp else net
-
     def shard(self, trainer: DiTTrainer, opt) -> torch.optim.Optimizer:
         return shard_dit(trainer, opt)
 
-    def compile(self, trainer: DiTTrainer, net: nn.Module) -> nn.Module:
-        if self.cfg.compile != 'step':
-            return torch.compile(net)
-        from torch.distributed.fsdp import FSDPModule
-        if isinstance(trainer.model, FSDPModule):
-            raise ValueError(f"{self.name}: compile='step' does not trace FSDP-sharded modules; use compile=True "
-                             "or DDP")
-        trainer.compile_step()                  # in place: the batch's shapes and draws are fixed by the config
-        return net
+    def network(self, trainer: DiTTrainer, ddp: bool) -> nn.Module:
+        "The trainer (its forward: the loss step); compiled model (True) or loss step ('step'); DDP-wrapped if `ddp`."
+        if self.cfg.compile == 'step':
+            from torch.distributed.fsdp import FSDPModule
+            if isinstance(trainer.model, FSDPModule):
+                raise ValueError(f"{self.name}: compile='step' does not trace FSDP-sharded modules; use compile=True "
+                                 "or DDP")
+            trainer.compile_step()              # in place: the batch's shapes and draws are fixed by the config
+        elif self.cfg.compile:
+            trainer.model.compile()             # in place: the forward (state-dict keys unchanged)
+        return nn.parallel.DistributedDataParallel(trainer, broadcast_buffers=False) if ddp else trainer
 
-    def loss(self, net: nn.Module, trainer: DiTTrainer, batch: dict, step: int) -> tuple:
-        return net(**batch) if self.cfg.compile == 'step' else trainer.loss(net, **batch)
-
-    def accumulate(self, net: nn.Module, trainer: DiTTrainer, batch: dict, step: int, amp) -> tuple:
-        return dit_accumulate(trainer, net, batch, self.cfg.grad_accum, amp)
-
-    def clip_params(self, trainer: DiTTrainer):
-        return trainer.model.parameters()
+    def loss(self, trainer: DiTTrainer, net: nn.Module, batch: dict, step: int, amp) -> tuple:
+        if self.cfg.grad_accum > 1:
+            return dit_accumulate(net, batch, self.cfg.grad_accum, amp)
+        with amp:
+            loss, terms = net(**batch)
+        loss.backward()
+        return loss, terms
 
     def after_step(self, trainer: DiTTrainer, step: int, sch: dict):
         c = self.cfg
         trainer.update_ema(min(c.ema_decay, (1 + step) / (10 + step)) if c.ema_warmup else c.ema_decay)
 
-    def snapshot_module(self, trainer: DiTTrainer) -> nn.Module:
-        return trainer.ema
+    def snapshot(self, trainer: DiTTrainer, step: int) -> nn.Module | None:
+        return trainer.ema if step in self.ema_steps else None
 
-    def final_state(self, trainer: DiTTrainer, fsdp: bool):
-        return {n: gathered(getattr(trainer, n))[0].state_dict() for n in ('ema', 'model')} if fsdp else None
-
-    def save_model(self, model: nn.Module, folder: Path) -> Path:
-        "Write a model folder (config and weights)."
-        return save_lightningdit(model, folder, self.cfg.transport())
-
-    def done_info(self) -> dict:
-        "Extra `done.json` entries."
-        return dict(classes=self.ds.meta.get('classes'), conditioning=self.conditioning)
-
-    def save_final(self, run: Path, trainer: DiTTrainer, state) -> dict:
+    def save_final(self, run: Path, trainer: DiTTrainer, fsdp: bool) -> dict | None:
         "`final/`: the EMA model (config + weights), the online weights and the latents' statistics."
+        state = {n: gathered(getattr(trainer, n))[0].state_dict() for n in ('ema', 'model')} if fsdp else None
+        if self.rank > 0:
+            return None
         ema, online = trainer.ema, trainer.model.state_dict()
         if state is not None:
-            ema = trainer.model_class(**self.model_args)
+            ema = self.model_class(**self.model_args)
             ema.load_state_dict(state['ema'])
             online = state['model']
-        fin = self.save_model(ema, run/'final')
+        fin = self.save_model(ema, run/'final', self.cfg.transport())
         atomic_save(online, fin/'online.safetensors')
         shutil.copyfile(self.latents_dir/'latents_stats.safetensors', fin/'latents_stats.safetensors')
-        return dict(latents_dir=str(self.latents_dir.resolve()), **self.done_info())
+        return dict(latents_dir=str(self.latents_dir.resolve()), **self.info)
 
 def dit_run_dir(cfg: DiTTrainConfig, latents_dir, runs_dir=None, kind: str = 'dit') -> Path:
     "`<runs_dir>/<kind>/<hash of (config, latents run)>`."

@@ -14,7 +14,7 @@ from .latents import extract_latents, tokenizer_folder, tokenizer_hash
 from .flow import DiTTrainConfig, train_dit, sample_images
 from .fid import fidelity_metrics, iter_uint8_batches, make_extractor, predict_attributes, REF_RES
 from .fid import REFERENCE_EXTRACTORS
-from .runs import write_json
+from .io import write_json
 
 # %% auto #0
 __all__ = ['GenerationEvalConfig', 'NoReferenceExtractorError', 'generation_extractor', 'sample_class_accuracy',

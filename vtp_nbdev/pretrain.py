@@ -149,7 +149,7 @@ class PretrainConfig(PlainConfig):
         "'wsd': the step where the stable phase ends and the cool-down begins."
         return self.steps - max(1, round(self.cooldown * self.steps))
 
-    def trunk_key(self) -> dict:
+    def shared_prefix_key(self) -> dict:
         "What the stable phase of a 'wsd' run depends on: everything but its length and its logging."
         skip = ('steps', 'log_every', 'ckpt_every', 'ckpt_log_points')
         return {k: v for k, v in self.to_dict().items() if k not in skip}
@@ -477,9 +477,9 @@ class PretrainRecipe(Recipe):
     def optimizer(self, trainer: VTPPretrainer) -> torch.optim.AdamW:
         return make_optimizer(trainer, self.cfg)
 
-    def trunk(self) -> tuple | None:
+    def shared_prefix(self) -> tuple | None:
         "'wsd' runs of one series share their stable phase up to the cool-down."
-        return (self.cfg.trunk_key(), self.cfg.decay_start) if self.cfg.schedule == 'wsd' else None
+        return (self.cfg.shared_prefix_key(), self.cfg.decay_start) if self.cfg.schedule == 'wsd' else None
 
     def _indices(self, step: int) -> list:
         "This rank's rows of batch `step`; a dataset of hard-negative pairs (`group` 2) keeps each pair together."
@@ -498,6 +498,10 @@ class PretrainRecipe(Recipe):
         return count_step_flops(trainer, batch)
 
     def network(self, trainer: VTPPretrainer, ddp: bool) -> nn.Module:
+        if self.cfg.compile == 'step':
+            trainer.compile_step()                                       # in place: DDP keeps its wrapped module
+        elif self.cfg.compile:
+            compile_blocks(trainer)
         if not ddp:
             return trainer
         return nn.parallel.DistributedDataParallel(trainer, find_unused_parameters=True, broadcast_buffers=False)
@@ -505,23 +509,17 @@ class PretrainRecipe(Recipe):
     def shard(self, trainer: VTPPretrainer, opt) -> torch.optim.Optimizer:
         return shard_tokenizer(trainer, opt)
 
-    def compile(self, trainer: VTPPretrainer, net: nn.Module) -> nn.Module:
-        if self.cfg.compile == 'step':
-            trainer.compile_step()                                       # in place: DDP keeps its wrapped module
-        else:
-            compile_blocks(trainer)
-        return net
-
     def schedule(self, step: int) -> dict:
         return step_schedules(self.cfg, step)
 
-    def loss(self, net: nn.Module, trainer: VTPPretrainer, batch: dict, step: int) -> tuple:
-        with torch.autocast('cpu', torch.bfloat16) if self.cpu_bf16 else contextlib.nullcontext():
-            return net(batch, step)
-
-    def accumulate(self, net: nn.Module, trainer: VTPPretrainer, batch: dict, step: int, amp) -> tuple:
+    def loss(self, trainer: VTPPretrainer, net: nn.Module, batch: dict, step: int, amp) -> tuple:
         amp = torch.autocast('cpu', torch.bfloat16) if self.cpu_bf16 else amp
-        return accumulate_grads(trainer, batch, step, self.cfg.grad_accum, net, amp)
+        if self.cfg.grad_accum > 1:
+            return accumulate_grads(trainer, batch, step, self.cfg.grad_accum, net, amp)
+        with amp:
+            loss, terms = net(batch, step)
+        loss.backward()
+        return loss, terms
 
     @property
     def samples_per_step(self) -> int:
@@ -533,10 +531,10 @@ class PretrainRecipe(Recipe):
     def log_extra(self, trainer: VTPPretrainer) -> dict:
         return dict(logit_scale=full_tensor(trainer.model.logit_scale).exp().item() if self.cfg.uses_clip else None)
 
-    def final_state(self, trainer: VTPPretrainer, fsdp: bool):
-        return gathered(trainer)[0].state_dict() if fsdp else None      # FSDP: every rank gathers
-
-    def save_final(self, run: Path, trainer: VTPPretrainer, state) -> dict:
+    def save_final(self, run: Path, trainer: VTPPretrainer, fsdp: bool) -> dict | None:
+        state = gathered(trainer)[0].state_dict() if fsdp else None     # FSDP: every rank gathers
+        if self.rank > 0:
+            return None
         final = trainer.model
         if state is not None:
             final = VTPModel(trainer.model.config)

@@ -4,94 +4,28 @@
 
 # %% ../nbs/04a_runs.ipynb #1df6fff1
 from __future__ import annotations
-import argparse, contextlib, fcntl, functools, json, os, re, shutil, sys, tempfile, time
+import argparse, contextlib, functools, json, os, sys, time, types
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.distributed as dist
-from safetensors.torch import save_file, load_file, safe_open
+from safetensors.torch import load_file, safe_open
 from tqdm.auto import tqdm
 from .config import get_settings, get_device, config_hash, seed_everything, setup_threads
 from .distributed import rank_world, init_distributed, full_tensor, gathered, defer_finite_check
+from .io import (atomic_write, write_json, atomic_save, read_jsonl, append_jsonl, rewrite_jsonl, file_lock,
+                          second_name)
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'atomic_write', 'write_json', 'atomic_save', 'read_jsonl', 'append_jsonl', 'rewrite_jsonl',
-           'resume_rows', 'run_dir', 'prepare_run_dir', 'remove_stale_temps', 'is_finished', 'run_lock',
+__all__ = ['CHECKPOINT_FORMAT', 'resume_rows', 'run_dir', 'prepare_run_dir', 'remove_stale_temps', 'is_finished',
            'CheckpointError', 'checkpoint_state', 'read_checkpoint', 'restore_checkpoint', 'latest_checkpoint',
-           'log_spaced_steps', 'second_name', 'save_rolling', 'trunk_dir', 'trunk_checkpoint', 'save_trunk',
+           'log_spaced_steps', 'save_rolling', 'shared_prefix_dir', 'shared_prefix_checkpoint', 'save_shared_prefix',
            'epoch_permutation', 'batch_indices', 'to_device', 'batch_to', 'Recipe', 'fit', 'parse_overrides',
            'read_config_file', 'training_cli']
 
-# %% ../nbs/04a_runs.ipynb #de3ddc61
-@contextlib.contextmanager
-def _replacing(path: Path):
-    "A temporary file name beside `path`, fsynced and renamed onto `path` if the block succeeds, removed if it fails."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, 'rb') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-def atomic_write(path, data: str | bytes) -> Path:
-    "Write text or bytes to `path` atomically (temporary file in the same folder, fsync, rename)."
-    path = Path(path)
-    with _replacing(path) as tmp:
-        Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
-    return path
-
-def write_json(path, obj) -> Path:
-    "Write `obj` as indented JSON to `path` atomically."
-    return atomic_write(path, json.dumps(obj, indent=1, default=str) + '\n')
-
-# %% ../nbs/04a_runs.ipynb #33d6cdab
-def atomic_save(tensors: dict, path, metadata: dict | None = None) -> Path:
-    "Write a safetensors file atomically: temp file in the same folder, fsync, rename."
-    path = Path(path)
-    try:
-        with _replacing(path) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    except OSError as e:
-        if e.errno is None:
-            raise
-        # `last-00000002` -> the newest `last-*` on disk
-        kept = sorted(path.parent.glob(re.sub(r'\d+', '*', path.name)))
-        hint = f" ({kept[-1].name})" if kept else ''
-        raise OSError(e.errno, f"cannot write checkpoint {path} ({e.strerror}); the last good checkpoint in "
-                               f"{path.parent} is kept{hint}") from e
-    return path
-
 # %% ../nbs/04a_runs.ipynb #40d23616
-def read_jsonl(path) -> list:
-    "The rows of a JSON-lines file (a line cut short by a crash is skipped); [] when absent."
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            rows.append(json.loads(line))
-    return rows
-
-def append_jsonl(path, row: dict):
-    "Append one row to a JSON-lines file."
-    with open(path, 'a') as f:
-        f.write(json.dumps(row) + '\n')
-
-def rewrite_jsonl(path, rows: list) -> Path:
-    "Replace a JSON-lines file by `rows`, atomically."
-    return atomic_write(path, ''.join(json.dumps(r) + '\n' for r in rows))
-
 def resume_rows(run: Path, step: int, rank: int = 0) -> list:
     "Logged rows up to the resumed `step` (rows past it are dropped, on disk too by rank 0)."
     rows = list({r['step']: r for r in read_jsonl(run/'metrics.jsonl') if r['step'] <= step}.values())
@@ -128,17 +62,6 @@ def is_finished(run: Path) -> bool:
     "Whether a run finished (its `final/` weights and `done.json` written)."
     return (run/'done.json').exists() and (run/'final'/'model.safetensors').exists()
 
-@contextlib.contextmanager
-def run_lock(path):
-    "Hold an exclusive lock on the file `path` (blocks while another process holds it)."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'w') as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 # %% ../nbs/04a_runs.ipynb #3eb4778b
 CHECKPOINT_FORMAT = 'vtp_nbdev.pretrain.v1'
@@ -211,16 +134,6 @@ def log_spaced_steps(total: int, n: int) -> list:
     first = max(1, total / 2 ** (n - 1) if n > 1 else total)
     return sorted({int(round(x)) for x in np.geomspace(first, total, n)} | {total})
 
-def second_name(src: Path, path: Path) -> Path:
-    "Give file `src` the name `path` too, atomically: a hard link (one copy on disk), a copy where links fail."
-    with _replacing(Path(path)) as tmp:
-        os.unlink(tmp)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-    return Path(path)
-
 def save_rolling(run: Path, trainer, opt, step: int, cfg_hash: str, keep: set) -> Path:
     "Write `last-<step>` (older `last-*` removed once it exists) and keep the log-spaced `step-<step>` ones."
     tensors, meta = checkpoint_state(trainer, opt, step, cfg_hash)
@@ -236,18 +149,18 @@ def save_rolling(run: Path, trainer, opt, step: int, cfg_hash: str, keep: set) -
     return new
 
 # %% ../nbs/04a_runs.ipynb #491cf203
-def trunk_dir(kind: str, key: dict, runs_dir=None) -> Path:
-    "Where the saved states of a shared training prefix live: `<runs_dir>/<kind>-trunk/<hash of key>`."
-    return run_dir(f'{kind}-trunk', key, runs_dir)
+def shared_prefix_dir(kind: str, key: dict, runs_dir=None) -> Path:
+    "Where the saved states of a shared training prefix live: `<runs_dir>/<kind>-shared-prefix/<hash of key>`."
+    return run_dir(f'{kind}-shared-prefix', key, runs_dir)
 
-def trunk_checkpoint(kind: str, key: dict, step: int, runs_dir=None) -> Path | None:
+def shared_prefix_checkpoint(kind: str, key: dict, step: int, runs_dir=None) -> Path | None:
     "The latest readable saved state of prefix `key` at or before `step` (None: nothing to start from)."
-    return latest_checkpoint(trunk_dir(kind, key, runs_dir), 'step-*.safetensors', step)
+    return latest_checkpoint(shared_prefix_dir(kind, key, runs_dir), 'step-*.safetensors', step)
 
-def save_trunk(kind: str, trunk: tuple, state: tuple, runs_dir=None) -> Path:
-    "Save the training state (`trainer`, `opt`) at the end of prefix `trunk` = (key, step), atomically."
-    key, step = trunk
-    d = trunk_dir(kind, key, runs_dir)
+def save_shared_prefix(kind: str, prefix: tuple, state: tuple, runs_dir=None) -> Path:
+    "Save the training state (`trainer`, `opt`) at the end of `prefix` = (key, step), atomically."
+    key, step = prefix
+    d = shared_prefix_dir(kind, key, runs_dir)
     if not (d/'config.json').exists():
         atomic_write(d/'config.json', json.dumps(key, indent=1, sort_keys=True, default=list))
     tensors, meta = checkpoint_state(*state, step, config_hash(key))
@@ -290,19 +203,20 @@ def batch_to(b: dict, device) -> dict:
 
 # %% ../nbs/04a_runs.ipynb #f8fa77ce
 class Recipe:
-    "What `fit` trains: subclasses supply the trainer, the batch of a step, the loss, after-step hook and final save."
+    "What `fit` trains: subclasses supply the trainer, its batches, the loss step, the after-step hook and final save."
     kind = 'run'              # runs/<kind>/<hash>
-    name = 'fit'              # prefix of error messages
-    label = 'train'           # progress bar
+    name = 'fit'              # the training function: prefixes error messages, labels the progress bar
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.label = self.name
 
+    # --- the run
     def key(self) -> dict:
         "What the run directory's hash covers (default: the config)."
         return self.cfg.to_dict()
 
-    def trunk(self) -> tuple | None:
+    def shared_prefix(self) -> tuple | None:
         "(key, step) of a training prefix this run shares with others (a stable phase it leaves at `step`), or None."
         return None
 
@@ -310,6 +224,7 @@ class Recipe:
         "Validate the config against the world size and build the data (before the run directory is claimed)."
         self.device, self.rank, self.world = device, rank, world
 
+    # --- model, optimiser, data
     def trainer(self) -> nn.Module:
         "The module holding everything trained and checkpointed (built after seeding)."
         raise NotImplementedError
@@ -318,45 +233,31 @@ class Recipe:
         "The optimiser of `trainer`."
         raise NotImplementedError
 
-    def batch(self, step: int) -> dict:
-        "This rank's rows of global batch `step`, on the device."
-        raise NotImplementedError
-
     def batches(self, start: int, end: int):
-        "The batches of steps `start` ... `end` - 1, in order (default: `batch` of each)."
-        return (self.batch(s) for s in range(start, end))
+        "This rank's rows of the global batches of steps `start` ... `end` - 1, in order, on the device."
+        raise NotImplementedError
 
     def step_flops(self, trainer: nn.Module, batch: dict) -> int:
         "FLOPs of one training step of this rank on `batch`."
         return 0
 
-    def network(self, trainer: nn.Module, ddp: bool) -> nn.Module:
-        "The module the loss calls (DDP-wrapped when `ddp`)."
-        return nn.parallel.DistributedDataParallel(trainer, broadcast_buffers=False) if ddp else trainer
-
     def shard(self, trainer: nn.Module, opt) -> torch.optim.Optimizer:
         "Shard `trainer` with FSDP2 in place; returns the optimiser on the shards."
         raise NotImplementedError(f"{self.name}: no FSDP sharding for this recipe")
 
-    def compile(self, trainer: nn.Module, net: nn.Module) -> nn.Module:
-        "The compiled network (`cfg.compile`)."
-        return torch.compile(net)
+    def network(self, trainer: nn.Module, ddp: bool) -> nn.Module:
+        "What `loss` calls: `trainer`, compiled when `cfg.compile`, DDP-wrapped when `ddp`."
+        net = nn.parallel.DistributedDataParallel(trainer, broadcast_buffers=False) if ddp else trainer
+        return torch.compile(net) if self.cfg.compile else net
 
+    # --- one step
     def schedule(self, step: int) -> dict:
         "Values scheduled at `step`; `lr` is set on every parameter group."
         return dict(lr=self.cfg.lr)
 
-    def loss(self, net: nn.Module, trainer: nn.Module, batch: dict, step: int) -> tuple:
-        "(loss, dict of detached terms) of `batch`."
+    def loss(self, trainer: nn.Module, net: nn.Module, batch: dict, step: int, amp) -> tuple:
+        "Forward (under `amp`) and backward of `batch` through `net` (`cfg.grad_accum` micro-batches); (loss, terms)."
         raise NotImplementedError
-
-    def accumulate(self, net: nn.Module, trainer: nn.Module, batch: dict, step: int, amp) -> tuple:
-        "Forward and backward of `batch` as `cfg.grad_accum` micro-batches; (loss, terms) of the whole batch."
-        raise NotImplementedError(f"{self.name}: no gradient accumulation for this recipe")
-
-    def clip_params(self, trainer: nn.Module):
-        "The parameters whose gradient norm is clipped (and logged)."
-        return trainer.parameters()
 
     @property
     def grad_clip(self) -> float:
@@ -371,48 +272,180 @@ class Recipe:
     def after_step(self, trainer: nn.Module, step: int, sch: dict):
         "Called after each optimiser step (EMA, teacher update)."
 
+    # --- logging and saving
     def log_extra(self, trainer: nn.Module) -> dict:
         "Extra values of a logged row (called on every rank)."
         return {}
 
-    def snapshot_steps(self) -> set:
-        "Steps whose `snapshot_module` weights are saved on their own in `snapshots/`."
-        return set()
-
-    def snapshot_module(self, trainer: nn.Module) -> nn.Module:
-        "The module saved at the snapshot steps."
-        return trainer
-
-    def final_state(self, trainer: nn.Module, fsdp: bool):
-        "What the final save needs that every rank must gather (FSDP); None when not sharded."
+    def snapshot(self, trainer: nn.Module, step: int) -> nn.Module | None:
+        "The module (an EMA) whose weights are saved on their own in `snapshots/` after `step`; None: nothing."
         return None
 
-    def save_final(self, run: Path, trainer: nn.Module, state) -> dict:
-        "Write `run/final/` (rank 0); returns extra `done.json` entries."
+    def save_final(self, run: Path, trainer: nn.Module, fsdp: bool) -> dict | None:
+        "Write `run/final/` (every rank calls it: FSDP gathers); the extra `done.json` entries on rank 0, else None."
         raise NotImplementedError
 
 # %% ../nbs/04a_runs.ipynb #69d8acfc
-def _check_finite(recipe: Recipe, run: Path, loss, terms: dict, step: int):
-    "Raise when the loss of `step` is NaN or inf (one host sync)."
-    if not torch.isfinite(loss):
-        vals = {k: v.item() for k, v in terms.items()}
-        raise FloatingPointError(f"{recipe.name}: non-finite loss {loss.item()} at step {step} (terms {vals}); "
-                                 f"the last good checkpoint in {run/'checkpoints'} is kept")
+@dataclass
+class _Loop:
+    "What the parts of `fit` share: the run, its ranks and shared prefix, FLOPs per step, the logged rows and clock."
+    recipe: Recipe
+    run: Path
+    hash: str
+    rank: int
+    world: int
+    fsdp: bool
+    runs_dir: object
+    prefix: tuple | None = None
+    rows: list = field(default_factory=list)
+    keep: set = field(default_factory=set)
+    flops: int = 0
+    t0: float = 0.
+    t_log: float = 0.
+    s_log: int = 0
 
-def fit(recipe: Recipe, runs_dir=None, device=None, max_steps: int | None = None, progress: bool = True,
-        fsdp: bool = False) -> Path:
-    "Train (or resume, or return the finished) run of `recipe`; returns its run directory."
-    cfg = recipe.cfg
-    # --- threads, device, ranks
+def _devices(device) -> tuple:
+    "(device, rank, world): threads set, torch.distributed initialised, this rank's GPU under torchrun."
     setup_threads()
     device = get_device(device)
     rank, world = init_distributed(device)
     if device.type == 'cuda' and world > 1:
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         torch.cuda.set_device(device)
-    # --- the run directory: claimed once the config is valid and the data built
+    return device, rank, world
+
+def _resume(lp: _Loop, trainer: nn.Module, opt) -> int:
+    "Restore the run's latest checkpoint, else the saved shared prefix it starts from; the step to go on from."
+    if (last := latest_checkpoint(lp.run/'checkpoints')) is not None:
+        step = restore_checkpoint(trainer, opt, last, lp.hash)
+        lp.rows = resume_rows(lp.run, step, lp.rank)
+        return step
+    if lp.prefix is not None:
+        saved = shared_prefix_checkpoint(lp.recipe.kind, *lp.prefix, lp.runs_dir)
+        if saved is not None:
+            return restore_checkpoint(trainer, opt, saved, config_hash(lp.prefix[0]))   # the shared prefix, exactly
+    return 0
+
+def _check_finite(recipe: Recipe, run: Path, loss, terms: dict, step: int, bad):
+    "Raise when the loss of `step` is NaN or inf (one host sync); deferred (`bad` a tensor): note its first bad step."
+    if bad is not None:
+        return torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step, bad)    # no host sync
+    if not torch.isfinite(loss):
+        vals = {k: v.item() for k, v in terms.items()}
+        raise FloatingPointError(f"{recipe.name}: non-finite loss {loss.item()} at step {step} (terms {vals}); "
+                                 f"the last good checkpoint in {run/'checkpoints'} is kept")
+    return None
+
+def _raise_deferred(lp: _Loop, bad, step: int):
+    "Raise when the deferred check noted a non-finite loss before `step` (one host sync)."
+    if (b := int(bad)) >= 0:
+        raise FloatingPointError(f"{lp.recipe.name}: non-finite loss at step {b} (checked at step {step}: on CUDA "
+                                 "the loss is checked at log and checkpoint steps); the last good checkpoint "
+                                 f"in {lp.run/'checkpoints'} is kept")
+
+def _log_row(lp: _Loop, trainer, step: int, loss, terms: dict, gnorm, sch: dict) -> dict:
+    "The logged row of `step`: loss and terms (mean over ranks), grad norm, lr, samples, FLOPs, extras, speed."
+    recipe = lp.recipe
+    vals = torch.stack([loss.detach().float(), *terms.values()])     # logged values: mean over ranks
+    if lp.world > 1:
+        dist.all_reduce(vals)
+        vals /= lp.world
+    now, n = time.time(), recipe.samples_per_step
+    row = dict(step=step, loss=vals[0].item(), **dict(zip(terms, vals[1:].tolist())),
+               grad_norm=full_tensor(gnorm).item(), lr=sch['lr'], samples_seen=step * n,
+               flops=step * lp.flops, flops_per_step=lp.flops, **recipe.log_extra(trainer),
+               samples_per_s=(step - lp.s_log) * n / max(now - lp.t_log, 1e-9), time_s=now - lp.t0)
+    lp.t_log, lp.s_log = now, step
+    return row
+
+def _save(lp: _Loop, trainer: nn.Module, opt, step: int, rolling: bool):
+    "The saves due after `step`: the recipe's snapshot, the rolling checkpoint, the shared prefix (FSDP: collective)."
+    if (mod := lp.recipe.snapshot(trainer, step)) is not None:
+        sd = gathered(mod)[0].state_dict() if lp.fsdp else mod.state_dict()
+        if lp.rank == 0:
+            atomic_save(sd, lp.run/'snapshots'/f'ema-{step:08d}.safetensors')
+    at_prefix = lp.prefix is not None and step == lp.prefix[1]
+    if rolling or at_prefix:
+        state = gathered(trainer, opt) if lp.fsdp else (trainer, opt)     # FSDP: every rank takes part
+        if lp.rank == 0 and rolling:
+            save_rolling(lp.run, *state, step, lp.hash, lp.keep)
+        if lp.rank == 0 and at_prefix:
+            save_shared_prefix(lp.recipe.kind, lp.prefix, state, lp.runs_dir)
+
+def _finish(lp: _Loop, trainer: nn.Module, step: int):
+    "Write the metrics files; at the last step also the final save, `done.json`, and drop the rolling checkpoint."
+    if lp.rank == 0:
+        rewrite_jsonl(lp.run/'metrics.jsonl', lp.rows)
+        atomic_write(lp.run/'metrics.csv', _csv(lp.rows))
+    if step < lp.recipe.cfg.steps:
+        return
+    info = lp.recipe.save_final(lp.run, trainer, lp.fsdp)                # collective under FSDP
+    if lp.rank == 0:
+        write_json(lp.run/'done.json', dict(steps=step, flops=step * lp.flops, config_hash=lp.hash,
+                                            world_size=lp.world, **info))
+        for last in (lp.run/'checkpoints').glob('last-*.safetensors'):  # nothing resumes a finished run
+            last.unlink()
+
+def _csv(rows: list) -> str:
+    import pandas as pd
+    return pd.DataFrame(rows).to_csv(index=False)
+
+def _train(lp: _Loop, device, max_steps: int | None, progress: bool):
+    "Build the trainer, resume, run the steps up to `max_steps` (default: all) and finish the run of `lp`."
+    recipe, cfg = lp.recipe, lp.recipe.cfg
+    # --- model, optimiser, resume, FLOPs per step, FSDP / DDP, compilation
+    seed_everything(cfg.seed)
+    trainer = recipe.trainer().to(device)
+    opt = recipe.optimizer(trainer)
+    step = _resume(lp, trainer, opt)
+    first = lambda: next(recipe.batches(0, 1))
+    lp.flops = lp.rows[-1]['flops_per_step'] if lp.rows else recipe.step_flops(trainer, first()) * lp.world
+    if lp.fsdp:
+        opt = recipe.shard(trainer, opt)                                # after the FLOP count (on the whole model)
+    net = recipe.network(trainer, ddp=lp.world > 1 and not lp.fsdp)     # after the FLOP count (eager)
+    lp.keep = set(log_spaced_steps(cfg.steps, cfg.ckpt_log_points))
+    end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+    amp = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or lp.rank > 0,
+               desc=recipe.label + (' FSDP' if lp.fsdp else ''))
+    bad = torch.full((), -1, dtype=torch.long, device=device) if defer_finite_check(device) else None
+    lp.t0 = lp.t_log = time.time()
+    lp.s_log = step
+    batches = recipe.batches(step, end)
+    while step < end:
+        # --- one step: schedule, forward and backward, NaN/inf check, clipping, optimiser, after-step hook
+        sch = recipe.schedule(step)
+        for g in opt.param_groups:
+            g['lr'] = sch['lr']
+        batch = next(batches)
+        opt.zero_grad(set_to_none=True)
+        loss, terms = recipe.loss(trainer, net, batch, step, amp)
+        bad = _check_finite(recipe, lp.run, loss, terms, step, bad)
+        gnorm = nn.utils.clip_grad_norm_(trainer.parameters(), recipe.grad_clip)
+        opt.step()
+        recipe.after_step(trainer, step, sch)
+        step += 1
+        bar.update(1)
+        # --- deferred NaN check, logging, snapshots and checkpoints
+        rolling = step % cfg.ckpt_every == 0 or step in lp.keep or step == end
+        logging = step % cfg.log_every == 0 or step == end
+        if bad is not None and (logging or rolling):
+            _raise_deferred(lp, bad, step)
+        if logging:
+            lp.rows.append(row := _log_row(lp, trainer, step, loss, terms, gnorm, sch))
+            bar.set_postfix({k: f'{row[k]:.3g}' for k in ('loss', *terms)})
+            if lp.rank == 0:
+                append_jsonl(lp.run/'metrics.jsonl', row)
+        _save(lp, trainer, opt, step, rolling)
+    bar.close()
+    _finish(lp, trainer, step)
+
+def fit(recipe: Recipe, runs_dir=None, device=None, max_steps: int | None = None, progress: bool = True,
+        fsdp: bool = False) -> Path:
+    "Train (or resume, or return the finished) run of `recipe`; returns its run directory."
+    # --- threads, device, ranks; the run directory, claimed once the config is valid and the data built
+    device, rank, world = _devices(device)
     key = recipe.key()
-    h = config_hash(key)
     run = run_dir(recipe.kind, key, runs_dir)
     if is_finished(run):
         return run
@@ -420,120 +453,16 @@ def fit(recipe: Recipe, runs_dir=None, device=None, max_steps: int | None = None
     prepare_run_dir(run, key, rank)
     if world > 1:
         dist.barrier()                                                  # rank 0 has written config.json
-    with run_lock(run/'.lock') if rank == 0 else contextlib.nullcontext():
+    with file_lock(run/'.lock') if rank == 0 else contextlib.nullcontext():
         if world == 1 and is_finished(run):                             # another process finished it while we waited
             return run
         if rank == 0:
             remove_stale_temps(run)
-        # --- model, optimiser, resume
-        seed_everything(cfg.seed)
-        trainer = recipe.trainer().to(device)
-        opt = recipe.optimizer(trainer)
-        step, rows = 0, []
-        trunk = recipe.trunk()
-        if (last := latest_checkpoint(run/'checkpoints')) is not None:
-            step = restore_checkpoint(trainer, opt, last, h)
-            rows = resume_rows(run, step, rank)
-        elif trunk is not None and (shared := trunk_checkpoint(recipe.kind, *trunk, runs_dir)) is not None:
-            step = restore_checkpoint(trainer, opt, shared, config_hash(trunk[0]))   # the shared prefix, exactly
-        fsdp = fsdp and world > 1
-        net = recipe.network(trainer, ddp=world > 1 and not fsdp)
-        flops = rows[-1]['flops_per_step'] if rows else recipe.step_flops(trainer, recipe.batch(0)) * world
-        if fsdp:
-            opt = recipe.shard(trainer, opt)                           # after the FLOP count (on the whole model)
-        if cfg.compile:
-            net = recipe.compile(trainer, net)                         # after the FLOP count (eager)
-        keep, snaps = set(log_spaced_steps(cfg.steps, cfg.ckpt_log_points)), recipe.snapshot_steps()
-        end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-        amp = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
-        desc = recipe.label + (' FSDP' if fsdp else '')
-        bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank > 0, desc=desc)
-        defer = defer_finite_check(device)
-        bad = torch.full((), -1, dtype=torch.long, device=device)      # first non-finite step (deferred check)
-        t0 = t_log = time.time()
-        s_log = step
-        batches = recipe.batches(step, end)
-        while step < end:
-            # --- schedule and batch
-            sch = recipe.schedule(step)
-            for g in opt.param_groups:
-                g['lr'] = sch['lr']
-            batch = next(batches)
-            # --- forward, backward, step
-            opt.zero_grad(set_to_none=True)
-            if cfg.grad_accum > 1:
-                loss, terms = recipe.accumulate(net, trainer, batch, step, amp)   # backward done
-            else:
-                with amp:
-                    loss, terms = recipe.loss(net, trainer, batch, step)
-            if defer:
-                bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step, bad)   # no host sync
-            else:
-                _check_finite(recipe, run, loss, terms, step)
-            if cfg.grad_accum == 1:
-                loss.backward()
-            gnorm = nn.utils.clip_grad_norm_(recipe.clip_params(trainer), recipe.grad_clip)
-            opt.step()
-            recipe.after_step(trainer, step, sch)
-            step += 1
-            bar.update(1)
-            # --- deferred NaN check, logging, snapshots, checkpoints
-            saving = step % cfg.ckpt_every == 0 or step in keep or step == end
-            logging = step % cfg.log_every == 0 or step == end
-            if defer and (logging or saving) and (b := int(bad)) >= 0:
-                raise FloatingPointError(f"{recipe.name}: non-finite loss at step {b} (checked at step {step}: on CUDA "
-                                         "the loss is checked at log and checkpoint steps); the last good checkpoint "
-                                         f"in {run/'checkpoints'} is kept")
-            if logging:
-                vals = torch.stack([loss.detach().float(), *terms.values()])     # logged values: mean over ranks
-                if world > 1:
-                    dist.all_reduce(vals)
-                    vals /= world
-                now = time.time()
-                row = dict(step=step, loss=vals[0].item(), **dict(zip(terms, vals[1:].tolist())),
-                           grad_norm=full_tensor(gnorm).item(), lr=sch['lr'],
-                           samples_seen=step * recipe.samples_per_step,
-                           flops=step * flops, flops_per_step=flops, **recipe.log_extra(trainer),
-                           samples_per_s=(step - s_log) * recipe.samples_per_step / max(now - t_log, 1e-9),
-                           time_s=now - t0)
-                t_log, s_log = now, step
-                rows.append(row)
-                bar.set_postfix({k: f'{row[k]:.3g}' for k in ('loss', *terms)})
-                if rank == 0:
-                    append_jsonl(run/'metrics.jsonl', row)
-            if step in snaps:
-                mod = recipe.snapshot_module(trainer)
-                sd = gathered(mod)[0].state_dict() if fsdp else mod.state_dict()
-                if rank == 0:
-                    atomic_save(sd, run/'snapshots'/f'ema-{step:08d}.safetensors')
-            if saving:
-                state = gathered(trainer, opt) if fsdp else (trainer, opt)     # FSDP: every rank takes part
-                if rank == 0:
-                    save_rolling(run, *state, step, h, keep)
-            if trunk is not None and step == trunk[1]:
-                state = gathered(trainer, opt) if fsdp else (trainer, opt)
-                if rank == 0:
-                    save_trunk(recipe.kind, trunk, state, runs_dir)
-        bar.close()
-        # --- the final save
-        finished = step >= cfg.steps
-        final = recipe.final_state(trainer, fsdp) if finished else None      # collective under FSDP
-        if rank == 0:
-            rewrite_jsonl(run/'metrics.jsonl', rows)
-            atomic_write(run/'metrics.csv', _csv(rows))
-            if finished:
-                info = recipe.save_final(run, trainer, final)
-                write_json(run/'done.json', dict(steps=step, flops=step * flops, config_hash=h, world_size=world,
-                                                 **info))
-                for rolling in (run/'checkpoints').glob('last-*.safetensors'):   # nothing resumes a finished run
-                    rolling.unlink()
+        lp = _Loop(recipe, run, config_hash(key), rank, world, fsdp and world > 1, runs_dir, recipe.shared_prefix())
+        _train(lp, device, max_steps, progress)
     if world > 1:
         dist.barrier()
     return run
-
-def _csv(rows: list) -> str:
-    import pandas as pd
-    return pd.DataFrame(rows).to_csv(index=False)
 
 # %% ../nbs/04a_runs.ipynb #01f644c7
 def parse_overrides(pairs: list) -> dict:

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from .config import config_hash, get_device, get_settings, project_root, environment_info, SCALES
 from .pretrain import PretrainConfig, VTPPretrainer, pretrain, run_dir_for, count_step_flops
 from .loader import load_batch
-from .runs import log_spaced_steps, read_jsonl, write_json, parse_overrides, run_lock as file_lock
+from .runs import log_spaced_steps, parse_overrides
+from .io import read_jsonl, write_json, file_lock
 from .data import get_dataset, PROCEDURAL
 from .eval_reconstruction import evaluate_tokenizer
 from .generate import GenerationEvalConfig, generation_metrics
@@ -21,7 +22,7 @@ from .fid import REFERENCE_EXTRACTORS
 # %% auto #0
 __all__ = ['SCALE_SETTINGS', 'UNCHECKED_SCALES', 'scale_settings', 'series_budgets', 'flops_per_step', 'scaling_config',
            'export_checkpoint', 'results_dir', 'point_key', 'record_path', 'point_path', 'flops_at', 'dirty_files',
-           'check_provenance', 'write_record', 'score_point', 'run_lock', 'run_series', 'load_results', 'main',
+           'check_provenance', 'write_record', 'score_point', 'tokenizer_lock', 'run_series', 'load_results', 'main',
            'guided_point']
 
 # %% ../nbs/13_scaling.ipynb #09a45397
@@ -240,7 +241,7 @@ def score_point(run, step: int, scale: str, gen: dict | None = None, device=None
     return write_record(path, rec, root)
 
 # %% ../nbs/13_scaling.ipynb #e5902a2d
-def run_lock(cfg: PretrainConfig, runs_dir=None):
+def tokenizer_lock(cfg: PretrainConfig, runs_dir=None):
     "Hold the exclusive lock of `cfg`'s tokenizer run (blocks while another process holds it)."
     return file_lock(Path(runs_dir or get_settings()['runs_dir'])/'locks'/f'{config_hash(cfg.to_dict())}.lock')
 
@@ -263,7 +264,7 @@ def run_series(scale: str, losses: str, seed: int = 0, flops: float | None = Non
     out = []
     for (c, s), path in zip(todo, paths):
         t0 = time.time()
-        with run_lock(c):
+        with tokenizer_lock(c):
             run = pretrain(c, device=device, progress=progress)
             out.append(score_point(run, s, scale, gen, device, progress=False, root=root))
         if progress:
@@ -320,7 +321,7 @@ def guided_point(scale: str, losses: str, seed: int = 0, cfg_scale: float = 1.5,
     if path.exists():
         return json.loads(path.read_text())
     check_provenance(scale, root)
-    with run_lock(cfg):
+    with tokenizer_lock(cfg):
         folder = export_checkpoint(pretrain(cfg, progress=False), cfg.steps)
         g = generation_metrics(folder, GenerationEvalConfig.from_dict({**gen, 'dataset': cfg.dataset, 'seed': seed}),
                                progress=False)

@@ -11,37 +11,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from safetensors.torch import load_file
-from .data import get_text_tokenizer
 from .layers import RMSNorm, check_state_dict
-from .runs import atomic_save, atomic_write
-from timm.layers import PatchEmbed
-from .dit import (LightningDiT, LightningDiTBlock, Attention, SwiGLUFFN, TimestepEmbedder, FinalLayer,
-                           VisionRotaryEmbeddingFast, DIT_ARGS, check_dit_args, init_dit_weights)
+from .io import atomic_save, atomic_write
+from .dit import (LightningDiT, DiTBackbone, LightningDiTBlock, Attention, SwiGLUFFN, DIT_ARGS, check_dit_args,
+                           init_dit_weights)
 
 # %% auto #0
-__all__ = ['TEXT_ARGS', 'MaskedAttention', 'TextBlock', 'TextEncoder', 'CrossAttention', 'T2IBlock', 'T2IDiT', 'save_t2i',
+__all__ = ['TEXT_ARGS', 'SOT_ID', 'EOT_ID', 'TextBlock', 'TextEncoder', 'CrossAttention', 'T2IBlock', 'T2IDiT', 'save_t2i',
            'load_t2i']
 
 # %% ../nbs/14a_t2i_model.ipynb #bc3bd1a5
-class MaskedAttention(Attention):
-    "`dit.Attention` (fused qkv, optional RoPE) with a key padding mask (B, N), True = attend."
-    def forward(self, x: Tensor, rope: nn.Module | None = None, mask: Tensor | None = None) -> Tensor:
-        B, N, C = x.shape
-        # (B, H, N, Dh)
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = rope(q), rope(k)
-        # (B, H, N, Dh)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))            # (B, N, D)
-
 class TextBlock(nn.Module):
     "Pre-norm bidirectional transformer block (RMSNorm, masked attention, SwiGLU) of the text encoder."
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(width, eps=1e-6), RMSNorm(width, eps=1e-6)
-        self.attn = MaskedAttention(width, heads, qkv_bias=True)
+        self.attn = Attention(width, heads, qkv_bias=True)           # with a key padding mask
         self.mlp = SwiGLUFFN(width, int(2 / 3 * width * mlp_ratio))
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
@@ -114,15 +99,14 @@ TEXT_ARGS = ('text_width', 'text_depth', 'text_heads', 'context_length', 'vocab_
 _DIT_DEFAULTS = {k: p.default for k, p in inspect.signature(LightningDiT.__init__).parameters.items()
                  if k in DIT_ARGS and k not in ('num_classes', 'class_dropout_prob')}
 
+SOT_ID, EOT_ID = 49406, 49407          # start and end of text of the CLIP BPE (`vtp_nbdev.data.tokenize`)
+
 def _null_tokens(context_length: int) -> Tensor:
-    "The BPE ids of the empty caption, `[SOT, EOT, 0, ...]` (built without `tokenize`, so it works on the meta device)."
-    t = get_text_tokenizer()
-    return torch.tensor([t.sot_token_id, t.eot_token_id] + [0] * (context_length - 2), dtype=torch.long)
+    "The BPE ids of the empty caption, `[SOT, EOT, 0, ...]` (built without the tokenizer: works on the meta device)."
+    return torch.tensor([SOT_ID, EOT_ID] + [0] * (context_length - 2), dtype=torch.long)
 
-class T2IDiT(nn.Module):
+class T2IDiT(DiTBackbone):
     "Caption-conditioned LightningDiT: `forward(x, t, tokens (B, L), force_drop_ids)` -> velocity (B, C, H, W)."
-    unpatchify = LightningDiT.unpatchify
-
     def __init__(self, text_width: int = 64, text_depth: int = 2, text_heads: int = 4, context_length: int = 32,
                  vocab_size: int = 49408, text_seed: int = 0, caption_dropout_prob: float = 0.1, **dit_args):
         super().__init__()
@@ -137,20 +121,10 @@ class T2IDiT(nn.Module):
         self.t2i_config = dict(a, text_width=text_width, text_depth=text_depth, text_heads=text_heads,
                                context_length=context_length, vocab_size=vocab_size, text_seed=text_seed,
                                caption_dropout_prob=caption_dropout_prob)
-        D, heads = a['hidden_size'], a['num_heads']
-        self.in_channels, self.learn_sigma, self.patch_size = a['in_channels'], a['learn_sigma'], a['patch_size']
-        self.out_channels = 2 * self.in_channels if self.learn_sigma else self.in_channels
-        self.use_checkpoint, self.caption_dropout_prob = a['use_checkpoint'], caption_dropout_prob
+        self.caption_dropout_prob = caption_dropout_prob
         self.context_length, self.vocab_size = context_length, vocab_size
-        self.x_embedder = PatchEmbed(a['input_size'], self.patch_size, self.in_channels, D, bias=True)
-        self.t_embedder = TimestepEmbedder(D)
-        self.grid = a['input_size'] // self.patch_size
-        self.register_buffer('pos_embed', torch.zeros(1, self.grid ** 2, D))
-        self.feat_rope = VisionRotaryEmbeddingFast(D // heads // 2, self.grid) if a['use_rope'] else None
-        self.blocks = nn.ModuleList([T2IBlock(D, heads, text_width, a['mlp_ratio'], a['use_qknorm'], a['use_swiglu'],
-                                              a['use_rmsnorm'], a['wo_shift']) for _ in range(a['depth'])])
-        self.final_layer = FinalLayer(D, self.patch_size, self.out_channels, a['use_rmsnorm'])
-        self.text_pool = nn.Linear(text_width, D)                          # pooled caption -> adaLN condition
+        self.build_layers(a, block=T2IBlock, text_width=text_width)       # no label table: the caption conditions
+        self.text_pool = nn.Linear(text_width, a['hidden_size'])           # pooled caption -> adaLN condition
         init_dit_weights(self)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(text_seed)
@@ -179,15 +153,7 @@ class T2IDiT(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
         "Velocity (B, C, H, W) for latents x (B, C, H, W), times t (B,) in [0, 1], caption ids y (B, L)."
         ctx, mask, pooled = self.text(self.caption_tokens(y, force_drop_ids))   # (B, L, W), (B, L), (B, W)
-        x = self.x_embedder(x) + self.pos_embed                          # (B, T, D)
-        c = self.t_embedder(t) + self.text_pool(pooled)                  # (B, D)
-        for block in self.blocks:
-            if self.use_checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, c, self.feat_rope, ctx, mask, use_reentrant=False)
-            else:
-                x = block(x, c, self.feat_rope, ctx, mask)             # (B, T, D)
-        x = self.unpatchify(self.final_layer(x, c))                       # (B, out_C, H, W)
-        return x[:, :self.in_channels] if self.learn_sigma else x
+        return self.denoise(x, self.t_embedder(t) + self.text_pool(pooled), ctx, mask)
 
 
 # %% ../nbs/14a_t2i_model.ipynb #cb7bca8f

@@ -21,7 +21,7 @@ from .config import neutral_field, check_field_types
 from .layers import (PatchEmbed, RopePositionEmbedding, SelfAttentionBlock, init_weights_vit, get_layer,
                               NORM_LAYERS, FFN_LAYERS, ROPE_DTYPES, StateDictMismatchError, check_state_dict,
                               count_params, flop_counter_mode)
-from .runs import atomic_save, atomic_write
+from .io import atomic_save, atomic_write
 
 # %% auto #0
 __all__ = ['HF_CONFIG_KEYS', 'VISION_ARCHS', 'VTP_PRESETS', 'VTPConfig', 'vtp_config', 'VisionTrunk', 'PixelDecoder',

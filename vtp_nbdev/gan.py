@@ -90,10 +90,11 @@ class GANFinetuner(nn.Module):
 # %% ../nbs/05c_gan.ipynb #c6d375bb
 class GANFinetuneRecipe(Recipe):
     "What `fit` trains for `finetune_decoder_gan`: a finished tokenizer run's pixel decoder against a PatchGAN."
-    kind, name, label = 'gan', 'finetune_decoder_gan', 'stage-2 GAN'
+    kind, name = 'gan', 'finetune_decoder_gan'
 
     def __init__(self, cfg: GANFinetuneConfig, tokenizer_run):
         super().__init__(cfg)
+        self.label = 'stage-2 GAN'
         self.tokenizer_run = run = Path(tokenizer_run)
         for need in (run/'config.json', run/'final'/'model.safetensors'):
             if not need.is_file():
@@ -129,16 +130,16 @@ class GANFinetuneRecipe(Recipe):
         "The samples of batch `step`: the tokenizer run's data in another order (seed + 1)."
         return batch_indices(step, self.cfg.batch, len(self.ds), self.cfg.seed + 1)
 
-    def batch(self, step: int) -> dict:
-        return load_batch(self.ds, self.indices(step), self.device)
+    def batches(self, start: int, end: int):
+        return (load_batch(self.ds, self.indices(s), self.device) for s in range(start, end))
 
-    def loss(self, net: nn.Module, trainer: GANFinetuner, batch: dict, step: int) -> tuple:
-        return net(batch['image'], self.cfg.gan_weight if step >= self.cfg.disc_start else None)
+    def loss(self, trainer: GANFinetuner, net: nn.Module, batch: dict, step: int, amp) -> tuple:
+        with amp:
+            loss, terms = net(batch['image'], self.cfg.gan_weight if step >= self.cfg.disc_start else None)
+        loss.backward()                          # frozen encoder: no gradient, so clipping sees decoder + critic
+        return loss, terms
 
-    def clip_params(self, trainer: GANFinetuner):
-        return [p for p in trainer.parameters() if p.requires_grad]
-
-    def save_final(self, run: Path, trainer: GANFinetuner, state) -> dict:
+    def save_final(self, run: Path, trainer: GANFinetuner, fsdp: bool) -> dict:
         trainer.model.eval().save_pretrained(run/'final')
         return dict(tokenizer_run=str(self.tokenizer_run))
 

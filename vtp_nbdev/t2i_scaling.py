@@ -8,8 +8,8 @@ import json
 import torch
 from .config import config_hash
 from .pretrain import pretrain
-from .scaling import (scale_settings, scaling_config, point_key, results_dir, tokenizer_lock, export_checkpoint,
-                               write_record, flops_at)
+from .scaling import (scale_settings, scaling_config, point_key, record_path, tokenizer_lock,
+                               export_checkpoint, check_provenance, write_record, flops_at)
 from .t2i_model import T2IDiT
 from .t2i import t2i_model_args
 from .t2i_generate import T2IConfig, t2i_metrics
@@ -62,12 +62,12 @@ def t2i_point(scale: str, losses: str, seed: int = 0, step: int | None = None, r
     if t.dataset != cfg.dataset:                 # overrides may train the tokenizer on another dataset
         t = T2IConfig.from_dict({**t.to_dict(), 'dataset': cfg.dataset})
     key = dict(point=point_key(cfg, step, scale), t2i=t.to_dict())
-    name = f"{cfg.losses.replace('+', '-')}_{cfg.preset}_s{seed}_step{step:06d}_{config_hash(key)}.json"
-    path = results_dir(scale, root)/'t2i'/name
+    path = record_path(scale, cfg, f'step{step:06d}', key, 't2i', root)
     if path.exists():
         return json.loads(path.read_text())
     if store_only:
         return None
+    check_provenance(scale, root)                # before the work: a refused record costs nothing
     with tokenizer_lock(cfg):
         run = pretrain(cfg, progress=False)
         folder = export_checkpoint(run, step)
@@ -77,4 +77,4 @@ def t2i_point(scale: str, losses: str, seed: int = 0, step: int | None = None, r
                point_hash=config_hash(key), config_hash=run.name,
                **{k: v for k, v in m.items() if k not in ('tokenizer', 'latents_dir', 't2i_run', 'samples')},
                samples=m['samples'])
-    return write_record(path, rec)
+    return write_record(path, rec, root)

@@ -14,7 +14,7 @@ each stage's wall time, the machine (CPU model, threads, load) and a recognisabi
 resized to 28 px and zero-padded to 32, as its training images): the spread of its predicted classes, and the FD of
 the samples to real training images next to the FD of as many other real training images (the floor).
 
-    python benchmarks/own_data_generation.py                 # about 25-30 minutes on one CPU thread
+    python benchmarks/own_data_generation.py    # one CPU thread: 34 minutes on a shared, loaded host (own_data.md)
     python benchmarks/own_data_generation.py --quick         # a few steps of everything: checks that it runs
 """
 from __future__ import annotations

@@ -130,7 +130,7 @@ def check_batch(x, res: int | None = REF_RES, where: str = 'batch') -> torch.Ten
     if res is not None and tuple(x.shape[-2:]) != (res, res):
         raise ValueError(f"{where}: images are {x.shape[-2]}x{x.shape[-1]}; "
                          f"the reference extractor expects {res}x{res} "
-                         "(resize the samples, or use the 'inception-v3-compat' extractor for other sizes)")
+                         "here (resize the images; extract_features and fidelity_metrics resize any size themselves)")
     if x.dtype == torch.uint8:
         return x
     if not x.is_floating_point():

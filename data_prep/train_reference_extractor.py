@@ -11,17 +11,21 @@ Inputs are ImageNet-normalised 32-px images built from uint8 pixels exactly as t
 Training uses BatchNorm after every conv (AdamW, cosine schedule, summed cross-entropy over heads); it is folded into
 the convolutions before saving, and the penultimate layer is rescaled so the features have unit RMS on training images
 (KID's polynomial kernel assumes O(1) features; the logits are unchanged).
-Deterministic: fixed seed and data order, fixed thread count (default 2; other thread counts may change
-the float reduction order and so the bytes of the weights). Writes `<out>/<dataset>.safetensors` (+ a JSON report)
+Deterministic: fixed seed and data order, fixed thread count (`--threads`, else the `threads` setting of settings.ini /
+`VTP_THREADS`, else 2, the count the committed weights were written with; other thread counts may change the float
+reduction order and so the bytes of the weights). Writes `<out>/<dataset>.safetensors` (+ a JSON report)
 and prints the `REFERENCE_EXTRACTORS` entry (sha256) to paste into nbs/08_fid.ipynb.
 
     python data_prep/train_reference_extractor.py --dataset all      # a few minutes on 2 CPU cores
     python data_prep/train_reference_extractor.py --dataset shape_pairs --threads 1
 
 Your own labelled images (`root/<class>/<images>`, or `root/train/<class>/...` with its own splits) train one the same
-way: `--dataset image_folder --root DIR [--name NAME]` writes `runs/reference/<NAME>.safetensors` (NAME defaults to the
-folder's name), its architecture in the file's metadata; pass that file as `extractor=` to `evaluate_tokenizer` (rFD
-labelled `FD_<NAME>`). Images are read at 32 px; accuracy on the held-out split is printed and written beside it.
+way: `--dataset image_folder --root DIR [--name NAME]` writes `<runs_dir>/reference/<NAME>.safetensors` (`runs_dir`
+from settings.ini or `VTP_RUNS_DIR`; NAME defaults to the folder's name), its architecture and input size in the file's
+metadata; pass that file as `extractor=` to `evaluate_tokenizer` (rFD labelled `FD_<NAME>`). Images are read at the
+data's resolution (the short side of the first training image, rounded down to a multiple of 8) unless `--res` says
+otherwise; images of another size are resized to it when measured (`vtp_nbdev.fid.resize_for_reference`). Accuracy
+on the held-out split is printed and written beside the weights.
 
     python data_prep/train_reference_extractor.py --dataset image_folder --root ~/my_images --epochs 20
 """
@@ -36,7 +40,8 @@ from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from vtp_nbdev.config import seed_everything
+from PIL import Image
+from vtp_nbdev.config import get_settings, seed_everything, setup_threads
 from vtp_nbdev.data import (shapes_sample, shape_pairs_sample, SPLIT_OFFSETS, SHAPE_KINDS, COLOURS, SIZES, COUNTS,
                             POSITIONS, PAIR_BACKGROUNDS, read_idx, fashion_mnist_dir, FASHION_MNIST_FILES, get_dataset)
 from vtp_nbdev.fid import RefCNN, REFERENCE_EXTRACTORS, REF_RES, sha256_file
@@ -68,17 +73,29 @@ def fmnist_arrays(split: str, n_val: int = 5000):
     return x, {'logits': torch.from_numpy(y.astype(np.int64))}
 
 
-def folder_arrays(root, split: str):
-    "uint8 images (n, 3, 32, 32), labels and classes of an `image_folder` split (bad files skipped with a warning)."
-    ds = get_dataset('image_folder', split, res=REF_RES, root=root, skip_bad=True)
+def folder_resolution(root) -> int:
+    "The short side of the first readable training image of an image folder, rounded down to a multiple of 8."
+    ds = get_dataset('image_folder', 'train', root=root)
+    for f, _ in ds.files:
+        try:
+            with Image.open(f) as im:
+                return max(8, min(im.size) // 8 * 8)
+        except OSError:
+            continue
+    raise ValueError(f"image_folder {root}: no readable training image to take the resolution from; pass --res")
+
+
+def folder_arrays(root, split: str, res: int = REF_RES):
+    "uint8 images (n, 3, res, res), labels and classes of an `image_folder` split (bad files skipped with a warning)."
+    ds = get_dataset('image_folder', split, res=res, root=root, skip_bad=True)
     imgs, labels = zip(*((img, label) for img, _, label in (ds.raw(i) for i in range(len(ds)))))
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
     return x, {'logits': torch.tensor(labels, dtype=torch.int64)}, ds.classes
 
 
-def folder_arch(n_classes: int) -> dict:
-    "The reference architecture of the built-in datasets with one head over the folder's classes."
-    return dict(widths=(16, 32, 64), feat_dim=128, heads=(('logits', n_classes),), res=REF_RES)
+def folder_arch(n_classes: int, res: int = REF_RES) -> dict:
+    "The reference architecture of the built-in datasets with one head over the folder's classes, at `res` px."
+    return dict(widths=(16, 32, 64), feat_dim=128, heads=(('logits', n_classes),), res=res)
 
 
 @torch.no_grad()
@@ -169,23 +186,26 @@ def train_folder(a) -> Path:
         raise SystemExit("--dataset image_folder needs --root DIR (DIR/<class>/<images>)")
     t0 = time.time()
     name = a.name or Path(a.root).resolve().name
-    x, tg, classes = folder_arrays(a.root, 'train')
+    res = a.res or folder_resolution(a.root)
+    print(f"[{name}] reading {a.root} at {res} px", flush=True)
+    x, tg, classes = folder_arrays(a.root, 'train', res)
     try:
-        evals = {'test': folder_arrays(a.root, 'test')[:2]}
+        evals = {'test': folder_arrays(a.root, 'test', res)[:2]}
     except ValueError as e:                                               # too few images for a held-out split
         print(f"[{name}] no held-out accuracy: {e}", flush=True)
         evals = {}
-    arch = folder_arch(len(classes))
+    arch = folder_arch(len(classes), res)
     net = train(name, x, tg, a.epochs or 20, 128, 2e-3, a.seed, augment_flip=True, arch=arch)
     scale = calibrate_feature_scale(net, x)
-    out = Path(a.out or ROOT/'runs'/'reference')
+    out = Path(a.out or get_settings()['runs_dir']/'reference')
     out.mkdir(parents=True, exist_ok=True)
     path = out/f'{name}.safetensors'
     sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     save_file(sd, str(path), metadata=file_metadata(name, a.seed, arch))
     report = dict(dataset=name, root=str(a.root), classes=list(classes), sha256=sha256_file(path), feature_scale=scale,
                   accuracy={s: evaluate(net, *xy) for s, xy in evals.items()}, n_train=len(x), epochs=a.epochs or 20,
-                  seed=a.seed, seconds=round(time.time() - t0, 1), torch=torch.__version__)
+                  res=res, seed=a.seed, threads=torch.get_num_threads(), seconds=round(time.time() - t0, 1),
+                  torch=torch.__version__)
     (out/f'{name}.json').write_text(json.dumps(report, indent=2) + '\n')
     print(json.dumps(report, indent=2))
     print(f"use it with evaluate_tokenizer(..., extractor={str(path)!r})", flush=True)
@@ -197,14 +217,23 @@ def main(argv=None):
     p.add_argument('--dataset', default='all', choices=['all', 'image_folder', *REFERENCE_EXTRACTORS])
     p.add_argument('--root', default=None, help='image_folder: the folder of class sub-folders')
     p.add_argument('--name', default=None, help="image_folder: the extractor's name (default: the folder's name)")
-    p.add_argument('--out', default=None, help='default: data_prep/reference (built-in), runs/reference (image_folder)')
+    p.add_argument('--out', default=None,
+                   help='default: data_prep/reference (built-in), <runs_dir>/reference (image_folder)')
+    p.add_argument('--res', type=int, default=None,
+                   help="image_folder: input size in px, a multiple of 8 (default: the images' own)")
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--threads', type=int, default=None,
+                   help='default: the threads setting (settings.ini / VTP_THREADS), else 2')
     p.add_argument('--n-train', type=int, default=None, help='training images (default 30000)')
     p.add_argument('--n-test', type=int, default=5_000, help='shapes / shape_pairs test images')
     p.add_argument('--epochs', type=int, default=None, help='default: 6 (shapes, shape_pairs), 5 (fashion_mnist)')
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
+    if a.res is not None and (a.res < 8 or a.res % 8):
+        p.error(f"--res {a.res}: expected a positive multiple of 8 (the network pools three times by 2)")
+    if a.res is not None and a.dataset != 'image_folder':
+        p.error(f"--res is for --dataset image_folder; the built-in networks read {REF_RES} px")
+    a.threads = a.threads or get_settings()['threads'] or 2
+    setup_threads(a.threads)
     if a.dataset == 'image_folder':
         return train_folder(a)
     out = Path(a.out or ROOT/'data_prep'/'reference')
@@ -228,14 +257,14 @@ def main(argv=None):
             x, tg = fmnist_arrays('train')
             evals = {'val': fmnist_arrays('val'), 'test': fmnist_arrays('test')}
             net = train(name, x, tg, epochs, 128, 2e-3, a.seed, augment_flip=True)
-        scale = calibrate_feature_scale(net, x)                              # KID's polynomial kernel assumes O(1) features
+        scale = calibrate_feature_scale(net, x)                     # KID's polynomial kernel assumes O(1) features
         acc = {split: evaluate(net, *xy) for split, xy in evals.items()}
         path = out/f'{name}.safetensors'
         sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
         save_file(sd, str(path), metadata=file_metadata(name, a.seed))
         sha = sha256_file(path)
-        report = dict(dataset=name, sha256=sha, bytes=path.stat().st_size, accuracy=acc, feature_scale=scale, seed=a.seed, threads=a.threads,
-                      n_train=len(x), epochs=epochs, seconds=round(time.time() - t0, 1),
+        report = dict(dataset=name, sha256=sha, bytes=path.stat().st_size, accuracy=acc, feature_scale=scale,
+                      seed=a.seed, threads=a.threads, n_train=len(x), epochs=epochs, seconds=round(time.time() - t0, 1),
                       torch=torch.__version__)
         (out/f'{name}.json').write_text(json.dumps(report, indent=2) + '\n')
         print(json.dumps(report, indent=2))

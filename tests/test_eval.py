@@ -123,7 +123,6 @@ def test_sources_agree_and_stream(real, tmp_path):
 @pytest.mark.parametrize('bad, exc, msg', [
     (torch.zeros(2, 1, 32, 32, dtype=torch.uint8), ValueError, '3 RGB channels'),
     (torch.zeros(3, 32, 32, dtype=torch.uint8), ValueError, r'\(B, 3, H, W\)'),
-    (torch.zeros(2, 3, 28, 28, dtype=torch.uint8), ValueError, 'expects 32x32'),
     (torch.zeros(2, 3, 32, 32, dtype=torch.int64), ValueError, 'dtype torch.int64'),
     (torch.full((2, 3, 32, 32), 200.), ValueError, r'\[0, 255\] pixels'),
     (torch.full((2, 3, 32, 32), float('nan')), ValueError, 'NaN'),
@@ -134,6 +133,39 @@ def test_bad_batches(bad, exc, msg):
         check_batch(bad)
     with pytest.raises((exc, ValueError, TypeError), match=msg):
         extract_features([bad])
+
+
+def test_reference_extractor_reads_any_size(real, ref_feats):
+    "32-px images go in unchanged; other sizes are resized as torch-fidelity resizes for Inception."
+    x = check_batch(real[:200])
+    net = load_reference_extractor('shapes')
+    assert torch.equal(extract_features(x, 'shapes').feats['feat'], net(x)['feat'])          # no resize at 32 px
+    x64 = x.repeat_interleave(2, -1).repeat_interleave(2, -2)       # 2x2 blocks: the 2x downsample gives x back
+    torch.testing.assert_close(extract_features(x64, 'shapes').feats['feat'], net(x)['feat'])
+    m = fidelity_metrics(x64, x, metrics=('fd',))
+    assert abs(m['FD_shapes']) < 1e-3 and m['n1'] == m['n2'] == 200
+    x28 = F.interpolate(x.float(), size=(28, 28), mode='area').round().to(torch.uint8)
+    assert extract_features(x28, 'shapes').n == 200                 # a smaller size is upsampled
+    with pytest.raises(ValueError, match='expects 32x32'):           # check_batch still checks the size it is given
+        check_batch(x28)
+    with pytest.raises(ValueError, match='3 RGB channels'):
+        extract_features([x64[:, :1]])
+
+
+def test_retrieval_with_shared_captions():
+    "Captions shared by several images: an item with the same caption is a hit; distinct captions: the own pair only."
+    from vtp_nbdev.eval_understanding import retrieval_recall, caption_groups
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randn(30, 30, generator=g)
+    assert retrieval_recall(sim, groups=torch.arange(30)) == retrieval_recall(sim)
+    groups = caption_groups([f'class {i % 3}' for i in range(30)])  # 3 captions, 10 images each
+    r = retrieval_recall(sim, ks=(1, 3), groups=groups)
+    assert r['image_to_text_R@3'] == 1.0                           # 3 distinct captions: always within the top 3
+    best = sim.masked_fill(groups[:, None] != groups[None, :], float('-inf')).max(0).values
+    others = sim.masked_fill(groups[:, None] == groups[None, :], float('-inf'))
+    assert r['text_to_image_R@1'] == (others.max(0).values < best).double().mean().item()
+    sim_own = torch.eye(30) * 20 + sim                             # own pair always first: a hit under both rules
+    assert retrieval_recall(sim_own, ks=(1,), groups=groups) == {'image_to_text_R@1': 1.0, 'text_to_image_R@1': 1.0}
 
 
 def test_bad_sources(tmp_path, real):

@@ -1,7 +1,8 @@
 """A user's own data, end to end: captioned images as tar shards and a CSV (with a few bad members) through
 pre-training, the GAN decoder stage, export, reload, evaluation (retrieval + reconstruction) and latent extraction;
 a labelled image folder through the scaling FLOP count, pre-training, latents and the DiT; caption-only latents
-through an unconditional DiT, its samples and the generation measurement with a named extractor."""
+through an unconditional DiT, its samples and the generation measurement with a named extractor; a reference network
+trained at the images' own resolution under the runs directory setting, read by rFD at any image size."""
 import csv, io, json, tarfile, time, warnings
 from pathlib import Path
 
@@ -218,3 +219,49 @@ def test_caption_only_data_trains_an_unconditional_dit(user_data, tmp_path):
                            device='cpu', progress=False)
     assert m['conditioning'] == m['label_sampling'] == 'unconditional' and m['FD_shapes'] > 0 and m['n2'] == 8
     print(f"caption-only DiT: {time.perf_counter() - t0:.1f} s")
+
+
+def _load_reference_script():
+    import importlib.util
+    script = Path(__file__).parents[1]/'data_prep'/'train_reference_extractor.py'
+    spec = importlib.util.spec_from_file_location('tre', script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reference_extractor_at_the_datas_resolution_in_the_runs_dir(tmp_path, monkeypatch):
+    "`train_reference_extractor.py` trains at the images' own size, writes under VTP_RUNS_DIR, uses VTP_THREADS."
+    from vtp_nbdev.eval_reconstruction import reconstruction_metrics
+    from vtp_nbdev.fid import REFERENCE_EXTRACTORS
+    from vtp_nbdev.tokenizer import vtp_config
+    ds = ShapesDataset('train', size=48, res=48)                                       # 48-px labelled images
+    for i in range(48):
+        img, _, label = ds.raw(i)
+        d = tmp_path/'pets'/('reddish' if label % 4 == 0 else 'other')
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d/f'{i}.png')
+    monkeypatch.setenv('VTP_RUNS_DIR', str(tmp_path/'elsewhere'))
+    monkeypatch.setenv('VTP_THREADS', '1')
+    threads = torch.get_num_threads()
+    tre = _load_reference_script()
+    try:
+        path = tre.main(['--dataset', 'image_folder', '--root', str(tmp_path/'pets'), '--epochs', '1'])
+        assert path == tmp_path/'elsewhere'/'reference'/'pets.safetensors'
+        report = json.loads(path.with_suffix('.json').read_text())
+        assert (report['res'], report['threads']) == (48, 1)
+        torch.manual_seed(0)
+        data = get_dataset('image_folder', 'test', root=str(tmp_path/'pets'), res=48, test_frac=0.3)
+        m48 = VTPModel(vtp_config('tiny', image_size=48)).eval()
+        at48 = reconstruction_metrics(m48, data, n=8, extractor=str(path))
+        assert at48['rFID_metric'] == 'FD_pets' and at48['rFID'] > 0 and 'rFID_note' not in at48   # read as they are
+        data32 = get_dataset('image_folder', 'test', root=str(tmp_path/'pets'), test_frac=0.3)
+        at32 = reconstruction_metrics(VTPModel(vtp_config('tiny')).eval(), data32, n=8, extractor=str(path))
+        assert at32['rFID'] > 0 and "32x32 images resized to the reference network's 48x48" in at32['rFID_note']
+        none = reconstruction_metrics(VTPModel(vtp_config('tiny')).eval(), data32, n=8, extractor=None)
+        assert str(tmp_path/'elsewhere'/'reference') in none['rFID_note']                # names where the file lands
+        with pytest.raises(SystemExit):
+            tre.main(['--dataset', 'image_folder', '--root', str(tmp_path/'pets'), '--res', '30'])
+    finally:
+        REFERENCE_EXTRACTORS.pop('pets', None)
+        torch.set_num_threads(threads)

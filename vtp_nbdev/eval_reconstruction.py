@@ -10,9 +10,10 @@ import json, time, warnings
 from pathlib import Path
 import torch
 import torch.nn.functional as F
+from .config import get_settings
 from .data import denormalize, to_uint8, get_dataset, ZERO_SHOT_TEMPLATES
-from .fid import (FeatureSet, REFERENCE_EXTRACTORS, INCEPTION, UINT8_POLICY, REF_RES, make_extractor,
-                           extractor_info, fidelity_metrics, metric_suffix)
+from .fid import (FeatureSet, REFERENCE_EXTRACTORS, INCEPTION, UINT8_POLICY, make_extractor, extractor_info,
+                           fidelity_metrics, metric_suffix)
 from .eval_understanding import model_device, iter_batches, zero_shot, linear_probe, retrieval, FEATURE_CHOICES
 
 # %% auto #0
@@ -63,7 +64,7 @@ def _lpips_metric(lpips_path, device):
 
 NO_EXTRACTOR_NOTE = ("skipped: no reference extractor for dataset {name!r}; train one on your labelled images with "
                       "`python data_prep/train_reference_extractor.py --dataset image_folder --root DIR` and pass "
-                      "extractor='data_prep/reference/<name>.safetensors'")
+                      "extractor='{runs}/reference/<name>.safetensors' (the file it writes)")
 
 @torch.inference_mode()
 def reconstruction_metrics(model, dataset, n: int | None = 1000, batch_size: int = 128, dataset_name: str | None = None,
@@ -73,7 +74,7 @@ def reconstruction_metrics(model, dataset, n: int | None = 1000, batch_size: int
     name = dataset_name or getattr(dataset, 'name', None)
     if extractor == 'auto':
         extractor = name if name in REFERENCE_EXTRACTORS else None
-    fe, fe_note = None, NO_EXTRACTOR_NOTE.format(name=name)
+    fe, fe_note = None, NO_EXTRACTOR_NOTE.format(name=name, runs=get_settings()['runs_dir'])
     if extractor:
         try:
             fe = make_extractor(extractor, device=dev, features=['2048'] if extractor == INCEPTION else ['feat'])
@@ -97,10 +98,9 @@ def reconstruction_metrics(model, dataset, n: int | None = 1000, batch_size: int
         sums['ssim'] += ssim(ro.float(), xo.float()).sum().item()
         if lp is not None:
             sums['lpips'] += lp(ro.float() / 127.5 - 1, xo.float() / 127.5 - 1).sum().item()
-        if fe is not None and extractor != INCEPTION and tuple(x.shape[-2:]) != (REF_RES, REF_RES):
-            fe = None
-            fe_note = (f'skipped: the reference extractor reads {REF_RES}x{REF_RES} images, these are '
-                       f'{x.shape[-2]}x{x.shape[-1]} (use a 32-px model, or extractor={INCEPTION!r})')
+        if fe is not None and extractor != INCEPTION and x.shape[-1] != fe.net.res:
+            fe_note = (f"{x.shape[-2]}x{x.shape[-1]} images resized to the reference network's "
+                       f"{fe.net.res}x{fe.net.res} (vtp_nbdev.fid.resize_for_reference)")
         if fe is not None:
             feats['orig'].append(fe(xo)[0].cpu())
             feats['rec'].append(fe(ro)[0].cpu())
@@ -119,6 +119,8 @@ def reconstruction_metrics(model, dataset, n: int | None = 1000, batch_size: int
         fd_key = 'FID' if extractor == INCEPTION else f'FD_{metric_suffix(info["extractor"])}'
         out.update(rFID=m[fd_key], rFID_metric=fd_key, extractor=info['extractor'],
                    extractor_sha256=info['extractor_sha256'])
+        if fe_note.endswith('resize_for_reference)'):
+            out['rFID_note'] = fe_note
     else:
         out.update(rFID=None, rFID_note=fe_note)
     out['seconds'] = round(time.perf_counter() - t0, 2)

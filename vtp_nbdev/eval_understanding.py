@@ -15,7 +15,7 @@ from .data import zero_shot_prompts, zero_shot_templates, tokenize
 # %% auto #0
 __all__ = ['FEATURE_CHOICES', 'PROBE_FEATURES', 'PROBE_LRS', 'FEATURE_DESCRIPTIONS', 'model_device', 'iter_batches',
            'zero_shot_classifier', 'topk_accuracy', 'zero_shot', 'probe_features', 'train_linear_probe',
-           'attribute_labels', 'linear_probe', 'retrieval_recall', 'retrieval']
+           'attribute_labels', 'linear_probe', 'caption_groups', 'retrieval_recall', 'retrieval']
 
 # %% ../nbs/06_eval_understanding.ipynb #5cd16255
 def model_device(model) -> torch.device:
@@ -234,12 +234,30 @@ def linear_probe(model, train_dataset, test_dataset, n_train: int | None = 5000,
     return out
 
 # %% ../nbs/06_eval_understanding.ipynb #e3a9b4c6
-def retrieval_recall(sim: torch.Tensor, ks=(1, 5, 10)) -> dict:
-    "Recall@k both ways of a square similarity matrix (images × captions) whose diagonal holds the true pairs."
+def caption_groups(captions: list) -> torch.Tensor:
+    "One id per caption, shared by equal captions (ids in order of first appearance)."
+    ids = {}
+    return torch.tensor([ids.setdefault(c, len(ids)) for c in captions], dtype=torch.int64)
+
+def retrieval_recall(sim: torch.Tensor, ks=(1, 5, 10), groups: torch.Tensor | None = None) -> dict:
+    "Recall@k both ways of a square similarity (images × captions), true pairs on its diagonal; equal `groups` hit."
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f"retrieval: similarity of shape {tuple(sim.shape)}; expected (N, N)")
-    d = sim.diagonal()
-    ranks = dict(image_to_text=(sim > d[:, None]).sum(1), text_to_image=(sim > d[None, :]).sum(0))  # 0: true pair first
+    if groups is None:
+        d = sim.diagonal()
+        ranks = dict(image_to_text=(sim > d[:, None]).sum(1), text_to_image=(sim > d[None, :]).sum(0))  # 0: first
+        return {f'{way}_R@{k}': (r < k).double().mean().item() for way, r in ranks.items() for k in ks}
+    if groups.shape != (len(sim),):
+        raise ValueError(f"retrieval: groups of shape {tuple(groups.shape)}; expected ({len(sim)},), one per pair")
+    n, ids = len(sim), torch.unique(groups, return_inverse=True)[1]       # ids 0..G-1
+    same = ids[:, None] == ids[None, :]                                   # (N, N): pairs i, j share their caption
+    firsts = torch.full((int(ids.max()) + 1,), n).scatter_reduce(0, ids, torch.arange(n), 'amin')
+    first = torch.zeros(n, dtype=torch.bool)
+    first[firsts] = True                                                  # one column per distinct caption
+    own = sim.masked_fill(~same, float('-inf'))
+    i2t = ((sim > own.max(1).values[:, None]) & ~same & first[None, :]).sum(1)    # distinct captions above its own
+    t2i = ((sim > own.max(0).values[None, :]) & ~same).sum(0)             # images of other captions above the best
+    ranks = dict(image_to_text=i2t, text_to_image=t2i)
     return {f'{way}_R@{k}': (r < k).double().mean().item() for way, r in ranks.items() for k in ks}
 
 @torch.inference_mode()
@@ -249,12 +267,20 @@ def retrieval(model, dataset, n: int | None = 1000, batch_size: int = 256, ks=(1
     if m < 2:
         raise ValueError(f"retrieval needs at least 2 image-caption pairs; the dataset has {len(dataset)} (n={n})")
     dev, L, t0 = model_device(model), model.config.text_context_length, time.perf_counter()
-    img, txt = [], []
+    img, txt, captions = [], [], []
     for i in range(0, m, batch_size):
         items = [dataset[j] for j in range(i, min(i + batch_size, m))]
         x = torch.stack([it['image'] for it in items]).to(dev)
         img.append(model.get_clip_image_feature(x, normalize=True).float().cpu())                       # (B, E)
-        tok = tokenize([it['caption'] for it in items], L).to(dev)
+        batch_captions = [it['caption'] for it in items]
+        captions += batch_captions
+        tok = tokenize(batch_captions, L).to(dev)
         txt.append(model.get_clip_text_feature(tok, normalize=True).float().cpu())                      # (B, E)
-    out = retrieval_recall(torch.cat(img) @ torch.cat(txt).T, ks)
-    return dict(out, n=m, chance_R1=1 / m, seconds=round(time.perf_counter() - t0, 2))
+    groups = caption_groups(captions)
+    n_distinct = int(groups.max()) + 1
+    shared = n_distinct < m                                               # some captions repeat: equal captions hit
+    out = retrieval_recall(torch.cat(img) @ torch.cat(txt).T, ks, groups if shared else None)
+    share = torch.bincount(groups)[groups].double().mean().item() / m     # mean share of pairs with the query's caption
+    return dict(out, n=m, n_distinct_captions=n_distinct,
+                hit='an item with the same caption' if shared else "the pair's own caption / image",
+                chance_R1=1 / n_distinct, chance_R1_text_to_image=share, seconds=round(time.perf_counter() - t0, 2))

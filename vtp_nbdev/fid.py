@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric, KEY_METRIC_FID
 from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
 from torch_fidelity.metric_isc import isc_features_to_metric, KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD
@@ -29,10 +30,11 @@ from .data import normalize, to_uint8, SHAPE_KINDS, COLOURS, SIZES, COUNTS, POSI
 # %% auto #0
 __all__ = ['REF_RES', 'UINT8_POLICY', 'SHAPES_HEADS', 'SHAPE_PAIRS_HEADS', 'REFERENCE_EXTRACTORS', 'INCEPTION', 'INCEPTION_FILE',
            'METRICS', 'ATTRIBUTE_VALUES', 'DATASET_ATTRIBUTES', 'RefCNN', 'ChecksumError', 'repo_root', 'sha256_file',
-           'load_reference_extractor', 'check_batch', 'RefFeatureExtractor', 'ref_extractor_name',
-           'inception_weights_path', 'make_extractor', 'extractor_info', 'register_reference_extractor', 'save_samples',
-           'iter_uint8_batches', 'FeatureSet', 'extract_features', 'metric_suffix', 'fidelity_metrics', 'Uint8Images',
-           'torch_fidelity_metrics', 'attribute_values', 'predict_attributes', 'attribute_accuracy']
+           'load_reference_extractor', 'check_batch', 'resize_for_reference', 'RefFeatureExtractor',
+           'ref_extractor_name', 'inception_weights_path', 'make_extractor', 'extractor_info',
+           'register_reference_extractor', 'save_samples', 'iter_uint8_batches', 'FeatureSet', 'extract_features',
+           'metric_suffix', 'fidelity_metrics', 'Uint8Images', 'torch_fidelity_metrics', 'attribute_values',
+           'predict_attributes', 'attribute_accuracy']
 
 # %% ../nbs/08_fid.ipynb #563dc9a7
 REF_RES = 32
@@ -128,7 +130,7 @@ def check_batch(x, res: int | None = REF_RES, where: str = 'batch') -> torch.Ten
     if res is not None and tuple(x.shape[-2:]) != (res, res):
         raise ValueError(f"{where}: images are {x.shape[-2]}x{x.shape[-1]}; "
                          f"the reference extractor expects {res}x{res} "
-                         "(resize the samples, or use the 'inception-v3-compat' extractor for other sizes)")
+                         "here (resize the images; extract_features and fidelity_metrics resize any size themselves)")
     if x.dtype == torch.uint8:
         return x
     if not x.is_floating_point():
@@ -141,8 +143,15 @@ def check_batch(x, res: int | None = REF_RES, where: str = 'batch') -> torch.Ten
     return to_uint8(x.float())
 
 # %% ../nbs/08_fid.ipynb #2859a0c2
+def resize_for_reference(x: torch.Tensor, res: int) -> torch.Tensor:
+    "uint8 images (B, 3, H, W) as a `res`-px network's input: unchanged at res x res, else resized like torch-fidelity."
+    if tuple(x.shape[-2:]) == (res, res):
+        return x
+    y = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(res, res), align_corners=False)
+    return normalize(y / 255)                                              # ImageNet-normalised, as uint8 input becomes
+
 class RefFeatureExtractor(FeatureExtractorBase):
-    "torch-fidelity wrapper of a reference CNN (subclassed per dataset): uint8 (B, 3, 32, 32) -> requested features."
+    "torch-fidelity wrapper of a reference CNN (subclassed per dataset): uint8 (B, 3, H, W) -> requested features."
     ref_name: str = ''
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
@@ -163,7 +172,7 @@ class RefFeatureExtractor(FeatureExtractorBase):
         return torch.zeros(1, 3, REF_RES, REF_RES, dtype=torch.uint8)
 
     def forward(self, x):
-        out = self.net(check_batch(x, REF_RES, self.name))
+        out = self.net(resize_for_reference(check_batch(x, None, self.name), self.net.res))
         return tuple(out[k].float() for k in self.features_list)
 
 def ref_extractor_name(dataset: str) -> str:
@@ -360,10 +369,9 @@ def extract_features(source, extractor='shapes', batch_size: int = 500, n: int |
                      weights_path=None) -> FeatureSet:
     "Stream `source` through an extractor (name or torch-fidelity instance), keeping only the features."
     fe = extractor if isinstance(extractor, FeatureExtractorBase) else make_extractor(extractor, weights_path, device)
-    res = REF_RES if fe.get_name().startswith('vtp-ref-') else None
     dev = next(fe.parameters()).device
     chunks = {k: [] for k in fe.get_requested_features_list()}
-    for x in iter_uint8_batches(source, batch_size, n, res):
+    for x in iter_uint8_batches(source, batch_size, n, res=None):       # the extractor resizes
         for k, v in fe.convert_features_tuple_to_dict(fe(x.to(dev))).items():
             chunks[k].append(v.float().cpu())
     total = sum(len(c) for c in chunks[next(iter(chunks))])
@@ -453,8 +461,7 @@ def torch_fidelity_metrics(input1, input2=None, extractor='shapes', metrics=METR
                         features=['2048'] if name == INCEPTION else ['feat'])  # clear error if absent
     info = extractor_info(fe)
     weights_path = fe.weights_path
-    res = None if name == INCEPTION else REF_RES
-    wrap = lambda s: (lambda d: d.folder if d.x is None else d)(Uint8Images(s, res))
+    wrap = lambda s: (lambda d: d.folder if d.x is None else d)(Uint8Images(s, res=None))   # the extractor resizes
     i1 = wrap(input1)
     i2 = wrap(input2) if input2 is not None else None
     kw = dict(input1=i1, input2=i2, feature_extractor=name, fid='fd' in metrics, kid='kid' in metrics,

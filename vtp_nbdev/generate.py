@@ -52,7 +52,8 @@ def generation_extractor(cfg: GenerationEvalConfig) -> str:
         f"generation_metrics: no reference extractor for dataset {cfg.dataset!r} (the project has "
         f"{list(REFERENCE_EXTRACTORS)}); train one on labelled images like yours with `python "
         "data_prep/train_reference_extractor.py --dataset image_folder --root DIR` and pass "
-        "GenerationEvalConfig(extractor='runs/reference/<name>.safetensors'), or extractor='inception-v3-compat'")
+        "GenerationEvalConfig(extractor='<runs_dir>/reference/<name>.safetensors') (runs_dir: settings.ini or "
+        "VTP_RUNS_DIR; the script prints the path), or extractor='inception-v3-compat'")
 
 # %% ../nbs/12_generate.ipynb #9f505925
 def sample_class_accuracy(images, labels, dataset: str = 'shapes', batch_size: int = 500, device='cpu') -> dict:

@@ -1,5 +1,5 @@
 """Stage the documentation site (README, rendered notebooks, one API page per module) and build it into `site/`."""
-import argparse, ast, json, os, shutil, subprocess, sys
+import argparse, ast, json, os, re, shutil, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +34,25 @@ def api_modules() -> list:
             mods.append((p.stem, ast.get_docstring(ast.parse(p.read_text())) or ''))
     return mods
 
+_LIST_ITEM = re.compile(r'^( *)([-*+]|\d+\.) ')
+
+def python_markdown_lists(text: str) -> str:
+    "GitHub-style markdown lists as Python-Markdown reads them: a blank line before a list, nested items by 4 spaces."
+    out, fence, prev_item = [], False, False
+    for line in text.splitlines():
+        if line.lstrip().startswith('```'):
+            fence = not fence
+        m = None if fence else _LIST_ITEM.match(line)
+        if m:
+            if out and out[-1].strip() and not prev_item:
+                out.append('')
+            line = ' ' * (2 * len(m[1])) + line[len(m[1]):]
+        elif prev_item and line.startswith(' ') and line.strip():
+            line = ' ' * (2 * (len(line) - len(line.lstrip()))) + line.lstrip()    # continuation of a nested item
+        prev_item = bool(m) or (prev_item and line.startswith(' ') and bool(line.strip()))
+        out.append(line)
+    return '\n'.join(out) + '\n'
+
 def stage() -> dict:
     "Write the pages into `_site_src/docs/` and a configuration with the navigation; the navigation."
     shutil.rmtree(STAGE, ignore_errors=True)
@@ -41,7 +60,7 @@ def stage() -> dict:
     (docs/'library').mkdir(parents=True)
     (docs/'reproduction').mkdir()
     (docs/'api').mkdir()
-    shutil.copy2(ROOT/'README.md', docs/'index.md')
+    (docs/'index.md').write_text(python_markdown_lists((ROOT/'README.md').read_text()))
     nav = [{'Home': 'index.md'}]
     stale = []
     for section, folder, nbs in (('Library', 'library', sorted(p for p in (ROOT/'nbs').glob('*.ipynb')

@@ -220,6 +220,10 @@ def _tree_digest(folder: Path) -> str:
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
 
+def _checkpoints(runs: Path) -> set:
+    "Checkpoint files under a runs folder."
+    return {p for p in runs.rglob('*') if p.suffix in ('.safetensors', '.pt', '.ckpt')} if runs.exists() else set()
+
 def _git_commit(root: Path) -> dict:
     "The checkout's commit and whether notebooks, package or store differ from it."
     import subprocess
@@ -289,6 +293,7 @@ def render_notebooks(only=None, root=None, out=None) -> dict:
         for i, (src, target, params) in enumerate(plan, 1):
             t0 = time.time()
             print(f"[{i}/{len(plan)}] {src.relative_to(root)} ...", flush=True)
+            ckpts_before = _checkpoints(scratch/'runs')
             cwd = root/'nbs' if params is None else proj/'nbs'/'repro'
             executed = scratch/'executed.ipynb'
             try:
@@ -297,9 +302,9 @@ def render_notebooks(only=None, root=None, out=None) -> dict:
                 raise RuntimeError(f"{src.relative_to(root)}: {_failure(e)}") from e
             if params is not None and _tree_digest(proj/'results') != store:
                 raise RuntimeError(f"{src.name} changed the results store while rendering with {params}")
-            ckpts = [p for p in (scratch/'runs').rglob('*') if p.suffix in ('.safetensors', '.pt', '.ckpt')]
-            if params is not None and ckpts:
-                raise RuntimeError(f"{src.name} trained while rendering with {params}: wrote {ckpts[0]}")
+            new_ckpts = sorted(_checkpoints(scratch/'runs') - ckpts_before)
+            if params is not None and new_ckpts:
+                raise RuntimeError(f"{src.name} trained while rendering with {params}: wrote {new_ckpts[0]}")
             nb = clean_rendered(nbformat.read(executed, as_version=4), replace, src.name)
             target = out/target.relative_to(root/RENDER_DIR)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -310,10 +315,10 @@ def render_notebooks(only=None, root=None, out=None) -> dict:
         os.environ.clear()
         os.environ.update(env_before)
         shutil.rmtree(scratch, ignore_errors=True)
+    rendered = sorted(str(p.relative_to(out)) for p in out.rglob('*.ipynb'))
     manifest = dict(**_git_commit(root), host=platform.node(), scale=RENDER_SCALE, store_sha256=store,
-                    not_rendered=skipped, rendered=sorted(seconds))
-    if not only:
-        (out/'manifest.json').write_text(json.dumps(manifest, indent=1) + '\n')
+                    not_rendered=skipped, rendered=rendered)
+    (out/'manifest.json').write_text(json.dumps(manifest, indent=1) + '\n')
     for k, v in skipped.items():
         print(f"not rendered: {k} ({v})")
     print(f"rendered {len(seconds)} notebooks in {sum(seconds.values()):.0f}s -> {out}")

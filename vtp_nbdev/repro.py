@@ -247,7 +247,7 @@ def _render_env(scratch: Path) -> dict:
 
 # %% ../nbs/99_repro.ipynb #6669ad96
 def _copy_project(root: Path, dest: Path) -> Path:
-    "A throw-away project: settings, README, results store and reproduction notebooks (they write into it)."
+    "A throw-away project: settings, README, results store, figures and reproduction notebooks (they write into it)."
     import shutil
     dest.mkdir(parents=True)
     for f in ('settings.ini', 'pyproject.toml', 'README.md'):
@@ -255,6 +255,8 @@ def _copy_project(root: Path, dest: Path) -> Path:
     shutil.copytree(root/'results', dest/'results')
     shutil.copytree(root/'figures', dest/'figures')
     (dest/'nbs'/'repro').mkdir(parents=True)
+    for nb in repro_notebooks(root):
+        shutil.copy2(nb, dest/'nbs'/'repro'/nb.name)
     return dest
 
 def _execute(src: Path, params, cwd: Path, out: Path, flags: tuple):

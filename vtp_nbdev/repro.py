@@ -143,6 +143,10 @@ SKIP_TAG = 'skip-execution'          # nbclient's tag for cells shown but not ru
 _ADDRESS = re.compile(r'\b0x[0-9a-fA-F]{6,}\b')
 _PROGRESS = re.compile(r'\d+%\|')   # a tqdm bar
 _TEMP_NAME = re.compile(r'(\$TMPDIR/)[^/\s\'"]+')   # a random name tempfile gave
+_TIMED_KEY = re.compile(r"'(?:\w*seconds|\w*_per_s)':\s*(?:\{[^{}]*\}|[-+\d.e]+)")   # {'seconds': 0.5} in a repr
+_DURATION = re.compile(r'\b\d+(?:\.\d+)?\s?(?:s|ms|min)\b(?!\.\w)')                        # 3.3 s, 33s, 120 ms
+_RATE = re.compile(r'\b\d[\d,]*(?:\.\d+)?(\s?[A-Za-z]+/s)\b')                          # 1,670 images/s
+_NUMBER = re.compile(r'[-+]?\d[\d.e+-]*')
 
 def _test_flags(root) -> tuple:
     "nbdev's `tst_flags` from `pyproject.toml` (cells flagged with one are not run by nbdev-test)."
@@ -166,9 +170,11 @@ def render_plan(root=None) -> tuple:
 
 # %% ../nbs/99_repro.ipynb #e628501d
 def _clean_text(s: str, replace: dict) -> str:
-    "`s` with the `replace` substitutions made (longest first) and object addresses masked."
+    "`s` with the `replace` substitutions made (longest first); addresses, durations, rates, temp names masked."
     for old in sorted(replace, key=len, reverse=True):
         s = s.replace(old, replace[old])
+    s = _TIMED_KEY.sub(lambda m: _NUMBER.sub('…', m[0].split(':', 1)[1]).join((m[0].split(':', 1)[0] + ':', '')), s)
+    s = _RATE.sub(r'…\1', _DURATION.sub('… s', s))
     return _TEMP_NAME.sub(r'\1…', _ADDRESS.sub('0x…', s))
 
 def _without_progress(s: str) -> str:
@@ -292,6 +298,9 @@ def render_notebooks(only=None, root=None, out=None) -> dict:
         store = _tree_digest(proj/'results')
         replace = {str(proj) + '/': '', str(proj): '.', str(scratch/'tmp'): '$TMPDIR', str(scratch): '$TMP',
                    str(root) + '/': '', str(root): '.', sys.prefix: '$VENV'}
+        commit = _git_commit(root)['commit']
+        if commit:
+            replace[commit] = '<commit in rendered/manifest.json>'
         for i, (src, target, params) in enumerate(plan, 1):
             t0 = time.time()
             print(f"[{i}/{len(plan)}] {src.relative_to(root)} ...", flush=True)

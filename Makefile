@@ -27,8 +27,9 @@ setup: $(VENV)/.installed
 repro: setup
 	$(PY) -m vtp_nbdev.repro --scale $(SCALE)
 
-## Everything CI runs: nbdev sync check, every library notebook, the smoke reproduction (papermill driver), pytest.
-test: setup test-sync test-nbs test-repro test-py
+## Everything CI runs: nbdev sync check, every library notebook, the smoke reproduction (papermill driver), the
+## documentation site (its links are checked by pytest), pytest.
+test: setup test-sync test-nbs test-repro docs test-py
 
 test-sync: setup
 	@before=$$(git status --porcelain -- vtp_nbdev nbs; git diff -- vtp_nbdev nbs | sha1sum); \

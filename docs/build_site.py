@@ -81,8 +81,11 @@ def stage() -> dict:
     nav.append({'API': api})
     cfg = dict(INHERIT='../mkdocs.yml', docs_dir='docs', site_dir=str(ROOT/'site'), nav=nav)
     (STAGE/'mkdocs.yml').write_text(json.dumps(cfg, indent=1) + '\n')   # JSON is YAML
+    manifest = RENDERED/'manifest.json'
+    not_rendered = json.loads(manifest.read_text())['not_rendered'] if manifest.exists() else {}
     for s in stale:
-        print(f'no rendered copy of {s}: shown without outputs (`make render` writes one)')
+        why = not_rendered.get(Path(s).stem, 'run `make render`')
+        print(f'{s} shown without outputs ({why})')
     return nav
 
 def main(argv=None):

@@ -278,7 +278,7 @@ def _execute(src: Path, params, cwd: Path, out: Path, flags: tuple):
 
 # %% ../nbs/99_repro.ipynb #bf9112d0
 def render_notebooks(only=None, root=None, out=None) -> dict:
-    "Write executed, cleaned copies of the notebooks to `rendered/` (see above); {notebook: seconds}."
+    "Write executed, cleaned copies of the notebooks to `rendered/` and its `manifest.json`; {notebook: seconds}."
     import platform, shutil, tempfile, nbformat
     root = project_root(root)
     out = Path(out or root/RENDER_DIR)

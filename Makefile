@@ -28,8 +28,9 @@ setup: $(VENV)/.installed
 repro: setup
 	$(PY) -m vtp_nbdev.repro --scale $(SCALE)
 
-## Everything CI runs: nbdev sync check, every library notebook, the smoke reproduction (papermill driver), pytest.
-test: setup test-sync test-nbs test-repro test-py
+## Everything CI runs: nbdev sync check, every library notebook, the smoke reproduction (papermill driver), the
+## documentation site (its links are checked by pytest), pytest.
+test: setup test-sync test-nbs test-repro docs test-py
 
 test-sync: setup
 	@before=$$(git status --porcelain -- vtp_nbdev nbs; git diff -- vtp_nbdev nbs | sha1sum); \
@@ -55,6 +56,19 @@ test-repro: setup
 
 test-py: setup
 	$(VENV)/bin/pytest -q tests; rc=$$?; if [ $$rc = 5 ]; then echo "FAIL: pytest collected no tests"; exit 1; fi; exit $$rc
+
+## Executed copies of the notebooks in rendered/: library ones as they are, reproduction ones at the cpu scale from the
+## results store only (ONLY=names or globs renders a subset).
+.PHONY: render docs
+render: setup
+	$(PY) -c 'from vtp_nbdev.repro import render_main; render_main()' $(if $(ONLY),--only '$(ONLY)')
+
+## The documentation site in site/ (README, rendered notebooks, API per module); installs the `docs` extra if missing.
+docs: setup
+	@$(PY) -c 'import mkdocs, mkdocs_jupyter, mkdocstrings_handlers.python' 2>/dev/null || \
+	  $(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['docs']))" \
+	  | xargs $(PY) -m pip install -q
+	$(PY) docs/build_site.py
 
 clean:
 	rm -rf runs _proc

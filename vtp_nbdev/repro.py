@@ -10,7 +10,9 @@ from pathlib import Path
 from .config import get_settings, project_root, environment_info, SCALES
 
 # %% auto #0
-__all__ = ['RUN_LAST', 'repro_notebooks', 'select_notebooks', 'declared_parameters', 'run_repro', 'main']
+__all__ = ['RUN_LAST', 'RENDER_DIR', 'RENDER_SCALE', 'READS_ONLY', 'KEEP_MIME', 'SKIP_TAG', 'repro_notebooks', 'select_notebooks',
+           'declared_parameters', 'run_repro', 'main', 'render_plan', 'clean_rendered', 'render_notebooks',
+           'render_main']
 
 # %% ../nbs/99_repro.ipynb #dd5b7b00
 RUN_LAST = ('fig2_understanding_vs_generation', 'results_summary')   # read what the others wrote, in this order
@@ -130,3 +132,216 @@ def main(argv=None):
 
 if __name__ == '__main__' and '__file__' in globals():
     main()  # `python -m vtp_nbdev.repro`, not when run as a notebook
+
+# %% ../nbs/99_repro.ipynb #456d9c6a
+import re
+RENDER_DIR = 'rendered'              # executed copies of nbs/*.ipynb and nbs/repro/*.ipynb, same relative paths
+RENDER_SCALE = 'cpu'
+READS_ONLY = ('results_summary',)    # reproduction notebooks that only read what the others wrote
+KEEP_MIME = ('image/png', 'text/plain', 'text/markdown', 'text/html', 'text/latex')
+SKIP_TAG = 'skip-execution'          # nbclient's tag for cells shown but not run
+_ADDRESS = re.compile(r'\b0x[0-9a-fA-F]{6,}\b')
+_PROGRESS = re.compile(r'\d+%\|')   # a tqdm bar
+_TEMP_NAME = re.compile(r'(\$TMPDIR/)[^/\s\'"]+')   # a random name tempfile gave
+_TIMED_KEY = re.compile(r"'(?:\w*seconds|\w*_per_s|\w*time_s)':\s*(?:\{[^{}]*\}|[-+\d.e]+)")   # {'seconds': 0.5} in a repr
+_DURATION = re.compile(r'\b\d+(?:\.\d+)?\s?(?:s|ms|min)\b(?!\.\w)')                        # 3.3 s, 33s, 120 ms
+_RATE = re.compile(r'\b\d[\d,]*(?:\.\d+)?(\s?[A-Za-z]+/s)\b')                          # 1,670 images/s
+_NUMBER = re.compile(r'[-+]?\d[\d.e+-]*')
+
+def _test_flags(root) -> tuple:
+    "nbdev's `tst_flags` from `pyproject.toml` (cells flagged with one are not run by nbdev-test)."
+    import tomllib
+    return tuple(tomllib.loads((root/'pyproject.toml').read_text())['tool']['nbdev'].get('tst_flags', []))
+
+def render_plan(root=None) -> tuple:
+    "([(source, target, parameters or None)], {notebook: why not rendered}): library notebooks, then reproduction."
+    root = project_root(root)
+    lib = sorted(p for p in (root/'nbs').glob('*.ipynb') if not p.name.startswith('_'))
+    plan = [(p, root/RENDER_DIR/'nbs'/p.name, None) for p in lib]
+    skipped = {}
+    for nb in repro_notebooks(root):
+        declared = declared_parameters(nb)
+        if 'store_only' in declared or nb.stem in READS_ONLY:
+            params = dict(scale=RENDER_SCALE, seed=0, **({'store_only': True} if 'store_only' in declared else {}))
+            plan.append((nb, root/RENDER_DIR/'nbs'/'repro'/nb.name, params))
+        else:
+            skipped[nb.stem] = f'no store_only parameter: at the {RENDER_SCALE} scale it trains'
+    return plan, skipped
+
+# %% ../nbs/99_repro.ipynb #e628501d
+def _clean_text(s: str, replace: dict) -> str:
+    "`s` with the `replace` substitutions made (longest first); addresses, durations, rates, temp names masked."
+    for old in sorted(replace, key=len, reverse=True):
+        s = s.replace(old, replace[old])
+    s = _TIMED_KEY.sub(lambda m: _NUMBER.sub('…', m[0].split(':', 1)[1]).join((m[0].split(':', 1)[0] + ':', '')), s)
+    s = _RATE.sub(r'…\1', _DURATION.sub('… s', s))
+    return _TEMP_NAME.sub(r'\1…', _ADDRESS.sub('0x…', s))
+
+def _without_progress(s: str) -> str:
+    "Stream text without progress-bar lines (what a carriage return overwrote, and tqdm bars)."
+    lines = [l.split('\r')[-1] for l in s.split('\n')]
+    return '\n'.join(l for l in lines if not _PROGRESS.search(l))
+
+def clean_rendered(nb, replace: dict = None, name: str = 'notebook'):
+    "Strip from executed notebook `nb` (in place) what changes between identical runs; keep figures and text."
+    replace = replace or {}
+    nb.metadata = {k: nb.metadata[k] for k in ('kernelspec', 'language_info') if k in nb.metadata}
+    for i, c in enumerate(nb.cells):
+        tags = [t for t in c.metadata.get('tags', []) if t != SKIP_TAG]
+        c.metadata = {'tags': tags} if tags else {}
+        if 'injected-parameters' in tags:
+            c.id = 'injected-parameters'             # papermill's id is random
+        if c.cell_type != 'code':
+            continue
+        c.execution_count = None
+        outs = []
+        for o in c.outputs:
+            if o.output_type == 'error':
+                raise RuntimeError(f"{name}: cell {i} raised {o.ename}: {o.evalue}")
+            if o.output_type == 'stream':
+                o.text = _clean_text(_without_progress(o.text), replace)
+                if not o.text:
+                    continue
+                if outs and outs[-1].output_type == 'stream' and outs[-1].name == o.name:
+                    outs[-1].text += o.text          # how a stream is split into outputs depends on timing
+                    continue
+            else:
+                o.data = {k: _clean_text(v, replace) if k.startswith('text/') else v
+                          for k, v in o.data.items() if k in KEEP_MIME}
+                o.metadata = {}
+                if 'execution_count' in o:
+                    o.execution_count = None
+                if not o.data:
+                    continue
+            outs.append(o)
+        c.outputs = [o for o in outs if o.output_type != 'stream' or o.text.strip()]
+    return nb
+
+# %% ../nbs/99_repro.ipynb #ec3aaf07
+def _tree_digest(folder: Path) -> str:
+    "sha256 over the relative paths and bytes of every file under `folder`."
+    h = hashlib.sha256()
+    for p in sorted(q for q in folder.rglob('*') if q.is_file()):
+        h.update(str(p.relative_to(folder)).encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+def _checkpoints(runs: Path) -> set:
+    "Checkpoint files under a runs folder."
+    return {p for p in runs.rglob('*') if p.suffix in ('.safetensors', '.pt', '.ckpt')} if runs.exists() else set()
+
+def _git_commit(root: Path) -> dict:
+    "The checkout's commit and whether notebooks, package or store differ from it."
+    import subprocess
+    def git(*a):
+        r = subprocess.run(['git', *a], cwd=root, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+    modified = git('status', '--porcelain', '--', 'nbs', 'vtp_nbdev', 'results')
+    return dict(commit=git('rev-parse', 'HEAD'), modified=bool(modified))
+
+def _render_env(scratch: Path) -> dict:
+    "Environment of the rendering kernels: one thread, scratch run folders, PNGs without metadata, inline figures."
+    ipy = scratch/'ipython'/'profile_default'
+    ipy.mkdir(parents=True, exist_ok=True)
+    (ipy/'ipython_kernel_config.py').write_text(
+        "c.InlineBackend.print_figure_kwargs = {'bbox_inches': 'tight', 'metadata': {'Software': None}}\n")
+    (scratch/'tmp').mkdir(exist_ok=True)
+    return dict(VTP_THREADS='1', OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONHASHSEED='0', HF_HUB_OFFLINE='1',
+                TRANSFORMERS_OFFLINE='1', MPLBACKEND='module://matplotlib_inline.backend_inline',
+                IPYTHONDIR=str(scratch/'ipython'), TMPDIR=str(scratch/'tmp'), SOURCE_DATE_EPOCH='0',
+                VTP_RUNS_DIR=str(scratch/'runs'), VTP_FIGURES_DIR=str(scratch/'project'/'figures'), TQDM_DISABLE='1')
+
+# %% ../nbs/99_repro.ipynb #6669ad96
+def _copy_project(root: Path, dest: Path) -> Path:
+    "A throw-away project: settings, README, results store, figures and reproduction notebooks (they write into it)."
+    import shutil
+    dest.mkdir(parents=True)
+    for f in ('settings.ini', 'pyproject.toml', 'README.md'):
+        shutil.copy2(root/f, dest/f)
+    shutil.copytree(root/'results', dest/'results')
+    shutil.copytree(root/'figures', dest/'figures')
+    (dest/'nbs'/'repro').mkdir(parents=True)
+    for nb in repro_notebooks(root):
+        shutil.copy2(nb, dest/'nbs'/'repro'/nb.name)
+    return dest
+
+def _execute(src: Path, params, cwd: Path, out: Path, flags: tuple):
+    "Run `src` with papermill in `cwd` (parameters injected when given; cells flagged with `flags` not run)."
+    import nbformat, papermill as pm
+    nb = nbformat.read(src, as_version=4)
+    for c in nb.cells:
+        if c.cell_type == 'code' and any(re.match(rf'#\|\s*{f}\b', l) for f in flags for l in c.source.splitlines()):
+            c.metadata.setdefault('tags', []).append(SKIP_TAG)
+    nbformat.write(nb, out)
+    pm.execute_notebook(str(out), str(out), parameters=params, kernel_name='python3', language='python',
+                        cwd=str(cwd), progress_bar=False, request_save_on_cell_execute=False)
+
+# %% ../nbs/99_repro.ipynb #bf9112d0
+def render_notebooks(only=None, root=None, out=None) -> dict:
+    "Write executed, cleaned copies of the notebooks to `rendered/` and its `manifest.json`; {notebook: seconds}."
+    import platform, shutil, tempfile, nbformat
+    root = project_root(root)
+    out = Path(out or root/RENDER_DIR)
+    plan, skipped = render_plan(root)
+    if only:
+        pats = [p.strip() for p in (only.split(',') if isinstance(only, str) else only) if p.strip()]
+        plan = [x for x in plan if any(fnmatch.fnmatch(x[0].stem, p.removesuffix('.ipynb')) for p in pats)]
+        if not plan:
+            raise FileNotFoundError(f"no notebook to render matches {pats}")
+    flags = _test_flags(root)
+    scratch = Path(tempfile.mkdtemp(prefix='vtp_render_'))
+    env_before = dict(os.environ)
+    seconds = {}
+    try:
+        os.environ.update(_render_env(scratch))
+        proj = _copy_project(root, scratch/'project')
+        store = _tree_digest(proj/'results')
+        replace = {str(proj) + '/': '', str(proj): '.', str(scratch/'tmp'): '$TMPDIR', str(scratch): '$TMP',
+                   str(root) + '/': '', str(root): '.', sys.prefix: '$VENV'}
+        commit = _git_commit(root)['commit']
+        if commit:
+            replace[commit] = '<commit in rendered/manifest.json>'
+        for i, (src, target, params) in enumerate(plan, 1):
+            t0 = time.time()
+            print(f"[{i}/{len(plan)}] {src.relative_to(root)} ...", flush=True)
+            ckpts_before = _checkpoints(scratch/'runs')
+            cwd = root/'nbs' if params is None else proj/'nbs'/'repro'
+            executed = scratch/'executed.ipynb'
+            try:
+                _execute(src, params, cwd, executed, flags)
+            except Exception as e:
+                raise RuntimeError(f"{src.relative_to(root)}: {_failure(e)}") from e
+            if params is not None and _tree_digest(proj/'results') != store:
+                raise RuntimeError(f"{src.name} changed the results store while rendering with {params}")
+            new_ckpts = sorted(_checkpoints(scratch/'runs') - ckpts_before)
+            if params is not None and new_ckpts:
+                raise RuntimeError(f"{src.name} trained while rendering with {params}: wrote {new_ckpts[0]}")
+            nb = clean_rendered(nbformat.read(executed, as_version=4), replace, src.name)
+            target = out/target.relative_to(root/RENDER_DIR)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, target)
+            seconds[str(target.relative_to(out))] = round(time.time() - t0, 1)
+            print(f"[{i}/{len(plan)}] {src.name} rendered in {seconds[str(target.relative_to(out))]:.0f}s", flush=True)
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+        shutil.rmtree(scratch, ignore_errors=True)
+    rendered = sorted(str(p.relative_to(out)) for p in out.rglob('*.ipynb'))
+    manifest = dict(**_git_commit(root), host=platform.node(), scale=RENDER_SCALE, store_sha256=store,
+                    not_rendered=skipped, rendered=rendered)
+    (out/'manifest.json').write_text(json.dumps(manifest, indent=1) + '\n')
+    for k, v in skipped.items():
+        print(f"not rendered: {k} ({v})")
+    print(f"rendered {len(seconds)} notebooks in {sum(seconds.values()):.0f}s -> {out}")
+    return seconds
+
+def render_main(argv=None):
+    "Command line: `python -c 'from vtp_nbdev.repro import render_main; render_main()' [--only NAMES]`."
+    p = argparse.ArgumentParser(description='Render executed copies of the notebooks into rendered/.')
+    p.add_argument('--only', default=None, help='comma-separated notebook names or globs, e.g. "05_pretrain,fig4*"')
+    p.add_argument('--out', default=None, help='folder for the rendered copies (default: rendered/)')
+    a = p.parse_args(argv)
+    try:
+        render_notebooks(a.only, out=a.out)
+    except (RuntimeError, FileNotFoundError) as e:
+        sys.exit(str(e))

@@ -775,6 +775,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'vtp_nbdev.scaling.main': ('scaling.html#main', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.point_key': ('scaling.html#point_key', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.point_path': ('scaling.html#point_path', 'vtp_nbdev/scaling.py'),
+                                   'vtp_nbdev.scaling.probe_config': ('scaling.html#probe_config', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.record_path': ('scaling.html#record_path', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.results_dir': ('scaling.html#results_dir', 'vtp_nbdev/scaling.py'),
                                    'vtp_nbdev.scaling.run_series': ('scaling.html#run_series', 'vtp_nbdev/scaling.py'),

@@ -20,10 +20,10 @@ from .generate import GenerationEvalConfig, generation_metrics
 from .fid import REFERENCE_EXTRACTORS
 
 # %% auto #0
-__all__ = ['SCALE_SETTINGS', 'UNCHECKED_SCALES', 'scale_settings', 'series_budgets', 'flops_per_step', 'scaling_config',
-           'export_checkpoint', 'results_dir', 'point_key', 'record_path', 'point_path', 'flops_at', 'dirty_files',
-           'check_provenance', 'write_record', 'score_point', 'tokenizer_lock', 'run_series', 'load_results', 'main',
-           'guided_point']
+__all__ = ['SCALE_SETTINGS', 'UNCHECKED_SCALES', 'scale_settings', 'series_budgets', 'flops_per_step', 'probe_config',
+           'scaling_config', 'export_checkpoint', 'results_dir', 'point_key', 'record_path', 'point_path', 'flops_at',
+           'dirty_files', 'check_provenance', 'write_record', 'score_point', 'tokenizer_lock', 'run_series',
+           'load_results', 'main', 'guided_point']
 
 # %% ../nbs/13_scaling.ipynb #09a45397
 _GEN_SMOKE = dict(n_latents=256, dit=dict(preset='tiny', steps=30, batch=32, lr=1e-3, log_every=10, ckpt_every=30),
@@ -95,11 +95,15 @@ def flops_per_step(cfg: PretrainConfig) -> int:
         _FLOPS_CACHE[key] = count_step_flops(trainer, load_batch(ds, list(range(cfg.batch_clip)), 'cpu'))
     return _FLOPS_CACHE[key]
 
+def probe_config(scale: str, losses: str, seed: int = 0, **overrides) -> PretrainConfig:
+    "A scaling run's config for one step (no budget yet): what its FLOPs per step are counted on."
+    one = dict(steps=1, ckpt_every=1, log_every=1, schedule='cosine', warmup_steps=0)    # the schedule costs no FLOPs
+    return PretrainConfig.from_dict({**_base_config(scale, losses, seed, **overrides), **one})
+
 def scaling_config(scale: str, losses: str, seed: int = 0, flops: float | None = None, **overrides) -> PretrainConfig:
     "The `PretrainConfig` of one scaling run: `losses` at `scale`, trained for `flops` (default: the scale's budget)."
     d = _base_config(scale, losses, seed, **overrides)
-    one = dict(steps=1, ckpt_every=1, log_every=1, schedule='cosine', warmup_steps=0)    # the schedule costs no FLOPs
-    probe = PretrainConfig.from_dict({**d, **one})
+    probe = probe_config(scale, losses, seed, **overrides)
     shortest = max(2 ** d['ckpt_log_points'], 2 * d.get('warmup_steps', 0) + 2)       # room for warm-up and cool-down
     steps = max(shortest, round((flops or scale_settings(scale)['flops']) / flops_per_step(probe)))
     return PretrainConfig.from_dict({**d, 'steps': steps, 'ckpt_every': max(1, steps // 4),

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .config import config_hash, project_root
-from .scaling import scale_settings, scaling_config, series_budgets, flops_per_step
+from .scaling import scale_settings, scaling_config, probe_config, series_budgets, flops_per_step
 from .tokenizer import vtp_config
 from .stats import seed_sd, seed_stats
 
@@ -90,7 +90,7 @@ def headline_points(points, scale: str):
         return points[points.config_hash.isin(runs)]
     if not {'preset', 'bottleneck', 'data_size'} & set(points):
         return points
-    cfg = scaling_config(scale, 'AE', 0, flops=1.)
+    cfg = probe_config(scale, 'AE', 0)
     default = dict(preset=cfg.preset, bottleneck=vtp_config(cfg.preset, **cfg.model).vision_feature_bottleneck,
                    data_size=cfg.dataset_kwargs.get('size'))
     keep = pd.Series(True, index=points.index)
@@ -148,5 +148,4 @@ def testbed_preconditions(points, scale: str, root=None, max_rfd: float = 3., ma
 def same_samples(scale: str, method: str, seed: int = 0, **overrides) -> dict:
     "run_series overrides: `method` with `overrides`, trained for as many steps as the scale's default run of `method`."
     base = scaling_config(scale, method, seed)
-    probe = scaling_config(scale, method, seed, flops=1., **overrides)     # flops=1: the config, to count its step
-    return dict(flops=base.steps * flops_per_step(probe), **overrides)
+    return dict(flops=base.steps * flops_per_step(probe_config(scale, method, seed, **overrides)), **overrides)

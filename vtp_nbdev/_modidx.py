@@ -10,6 +10,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'vtp_nbdev.config.cpu_flags': ('config.html#cpu_flags', 'vtp_nbdev/config.py'),
                                   'vtp_nbdev.config.cpu_kind': ('config.html#cpu_kind', 'vtp_nbdev/config.py'),
                                   'vtp_nbdev.config.cpu_precision': ('config.html#cpu_precision', 'vtp_nbdev/config.py'),
+                                  'vtp_nbdev.config.cpuinfo_fields': ('config.html#cpuinfo_fields', 'vtp_nbdev/config.py'),
                                   'vtp_nbdev.config.environment_info': ('config.html#environment_info', 'vtp_nbdev/config.py'),
                                   'vtp_nbdev.config.get_device': ('config.html#get_device', 'vtp_nbdev/config.py'),
                                   'vtp_nbdev.config.get_settings': ('config.html#get_settings', 'vtp_nbdev/config.py'),

@@ -11,8 +11,8 @@ import torch
 
 # %% auto #0
 __all__ = ['SETTINGS_KEYS', 'SCALES', 'PRECISIONS', 'project_root', 'get_settings', 'get_device', 'setup_threads',
-           'seed_everything', 'cpu_flags', 'cpu_precision', 'cpu_kind', 'config_hash', 'type_name', 'check_field_types',
-           'neutral_field', 'PlainConfig', 'environment_info']
+           'seed_everything', 'cpuinfo_fields', 'cpu_flags', 'cpu_precision', 'cpu_kind', 'config_hash', 'type_name',
+           'check_field_types', 'neutral_field', 'PlainConfig', 'environment_info']
 
 # %% ../nbs/00_config.ipynb #86240ed6
 SETTINGS_KEYS = ('data_root', 'runs_dir', 'figures_dir', 'device', 'threads', 'scale')
@@ -73,15 +73,19 @@ def seed_everything(seed: int):
 # %% ../nbs/00_config.ipynb #42995749
 PRECISIONS = ('auto', 'fp32', 'bf16')
 
-def cpu_flags(cpuinfo: str | None = None) -> set:
-    "The CPU feature flags of /proc/cpuinfo (or of the text `cpuinfo`); empty where it cannot be read."
+def cpuinfo_fields(name: str, cpuinfo: str | None = None) -> list:
+    "The values of field `name` in /proc/cpuinfo (or in the text `cpuinfo`), one per processor; [] where unreadable."
     if cpuinfo is None:
         try:
             cpuinfo = Path('/proc/cpuinfo').read_text()
         except OSError:
-            return set()
-    lines = [l.split(':', 1) for l in cpuinfo.splitlines() if ':' in l]
-    return {f for k, v in lines if k.strip() == 'flags' for f in v.split()}
+            return []
+    pairs = [l.split(':', 1) for l in cpuinfo.splitlines() if ':' in l]
+    return [v.strip() for k, v in pairs if k.strip() == name]
+
+def cpu_flags(cpuinfo: str | None = None) -> set:
+    "The CPU feature flags of /proc/cpuinfo (or of the text `cpuinfo`); empty where it cannot be read."
+    return {f for v in cpuinfo_fields('flags', cpuinfo) for f in v.split()}
 
 def cpu_precision(precision: str = 'auto', cpuinfo: str | None = None) -> str:
     "'fp32' or 'bf16' for a CPU run: `precision` itself, or for 'auto' bf16 where the CPU has AMX-BF16."
@@ -93,14 +97,8 @@ def cpu_precision(precision: str = 'auto', cpuinfo: str | None = None) -> str:
 
 def cpu_kind(cpuinfo: str | None = None) -> str:
     "This CPU's vendor, vector ISA and AMX, e.g. 'amd-avx512', 'intel-avx512-amx': float kernels differ by kind."
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path('/proc/cpuinfo').read_text()
-        except OSError:
-            cpuinfo = ''
     vendors = {'GenuineIntel': 'intel', 'AuthenticAMD': 'amd'}
-    pairs = [l.split(':', 1) for l in cpuinfo.splitlines() if ':' in l]
-    ids = [v.strip() for k, v in pairs if k.strip() == 'vendor_id']
+    ids = cpuinfo_fields('vendor_id', cpuinfo)
     vendor = vendors.get(ids[0], ids[0].lower()) if ids else 'unknown'
     flags = cpu_flags(cpuinfo)
     isa = 'avx512' if 'avx512f' in flags else 'avx2' if 'avx2' in flags else 'base'

@@ -459,125 +459,145 @@ def diagnostics_findings(tb: DiagnosticsSetup, noise: dict | None, probes: dict 
 # %% ../nbs/17_diagnostics.ipynb #736c2b1d
 PAPER_PATCH, PAPER_D = 16, 64                    # the paper's tokenizer: f16, d=64
 
+def _proxy_settings(tb: DiagnosticsSetup, ns: dict, noise: dict) -> list:
+    "Proposal lines for the DiT proxy steps, the sample count and the seeds, from the noise record."
+    f, G = prose_number, tb.gen
+    s_dit, s_smp, n0 = ns['sigma_dit'], ns['sigma_samples'], ns['n_sub']
+    n_star = int(1000 * math.ceil(n0 * (2 * s_smp / s_dit) ** 2 / 1000)) if s_dit > 0 else 4 * n0
+    n_star = max(n_star, n0)
+    g = ns['step_gain']
+    still = g['ci_lo'] > 0
+    steps_v2 = 2 * ns['dit_steps'] if still else ns['dit_steps']
+    return [f"- **DiT proxy steps: {steps_v2}** — the gFD falls by {f(g['mean'])} from {ns['half_steps']} to "
+             f"{ns['dit_steps']} steps (95% CI {f(g['ci_lo'])} .. {f(g['ci_hi'])})" + (
+                 ", so the proxy is still learning; double it and re-check the gain" if still else
+                 ", within noise: the proxy has converged for this tokenizer") +
+             f" (the scale's: {G['dit']['steps']}).",
+             f"- **Samples: N = {n_star}** per point (the scale's: {G['n_samples']}), against one fixed reference "
+             f"of ≥ {max(n_star, 4 * n0)} real images: "
+             f"σ_samples(N) ≈ {f(s_smp)}·sqrt({n0}/N) ≤ σ_DiT/2 = {f(s_dit / 2)}; the small-N bias "
+             f"(≈ {f(ns['bias_coef'])}/N, {f(ns['bias_coef'] / n_star)} at N={n_star}) is common to all tokenizers "
+             f"at equal N, so FD is compared only at equal N and reported beside the real-vs-real floor "
+             f"({f(ns['floor_4k'])} at N={ns['n_sub'] * noise['k_sub']}).",
+             f"- **Seeds:** headline claims compare methods at >= 3 paired seeds (seed k: the same data order, DiT "
+             f"seed and reference set for every method) by per-seed slopes with the paired one-sided t-test of "
+             f"`vtp_nbdev.stats`; single-seed side studies count only effects above 2√2·σ_DiT ≈ "
+             f"{f(ns['threshold'])}."]
+
+def _geometry_setting(tb: DiagnosticsSetup, lat_rec: dict) -> str:
+    "The proposal line for the tokenizer geometry (patch, width, compression) from the part-3 record."
+    L = latents_table(lat_rec)
+    d0 = lat_rec.get('d0', tb.d0)
+    fin = L.sort_values(['d', 'flops']).groupby('d').last()
+    r0 = fin.loc[d0]
+    p, res, vals = int(r0.patch), int(r0.image_size), int(r0.values_per_token)
+    grid = res // p
+    paper = 3 * PAPER_PATCH ** 2 / PAPER_D
+    geo = (f"- **Geometry:** patch {p} at {res} px with d={d0} compresses {vals / d0:.2g}x ({vals} → {d0} values "
+           f"per token, a {grid}x{grid} token grid) against the paper's {paper:.0f}x (f{PAPER_PATCH}, d={PAPER_D}: "
+           f"{3 * PAPER_PATCH ** 2} → {PAPER_D}); the d={d0} latents carry {r0.hf_latent:.0%} of their power above "
+           f"half Nyquist vs {r0.hf_image_pooled:.0%} for the pooled images.")
+    if vals / d0 >= paper:
+        geo += " The bottleneck already discards pixel detail as in the paper: keep this geometry."
+    else:
+        p2 = p
+        while 3 * p2 ** 2 / d0 < paper:
+            p2 *= 2
+        geo += (f" Proposal: {res * p2 // p}-px images, patch {p2}, d={d0} ({3 * p2 ** 2} → {d0} values, "
+                f"{3 * p2 ** 2 / d0:.2g}x, the same {grid}x{grid} token grid), so that the bottleneck must discard "
+                f"pixel detail as in the paper.")
+    return geo
+
+def _width_setting(tb: DiagnosticsSetup, lat_rec: dict, ns: dict | None) -> str | None:
+    "The proposal line for the latent width (d) and the sampling shift; None without a wider run."
+    UNIT, shift0 = tb.unit, tb.gen_eval.timestep_shift
+    L = latents_table(lat_rec)
+    d0 = lat_rec.get('d0', tb.d0)
+    gg = pd.DataFrame(lat_rec['gen'])
+    if not ((gg.d == d0).any() and (gg.d != d0).any()):
+        return None
+    dh = int(gg[gg.d != d0].d.max())
+    g0, gh = gg[gg.d == d0].iloc[0], gg[gg.d == dh]
+    std_h = gh[np.isclose(gh.timestep_shift, shift0)].iloc[0]
+    scaled_h = gh[~np.isclose(gh.timestep_shift, shift0)]
+    m0 = L[(L.d == d0) & (L.point == g0.point)].iloc[0]
+    mh = L[(L.d == dh) & (L.point == std_h.point)].iloc[0]
+    vh = int(mh.values_per_token)
+    comp = 'over-complete' if dh > vh else f'still compressed {vh / dh:.2g}x'
+    rec_w = 'better' if mh.rFD < m0.rFD else 'worse'
+    gen_w = 'better' if std_h.gFD < g0.gFD else 'worse'
+    diff = std_h.gFD - g0.gFD
+    noise_txt = (f"; the difference {diff:+.2f} is {'above' if abs(diff) > ns['threshold'] else 'within'} "
+                 f"2√2·σ_DiT = {ns['threshold']:.2f}") if ns else ''
+    width = (f"- **Width:** d must stay below the pixel values per token ({vh} at patch {int(mh.patch)}); "
+             f"d={dh} is {comp} there. At the middle {UNIT} it has PSNR {mh.psnr:.1f} dB and rFD "
+             f"{mh.rFD:.3g} (d={d0}: {m0.psnr:.1f} dB, {m0.rFD:.3g}); {tb.noise_scale}σ latent noise "
+             f"multiplies its rFD by {mh.rFD_noisy / max(mh.rFD, 1e-9):.2g} (d={d0}: "
+             f"{m0.rFD_noisy / max(m0.rFD, 1e-9):.2g}), and its gFD is {std_h.gFD:.2f} against "
+             f"{g0.gFD:.2f} for d={d0} ({rec_w} reconstruction, {gen_w} generation{noise_txt}).")
+    if len(scaled_h):
+        sc = scaled_h.iloc[0]
+        ch_ = sc.gFD - std_h.gFD
+        within = f", within 2√2·σ_DiT = {ns['threshold']:.2f}" if ns and abs(ch_) < ns['threshold'] else ''
+        width += (f" Scaling the sampling shift to d ({std_h.timestep_shift:.2g} -> {sc.timestep_shift:.2g}) "
+                  f"changes gFD by {ch_:+.2f}{within}; scale the shift with the latent size anyway (no cost).")
+    return width
+
+def _semantics_setting(tb: DiagnosticsSetup, probes: dict) -> str | None:
+    "The proposal line for the semantics precondition from the probes record; None without a shape probe."
+    pr = pd.DataFrame(probes['rows'])
+    acc_of = lambda m, ft, a: float(pr[(pr.model == m) & (pr.feature == ft) & (pr.attribute == a)].top1.iloc[0])
+    acc = lambda m, a: acc_of(m, 'last', a)
+    n_te = tb.n_probe_test
+    se = lambda *ps: math.sqrt(sum(q * (1 - q) / n_te for q in ps))     # binomial SE of a difference of shares
+    if 'shape' not in set(pr.attribute):
+        return None
+    sh, ae_sh, ch = acc('VTP', 'shape'), acc('AE', 'shape'), float(pr[pr.attribute == 'shape'].chance.iloc[0])
+    learnt = sh - ae_sh > 2 * se(sh, ae_sh) and sh - ch > 2 * se(ch)
+    rest = ', '.join(f"{a} {acc('VTP', a):.0%}" for a in pr.attribute.unique() if a not in ('shape', 'class'))
+    sem = (f"- **Semantics:** VTP's last layer reads shape at {sh:.0%} (AE {ae_sh:.0%}, chance {ch:.0%}"
+           + (f"; VTP on the other attributes: {rest}" if rest else '') + ")")
+    if learnt:
+        sem += (f": more than 2 binomial SEs (N={n_te}) above the AE's and chance, so the objectives learn "
+                f"shape on this testbed; keep its data and objectives, and accept it once a shape-only "
+                f"zero-shot test is also above chance.")
+    else:
+        vcfg = scaling_config(tb.scale, 'CLIP+SSL+AE', tb.seed)
+        pairs = getattr(get_dataset(tb.dataset, 'train', seed=tb.seed, size=2), 'group', 1) > 1
+        crops = vcfg.global_crop_scale[0] >= 0.5
+        has = lambda ok: 'the testbed has them' if ok else 'not in the testbed'
+        sem += (f": not more than 2 binomial SEs (N={n_te}) above the AE's and chance, so the representation "
+                f"objectives learnt what the captions and crops make easy rather than shape. Proposal: objects "
+                f"that span several patches and captions naming shape first with fewer nuisance attributes; "
+                f"hard negatives in each CLIP batch that differ from an image's caption only in shape "
+                f"({has(pairs)}); DINO global crops of scale ≥ 0.5 so that crops contain the object (now "
+                f"{vcfg.global_crop_scale[0]:g}: {has(crops)}); accept the testbed only when the shape probe "
+                f"of VTP clearly exceeds the AE's and a shape-only zero-shot test is above chance.")
+    if 'bottleneck_grid' in set(pr.feature):
+        b = lambda m, ft: acc_of(m, ft, 'shape')
+        pooled, grid = b('VTP', 'bottleneck'), b('VTP', 'bottleneck_grid')
+        sem += (f" In its bottleneck VTP reads shape at {pooled:.0%} mean-pooled (the feature the semantics "
+                f"precondition reads) and {grid:.0%} from the flattened grid (AE {b('AE', 'bottleneck'):.0%} / "
+                f"{b('AE', 'bottleneck_grid'):.0%}, random init {b('random init', 'bottleneck'):.0%} / "
+                f"{b('random init', 'bottleneck_grid'):.0%})")
+        if grid - pooled > 2 * se(grid, pooled):
+            sem += (": the shape is in the latent and the mean over positions averages it away, so a "
+                    "precondition on the pooled probe cannot see it; one on the grid probe (against the AE's "
+                    "and a random encoder's) would.")
+        else:
+            sem += ": the grid holds no more shape than the pooled latent."
+    return sem
+
 def protocol_settings(tb: DiagnosticsSetup, noise: dict | None, probes: dict | None, lat_rec: dict | None) -> str:
     "Markdown protocol settings derived from the three parts' records (None: part left out)."
-    f, UNIT, G, shift0 = prose_number, tb.unit, tb.gen, tb.gen_eval.timestep_shift
     ns = noise_summary(noise) if noise else None
-    prop = []
-    if ns:
-        s_dit, s_smp, n0 = ns['sigma_dit'], ns['sigma_samples'], ns['n_sub']
-        n_star = int(1000 * math.ceil(n0 * (2 * s_smp / s_dit) ** 2 / 1000)) if s_dit > 0 else 4 * n0
-        n_star = max(n_star, n0)
-        g = ns['step_gain']
-        still = g['ci_lo'] > 0
-        steps_v2 = 2 * ns['dit_steps'] if still else ns['dit_steps']
-        prop += [f"- **DiT proxy steps: {steps_v2}** — the gFD falls by {f(g['mean'])} from {ns['half_steps']} to "
-                 f"{ns['dit_steps']} steps (95% CI {f(g['ci_lo'])} .. {f(g['ci_hi'])})" + (
-                     ", so the proxy is still learning; double it and re-check the gain" if still else
-                     ", within noise: the proxy has converged for this tokenizer") +
-                 f" (the scale's: {G['dit']['steps']}).",
-                 f"- **Samples: N = {n_star}** per point (the scale's: {G['n_samples']}), against one fixed reference "
-                 f"of ≥ {max(n_star, 4 * n0)} real images: "
-                 f"σ_samples(N) ≈ {f(s_smp)}·sqrt({n0}/N) ≤ σ_DiT/2 = {f(s_dit / 2)}; the small-N bias "
-                 f"(≈ {f(ns['bias_coef'])}/N, {f(ns['bias_coef'] / n_star)} at N={n_star}) is common to all tokenizers "
-                 f"at equal N, so FD is compared only at equal N and reported beside the real-vs-real floor "
-                 f"({f(ns['floor_4k'])} at N={ns['n_sub'] * noise['k_sub']}).",
-                 f"- **Seeds:** headline claims compare methods at >= 3 paired seeds (seed k: the same data order, DiT "
-                 f"seed and reference set for every method) by per-seed slopes with the paired one-sided t-test of "
-                 f"`vtp_nbdev.stats`; single-seed side studies count only effects above 2√2·σ_DiT ≈ "
-                 f"{f(ns['threshold'])}."]
+    prop = _proxy_settings(tb, ns, noise) if ns else []
     if lat_rec:
-        L = latents_table(lat_rec)
-        d0 = lat_rec.get('d0', tb.d0)
-        fin = L.sort_values(['d', 'flops']).groupby('d').last()
-        r0 = fin.loc[d0]
-        p, res, vals = int(r0.patch), int(r0.image_size), int(r0.values_per_token)
-        grid = res // p
-        paper = 3 * PAPER_PATCH ** 2 / PAPER_D
-        geo = (f"- **Geometry:** patch {p} at {res} px with d={d0} compresses {vals / d0:.2g}x ({vals} → {d0} values "
-               f"per token, a {grid}x{grid} token grid) against the paper's {paper:.0f}x (f{PAPER_PATCH}, d={PAPER_D}: "
-               f"{3 * PAPER_PATCH ** 2} → {PAPER_D}); the d={d0} latents carry {r0.hf_latent:.0%} of their power above "
-               f"half Nyquist vs {r0.hf_image_pooled:.0%} for the pooled images.")
-        if vals / d0 >= paper:
-            geo += " The bottleneck already discards pixel detail as in the paper: keep this geometry."
-        else:
-            p2 = p
-            while 3 * p2 ** 2 / d0 < paper:
-                p2 *= 2
-            geo += (f" Proposal: {res * p2 // p}-px images, patch {p2}, d={d0} ({3 * p2 ** 2} → {d0} values, "
-                    f"{3 * p2 ** 2 / d0:.2g}x, the same {grid}x{grid} token grid), so that the bottleneck must discard "
-                    f"pixel detail as in the paper.")
-        prop.append(geo)
-        gg = pd.DataFrame(lat_rec['gen'])
-        if (gg.d == d0).any() and (gg.d != d0).any():
-            dh = int(gg[gg.d != d0].d.max())
-            g0, gh = gg[gg.d == d0].iloc[0], gg[gg.d == dh]
-            std_h = gh[np.isclose(gh.timestep_shift, shift0)].iloc[0]
-            scaled_h = gh[~np.isclose(gh.timestep_shift, shift0)]
-            m0 = L[(L.d == d0) & (L.point == g0.point)].iloc[0]
-            mh = L[(L.d == dh) & (L.point == std_h.point)].iloc[0]
-            vh = int(mh.values_per_token)
-            comp = 'over-complete' if dh > vh else f'still compressed {vh / dh:.2g}x'
-            rec_w = 'better' if mh.rFD < m0.rFD else 'worse'
-            gen_w = 'better' if std_h.gFD < g0.gFD else 'worse'
-            diff = std_h.gFD - g0.gFD
-            noise_txt = (f"; the difference {diff:+.2f} is {'above' if abs(diff) > ns['threshold'] else 'within'} "
-                         f"2√2·σ_DiT = {ns['threshold']:.2f}") if ns else ''
-            width = (f"- **Width:** d must stay below the pixel values per token ({vh} at patch {int(mh.patch)}); "
-                     f"d={dh} is {comp} there. At the middle {UNIT} it has PSNR {mh.psnr:.1f} dB and rFD "
-                     f"{mh.rFD:.3g} (d={d0}: {m0.psnr:.1f} dB, {m0.rFD:.3g}); {tb.noise_scale}σ latent noise "
-                     f"multiplies its rFD by {mh.rFD_noisy / max(mh.rFD, 1e-9):.2g} (d={d0}: "
-                     f"{m0.rFD_noisy / max(m0.rFD, 1e-9):.2g}), and its gFD is {std_h.gFD:.2f} against "
-                     f"{g0.gFD:.2f} for d={d0} ({rec_w} reconstruction, {gen_w} generation{noise_txt}).")
-            if len(scaled_h):
-                sc = scaled_h.iloc[0]
-                ch_ = sc.gFD - std_h.gFD
-                within = f", within 2√2·σ_DiT = {ns['threshold']:.2f}" if ns and abs(ch_) < ns['threshold'] else ''
-                width += (f" Scaling the sampling shift to d ({std_h.timestep_shift:.2g} -> {sc.timestep_shift:.2g}) "
-                          f"changes gFD by {ch_:+.2f}{within}; scale the shift with the latent size anyway (no cost).")
+        prop.append(_geometry_setting(tb, lat_rec))
+        if (width := _width_setting(tb, lat_rec, ns)) is not None:
             prop.append(width)
-    if probes:
-        pr = pd.DataFrame(probes['rows'])
-        acc_of = lambda m, ft, a: float(pr[(pr.model == m) & (pr.feature == ft) & (pr.attribute == a)].top1.iloc[0])
-        acc = lambda m, a: acc_of(m, 'last', a)
-        n_te = tb.n_probe_test
-        se = lambda *ps: math.sqrt(sum(q * (1 - q) / n_te for q in ps))     # binomial SE of a difference of shares
-        if 'shape' in set(pr.attribute):
-            sh, ae_sh, ch = acc('VTP', 'shape'), acc('AE', 'shape'), float(pr[pr.attribute == 'shape'].chance.iloc[0])
-            learnt = sh - ae_sh > 2 * se(sh, ae_sh) and sh - ch > 2 * se(ch)
-            rest = ', '.join(f"{a} {acc('VTP', a):.0%}" for a in pr.attribute.unique() if a not in ('shape', 'class'))
-            sem = (f"- **Semantics:** VTP's last layer reads shape at {sh:.0%} (AE {ae_sh:.0%}, chance {ch:.0%}"
-                   + (f"; VTP on the other attributes: {rest}" if rest else '') + ")")
-            if learnt:
-                sem += (f": more than 2 binomial SEs (N={n_te}) above the AE's and chance, so the objectives learn "
-                        f"shape on this testbed; keep its data and objectives, and accept it once a shape-only "
-                        f"zero-shot test is also above chance.")
-            else:
-                vcfg = scaling_config(tb.scale, 'CLIP+SSL+AE', tb.seed)
-                pairs = getattr(get_dataset(tb.dataset, 'train', seed=tb.seed, size=2), 'group', 1) > 1
-                crops = vcfg.global_crop_scale[0] >= 0.5
-                has = lambda ok: 'the testbed has them' if ok else 'not in the testbed'
-                sem += (f": not more than 2 binomial SEs (N={n_te}) above the AE's and chance, so the representation "
-                        f"objectives learnt what the captions and crops make easy rather than shape. Proposal: objects "
-                        f"that span several patches and captions naming shape first with fewer nuisance attributes; "
-                        f"hard negatives in each CLIP batch that differ from an image's caption only in shape "
-                        f"({has(pairs)}); DINO global crops of scale ≥ 0.5 so that crops contain the object (now "
-                        f"{vcfg.global_crop_scale[0]:g}: {has(crops)}); accept the testbed only when the shape probe "
-                        f"of VTP clearly exceeds the AE's and a shape-only zero-shot test is above chance.")
-            if 'bottleneck_grid' in set(pr.feature):
-                b = lambda m, ft: acc_of(m, ft, 'shape')
-                pooled, grid = b('VTP', 'bottleneck'), b('VTP', 'bottleneck_grid')
-                sem += (f" In its bottleneck VTP reads shape at {pooled:.0%} mean-pooled (the feature the semantics "
-                        f"precondition reads) and {grid:.0%} from the flattened grid (AE {b('AE', 'bottleneck'):.0%} / "
-                        f"{b('AE', 'bottleneck_grid'):.0%}, random init {b('random init', 'bottleneck'):.0%} / "
-                        f"{b('random init', 'bottleneck_grid'):.0%})")
-                if grid - pooled > 2 * se(grid, pooled):
-                    sem += (": the shape is in the latent and the mean over positions averages it away, so a "
-                            "precondition on the pooled probe cannot see it; one on the grid probe (against the AE's "
-                            "and a random encoder's) would.")
-                else:
-                    sem += ": the grid holds no more shape than the pooled latent."
-            prop.append(sem)
+    if probes and (sem := _semantics_setting(tb, probes)) is not None:
+        prop.append(sem)
     return '\n'.join(prop)
 
 # %% ../nbs/17_diagnostics.ipynb #9e039614

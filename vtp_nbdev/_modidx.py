@@ -594,6 +594,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'vtp_nbdev.pilot.decode_samples': ('pilot.html#decode_samples', 'vtp_nbdev/pilot.py'),
                                  'vtp_nbdev.pilot.dit_proxy_config': ('pilot.html#dit_proxy_config', 'vtp_nbdev/pilot.py'),
                                  'vtp_nbdev.pilot.kept_samples': ('pilot.html#kept_samples', 'vtp_nbdev/pilot.py'),
+                                 'vtp_nbdev.pilot.noise_step': ('pilot.html#noise_step', 'vtp_nbdev/pilot.py'),
                                  'vtp_nbdev.pilot.pilot_ceiling': ('pilot.html#pilot_ceiling', 'vtp_nbdev/pilot.py'),
                                  'vtp_nbdev.pilot.pilot_curve': ('pilot.html#pilot_curve', 'vtp_nbdev/pilot.py'),
                                  'vtp_nbdev.pilot.pilot_findings': ('pilot.html#pilot_findings', 'vtp_nbdev/pilot.py'),

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from safetensors.torch import load_file
 from .config import config_hash
 from .io import atomic_save
 from .scaling import record_path, write_record, check_provenance
@@ -91,16 +92,14 @@ def snapshot_dit(tb: DiagnosticsSetup, latents, dit_seed: int, steps) -> dict:
 def kept_samples(dit_run, n: int, tb: DiagnosticsSetup, device='cpu') -> dict:
     "`n` class-balanced standardised latents of a DiT run's EMA model and their labels, drawn once and kept there."
     g = tb.gen_eval
-    key = dict(n=n, seed=tb.seed, steps=g.steps, sampler=g.sampler, shift=g.timestep_shift, cfg_scale=1.0,
-               weights=Path(dit_run, 'final', 'model.safetensors').stat().st_mtime_ns)
+    key = dict(n=n, seed=tb.seed, steps=g.steps, sampler=g.sampler, shift=g.timestep_shift, cfg_scale=1.0)
     f = Path(dit_run)/f'pilot_latents_{config_hash(key)}.safetensors'
     if not f.exists():
         model, _ = load_lightningdit(Path(dit_run)/'final', device=str(device))
         z, y = sample_latents(model, n, seed=tb.seed, device=device, num_steps=g.steps, sampler=g.sampler,
                               timestep_shift=g.timestep_shift, cfg_scale=1.0)
         atomic_save({'latents': z.contiguous(), 'labels': y.contiguous()}, f)
-    from safetensors.torch import load_file
-    return dict(load_file(str(f)), path=f)
+    return dict(load_file(str(f)), path=f)           # the file lives in the (hash-keyed) run: it goes with it
 
 def decode_samples(dit_run, tokenizer: VTPModel, latents: torch.Tensor) -> torch.Tensor:
     "uint8 images of standardised latent samples of a DiT run, decoded by `tokenizer` (the run's latent statistics)."

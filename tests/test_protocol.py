@@ -3,7 +3,7 @@ import math
 import pytest
 from vtp_nbdev.stats import decide_family
 from vtp_nbdev.protocol import (V3_PROTOCOL, synthetic_protocol_store, protocol_family, protocol_settings, claim_names,
-                                protocol_units, protocol_store, tost_power, protocol_cost, shape_unshown)
+                                protocol_units, protocol_store, one_sided_power, protocol_cost, shape_unshown)
 
 
 def words(store, n_boot=200):
@@ -17,7 +17,7 @@ def test_effect_reproduces_every_claim():
 def test_no_effect_reproduces_no_vtp_claim():
     w = words(synthetic_protocol_store(False))
     names = claim_names()
-    vtp_claims = [i for i, c in enumerate(names) if 'stagnates' not in c]
+    vtp_claims = [i for i, c in enumerate(names) if 'does not improve' not in c]
     assert all(w[i] != 'REPRODUCED' for i in vtp_claims), list(zip(names, w))
 
 
@@ -59,8 +59,10 @@ def test_registered_settings_are_fresh_and_wide():
 
 
 def test_power_and_cost_helpers():
-    assert tost_power(1.0, 0.51, 5) > tost_power(0.5, 0.51, 5) > 0
-    assert tost_power(1.0, 0.51, 5, alpha=0.005) < tost_power(1.0, 0.51, 5)
+    assert one_sided_power(1.0, 0.51, 5) > one_sided_power(0.5, 0.51, 5) > 0.05
+    assert one_sided_power(1.0, 0.51, 5, alpha=0.005) < one_sided_power(1.0, 0.51, 5)
+    assert one_sided_power(0., 1., 5) == pytest.approx(0.05, abs=2e-3)     # no effect: power = alpha
+    assert one_sided_power(-1., 1., 5) < 0.01
     c = protocol_cost('cpu', dict(tokenizer_flops_per_s=40e9, point_s=150., stage2_s=100., random_s=20.))
     assert c.part.iloc[-1] == 'total' and 3 < c.hours.iloc[-1] < 30
     assert math.isnan(shape_unshown(0.5, 0.2, 0.15))

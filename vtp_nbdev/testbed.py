@@ -310,7 +310,7 @@ def stored_series_table(catch: dict, sem: dict) -> pd.DataFrame:
         cols[f'rec. images {name}'] = [_images(n) for n in catch['rec_images'][m]]
     shares = {m: dict(zip(sem['budgets'], s)) for m, s in sem['share'].items()}
     for m, s in shares.items():
-        cols[f'shape % {m}'] = [round(s.get(b, np.nan), 1) for b in catch['budgets']]
+        cols[f"shape % {'VTP' if m == vtp else m}"] = [round(s.get(b, np.nan), 1) for b in catch['budgets']]
     cols['shape % VTP-AE'] = [round(shares[vtp][b] - shares[ae][b], 1) for b in catch['budgets']]
     return pd.DataFrame(cols)
 

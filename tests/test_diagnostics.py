@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 from vtp_nbdev.diagnostics import (DiagnosticsSetup, diagnostics_findings, protocol_settings, diagnostics_report,
                                    diagnostics_notes, stored_point_gfd, noise_summary)
+from vtp_nbdev.scaling import load_results
+from vtp_nbdev.testbed import headline_points, stored_series_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT/'results'/'cpu'/'diagnostics'
@@ -21,6 +23,8 @@ def test_cpu_report_from_stored_records():
     findings = diagnostics_findings(tb, r['noise'], r['probes'], r['latents'], stored_point_gfd(tb))
     proposal = protocol_settings(tb, r['noise'], r['probes'], r['latents'])
     report = diagnostics_report('cpu', tb.dataset, r['noise'], r['probes'], r['latents'], findings, proposal)
+    series = stored_series_section(headline_points(load_results('cpu'), 'cpu'))   # as the notebook appends it
+    report += f'\n## What the stored scaling series shows (exploratory)\n\n{series}'
     assert report == (FIGURES/'testbed_diagnostics.md').read_text()
     notes = diagnostics_notes(r['noise'], r['probes'], r['latents'], findings)
     assert notes == json.loads((FIGURES/'testbed_diagnostics_verdict.json').read_text())['notes']

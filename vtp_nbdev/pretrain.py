@@ -168,6 +168,10 @@ class PretrainConfig(PlainConfig):
         "The SSL images of a (rank-local) batch of `n`: its first `n * batch_ssl / batch_clip`, at least 2."
         return max(2, n * self.batch_ssl // self.batch_clip)
 
+    def rec_rows(self, n: int) -> int:
+        "The reconstruction images of a (rank-local) batch of `n`: all for `AE`, else `n * batch_rec / batch_clip`."
+        return n if not (self.uses_clip or self.uses_ssl) else max(1, n * self.batch_rec // self.batch_clip)
+
     def model_overrides(self) -> dict:
         "Model fields implied by the losses (no text tower without CLIP) plus the user's overrides."
         w = loss_weights(self.losses, **self.loss_weights)
@@ -243,7 +247,7 @@ class VTPPretrainer(nn.Module):
         "Total loss and detached terms from tensors only: the batch and `ssl_inputs` (or a micro-batch)."
         cfg, m, terms = self.cfg, self.net.model, {}
         B = images.shape[0]                                                        # images (B, 3, H, W), tokens (B, L)
-        b_rec = B if not (cfg.uses_clip or cfg.uses_ssl) else max(1, B * cfg.batch_rec // cfg.batch_clip)
+        b_rec = cfg.rec_rows(B)
         n_main = B if cfg.uses_clip else b_rec                                     # images through the clean trunk pass
         m.trunk.set_drop_path(cfg.drop_path_main)
         cls, patch = m.forward_features(images[:n_main])                           # (n, D), (n, N, D)

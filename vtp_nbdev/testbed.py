@@ -12,11 +12,13 @@ import pandas as pd
 from .config import config_hash, project_root
 from .scaling import scale_settings, scaling_config, probe_config, series_budgets, flops_per_step
 from .tokenizer import vtp_config
-from .stats import seed_sd, seed_stats
+from .stats import seed_sd, seed_stats, per_seed_slopes, paired_comparison, nominal_budgets
+from .figures import markdown_table
 
 # %% auto #0
 __all__ = ['measured_noise', 'shape_probe', 'rfd_outlook', 'semantics_outlook', 'headline_points', 'testbed_preconditions',
-           'same_samples']
+           'same_samples', 'budget_labels', 'reconstruction_batch', 'reconstruction_images', 'decoder_catch_up',
+           'semantic_generation', 'stored_series_findings', 'stored_series_table', 'stored_series_section']
 
 # %% ../nbs/16a_testbed.ipynb #196189c2
 def _load_json(path):
@@ -149,3 +151,173 @@ def same_samples(scale: str, method: str, seed: int = 0, **overrides) -> dict:
     "run_series overrides: `method` with `overrides`, trained for as many steps as the scale's default run of `method`."
     base = scaling_config(scale, method, seed)
     return dict(flops=base.steps * flops_per_step(probe_config(scale, method, seed, **overrides)), **overrides)
+
+# %% ../nbs/16a_testbed.ipynb #6fde25b6
+def _series_frame(points, methods, cols, fn: str):
+    "The points of `methods` with their nominal budget (`budget`); raises naming a missing column or method."
+    if points is None or not len(points):
+        raise ValueError(f"{fn}: no points given; expected a frame of scored points")
+    need = ['method', 'seed', 'flops', *cols]
+    missing = [c for c in need if c not in points]
+    if missing:
+        raise ValueError(f"{fn}: points lack column(s) {missing}; expected {need}")
+    have = sorted(set(points.method))
+    for m in methods:
+        if m not in have:
+            raise ValueError(f"{fn}: no points of method {m!r}; the points hold {have}")
+    return points.assign(budget=nominal_budgets(points.flops))
+
+def _by_budget(df, col: str, budgets) -> list:
+    "Mean over seeds of `col` at each of `budgets` (NaN where the frame has none)."
+    return [float(v) for v in df.groupby('budget')[col].mean().reindex(budgets).values]
+
+def _pearson(x, y) -> float:
+    "Pearson correlation of x and y (NaN with fewer than 3 pairs)."
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    return float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 else float('nan')
+
+def budget_labels(budgets) -> list:
+    "Compute budgets as multiples of the smallest: 'C', '2C', '4C', ..."
+    return ['C' if round(b / min(budgets), 2) == 1 else f'{b / min(budgets):.3g}C' for b in budgets]
+
+def reconstruction_batch(scale: str, method: str, seed: int = 0) -> tuple:
+    "(images the reconstruction loss sees per step, images per step) of `method`'s scaling runs (`rec_rows`)."
+    cfg = scaling_config(scale, method, int(seed))
+    return cfg.rec_rows(cfg.batch_clip), cfg.batch_clip
+
+def reconstruction_images(points):
+    "Images each point's tokenizer reconstructed in training: its steps x `reconstruction_batch` of its run."
+    keys = list(zip(points.scale, points.method, points.seed))
+    per_step = {k: reconstruction_batch(*k)[0] for k in set(keys)}
+    return pd.Series(points.step.values * np.array([per_step[k] for k in keys]), index=points.index)
+
+def decoder_catch_up(points, vtp: str = 'CLIP+SSL+AE', ae: str = 'AE') -> dict:
+    "How much of VTP's gFD gain over compute is its decoder catching up (rFD); its reconstruction images seen."
+    df = _series_frame(points, (vtp, ae), ('rFD', 'gFD', 'step', 'scale'), 'decoder_catch_up')
+    df = df[df.method.isin([vtp, ae])].assign(gap=lambda d: d.gFD - d.rFD)
+    df['rec_images'] = reconstruction_images(df)
+    v, a = df[df.method == vtp], df[df.method == ae]
+    budgets = sorted(set(v.budget) & set(a.budget))
+    if len(budgets) < 2:
+        raise ValueError(f"decoder_catch_up: {vtp!r} and {ae!r} share {len(budgets)} budget(s); expected >= 2")
+    slopes = {k: {m: per_seed_slopes(g, k) for m, g in ((vtp, v), (ae, a))} for k in ('rFD', 'gFD', 'gap')}
+    v_top, a_top = v[v.budget == budgets[-1]], a[a.budget == budgets[-1]]
+    ae_images = a.groupby('budget').rec_images.mean()
+    near = float(ae_images.index[np.abs(np.log(ae_images.values / v_top.rec_images.mean())).argmin()])
+    means = lambda col: {m: _by_budget(g, col, budgets) for m, g in ((vtp, v), (ae, a))}
+    return dict(vtp=vtp, ae=ae, budgets=budgets, labels=budget_labels(budgets),
+                r=_pearson(v.gFD, v.rFD), r_seed={int(s): _pearson(g.gFD, g.rFD) for s, g in v.groupby('seed')},
+                slope_rfd=seed_stats(list(slopes['rFD'][vtp].values())),
+                slope_gfd=seed_stats(list(slopes['gFD'][vtp].values())),
+                gap=means('gap'), rfd=means('rFD'), gfd=means('gFD'), rec_images=means('rec_images'),
+                gap_slope_diff=paired_comparison(slopes['gap'][vtp], slopes['gap'][ae]),
+                gfd_slope_diff=paired_comparison(slopes['gFD'][vtp], slopes['gFD'][ae]),
+                rec_batch={m: reconstruction_batch(g.scale.iloc[0], m, g.seed.iloc[0]) for m, g in ((vtp, v), (ae, a))},
+                steps_ratio=float(a_top.step.mean() / v_top.step.mean()),
+                images_ratio=float(a_top.rec_images.mean() / v_top.rec_images.mean()),
+                ae_budget_at_vtp_images=near, ae_rfd_at_vtp_images=float(a[a.budget == near].rFD.mean()))
+
+# %% ../nbs/16a_testbed.ipynb #2ce2b6b4
+def semantic_generation(points, vtp: str = 'CLIP+SSL+AE', ae: str = 'AE', col: str = 'sample_shape_accuracy',
+                        colour: str = 'sample_colour_accuracy') -> dict:
+    "Share of class-conditional samples showing the requested shape by method and budget, slopes, colour, r with rFD."
+    df = _series_frame(points, (vtp, ae), (col, colour, 'rFD', 'gFD'), 'semantic_generation')
+    df = df.assign(share=100 * df[col], colour_share=100 * df[colour])
+    budgets = sorted(set(df.budget))
+    methods = [m for m in (ae, vtp) if m in set(df.method)] + sorted(set(df.method) - {ae, vtp})
+    g = {m: df[df.method == m] for m in methods}
+    slopes = {m: per_seed_slopes(g[m], 'share') for m in methods if g[m].groupby('seed').budget.nunique().min() > 1}
+    slope = {m: dict(per_seed={int(k): float(x) for k, x in s.items()}, mean=float(np.mean(list(s.values()))),
+                     agree=len({np.sign(x) for x in s.values()}) == 1) for m, s in slopes.items()}
+    share = {m: _by_budget(g[m], 'share', budgets) for m in methods}
+    colours = df.groupby(['method', 'budget']).colour_share.mean()
+    top = budgets[-1]
+    return dict(vtp=vtp, ae=ae, budgets=budgets, labels=budget_labels(budgets), share=share, slope=slope,
+                seeds={m: sorted(int(s) for s in set(g[m].seed)) for m in methods},
+                vtp_minus_ae=[x - y for x, y in zip(share[vtp], share[ae])],
+                gfd_top={m: float(g[m][g[m].budget == top].gFD.mean()) for m in (vtp, ae)},
+                colour=dict(mean=float(df.colour_share.mean()), lo=float(colours.min()), hi=float(colours.max())),
+                r_share_rfd=_pearson(g[vtp].share, g[vtp].rFD))
+
+# %% ../nbs/16a_testbed.ipynb #cf884304
+def _images(n: float) -> str:
+    "An image count in words: 273k, 1.91M."
+    return f'{n / 1e6:.3g}M' if n >= 1e6 else f'{n / 1e3:.3g}k' if n >= 1e3 else f'{n:.0f}'
+
+def _list(values, fmt: str = '.2f', sign: bool = False) -> str:
+    "Numbers joined by ', ' (`sign`: with their + sign)."
+    return ', '.join(format(v, ('+' if sign else '') + fmt) for v in values)
+
+def _ci(st: dict, lo: str = 'ci_lo', hi: str = 'ci_hi') -> str:
+    "'95% CI a .. b' of a `seed_stats` / `paired_comparison` record."
+    return f"{st['conf']:.0%} CI {st[lo]:.2f} .. {st[hi]:+.2f}"
+
+def stored_series_findings(catch: dict, sem: dict) -> str:
+    "Markdown bullets of the two readings (`decoder_catch_up`, `semantic_generation`), labelled exploratory."
+    vtp, ae, labels = catch['vtp'], catch['ae'], catch['labels']
+    span = f'{labels[0]} .. {labels[-1]}'
+    gap, gfd = catch['gap_slope_diff'], catch['gfd_slope_diff']
+    zero = 'contains 0' if gap['ci_lo'] <= 0 <= gap['ci_hi'] else 'excludes 0'
+    (v_rec, v_batch), (a_rec, a_batch) = catch['rec_batch'][vtp], catch['rec_batch'][ae]
+    near = catch['labels'][catch['budgets'].index(catch['ae_budget_at_vtp_images'])]
+    seeds = ' / '.join(f'{r:.3f}' for r in catch['r_seed'].values())
+    per_seed = lambda m: ' / '.join(f'{x:+.1f}' for x in sem['slope'][m]['per_seed'].values())
+    agree = lambda m: (f"all {len(sem['slope'][m]['per_seed'])} seeds "
+                       f"{'negative' if sem['slope'][m]['mean'] < 0 else 'positive'}" if sem['slope'][m]['agree']
+                       else 'the seeds disagree in sign')
+    top = sem['labels'][-1]
+    others = ', '.join(f"{m} (seed{'s' * (len(s) > 1)} {', '.join(map(str, s))})"
+                       for m, s in sem['seeds'].items() if m not in (vtp, ae))
+    return '\n'.join([
+        f"Exploratory: neither reading was an endpoint of the protocol that produced the store. Computed from the "
+        f"stored headline points ({vtp} = VTP against {ae}; tokenizer seeds {', '.join(map(str, sem['seeds'][vtp]))}; "
+        f"budgets {span}, C = {catch['budgets'][0]:.3g} FLOPs; means over seeds).",
+        f"- **Decoder catch-up.** Over VTP's points gFD follows rFD: r = {catch['r']:.3f} (per seed {seeds}). "
+        f"VTP's rFD falls {catch['slope_rfd']['mean']:.1f} per 10x compute and its gFD "
+        f"{catch['slope_gfd']['mean']:.1f} (mean per-seed slopes).",
+        f"- gFD - rFD by budget ({span}): VTP {_list(catch['gap'][vtp])}; AE {_list(catch['gap'][ae])}.",
+        f"- Paired by tokenizer seed, VTP's slope minus the AE's is {gap['diff']:.2f} per 10x for gFD - rFD "
+        f"({_ci(gap)}, {gap['n']} seeds; the interval {zero}) against {gfd['diff']:.1f} for raw gFD ({_ci(gfd)}).",
+        f"- Reconstruction images seen: the reconstruction loss takes {v_rec} of the {v_batch} images of a VTP step "
+        f"and {a_rec} of the {a_batch} of an AE step (`PretrainConfig.rec_rows`); at equal FLOPs VTP takes "
+        f"{catch['steps_ratio']:.2f}x fewer steps, so at {labels[-1]} it has reconstructed "
+        f"{catch['images_ratio']:.1f}x fewer images ({_images(catch['rec_images'][vtp][-1])} vs "
+        f"{_images(catch['rec_images'][ae][-1])}). By "
+        f"reconstruction images seen, VTP at {labels[-1]} (rFD {catch['rfd'][vtp][-1]:.2f}) sits nearest the AE at "
+        f"{near} ({_images(catch['rec_images'][ae][catch['labels'].index(near)])} images, rFD "
+        f"{catch['ae_rfd_at_vtp_images']:.2f}).",
+        f"- **Semantic generation.** Share of class-conditional samples showing the requested shape (reference "
+        f"network), {span}: AE {_list(sem['share'][ae], '.1f')}%; VTP {_list(sem['share'][vtp], '.1f')}%"
+        + (f" (the table adds {others})." if others else '.'),
+        f"- Per-seed slopes: AE {sem['slope'][ae]['mean']:+.1f} points per 10x ({per_seed(ae)}: {agree(ae)}); VTP "
+        f"{sem['slope'][vtp]['mean']:+.1f} ({per_seed(vtp)}: {agree(vtp)}).",
+        f"- VTP - AE by budget: {_list(sem['vtp_minus_ae'], '.1f', sign=True)} points; at {top} VTP "
+        f"{sem['share'][vtp][-1]:.0f}% vs AE {sem['share'][ae][-1]:.0f}% while its gFD is "
+        f"{'worse' if sem['gfd_top'][vtp] > sem['gfd_top'][ae] else 'better'} ({sem['gfd_top'][vtp]:.2f} vs "
+        f"{sem['gfd_top'][ae]:.2f}).",
+        f"- Colour is saturated: {sem['colour']['mean']:.1f}% of samples show the requested colour "
+        f"({sem['colour']['lo']:.1f} .. {sem['colour']['hi']:.1f}% by method and budget).",
+        f"- Over VTP's points the shape share correlates with its rFD at r = {sem['r_share_rfd']:.3f}: a blurry "
+        f"decoder lowers the share too, so the share's rise is not separated from the decoder's catch-up."])
+
+def stored_series_table(catch: dict, sem: dict) -> pd.DataFrame:
+    "By budget: each method's gFD - rFD, rFD, reconstruction images seen and shape share (%), and VTP - AE."
+    vtp, ae = catch['vtp'], catch['ae']
+    cols = dict(budget=catch['labels'], flops=[float(f'{b:.3g}') for b in catch['budgets']])
+    for m, name in ((ae, 'AE'), (vtp, 'VTP')):
+        cols[f'gFD-rFD {name}'] = np.round(catch['gap'][m], 2)
+        cols[f'rFD {name}'] = np.round(catch['rfd'][m], 2)
+        cols[f'rec. images {name}'] = [_images(n) for n in catch['rec_images'][m]]
+    shares = {m: dict(zip(sem['budgets'], s)) for m, s in sem['share'].items()}
+    for m, s in shares.items():
+        cols[f"shape % {'VTP' if m == vtp else m}"] = [round(s.get(b, np.nan), 1) for b in catch['budgets']]
+    cols['shape % VTP-AE'] = [round(shares[vtp][b] - shares[ae][b], 1) for b in catch['budgets']]
+    return pd.DataFrame(cols)
+
+def stored_series_section(points, vtp: str = 'CLIP+SSL+AE', ae: str = 'AE') -> str:
+    "The markdown of both readings of the stored series with their table; a line saying why when it has none."
+    try:
+        catch, sem = decoder_catch_up(points, vtp, ae), semantic_generation(points, vtp, ae)
+    except ValueError as e:
+        return f'Not computed from this store: {e}.'
+    return stored_series_findings(catch, sem) + '\n\n' + markdown_table(stored_series_table(catch, sem))

@@ -298,7 +298,7 @@ def render_notebooks(only=None, root=None, out=None) -> dict:
     try:
         os.environ.update(_render_env(scratch))
         proj = _copy_project(root, scratch/'project')
-        store = _tree_digest(proj/'results')
+        store = _tree_digest(proj/'results'/RENDER_SCALE)
         replace = {str(proj) + '/': '', str(proj): '.', str(scratch/'tmp'): '$TMPDIR', str(scratch): '$TMP',
                    str(root) + '/': '', str(root): '.', sys.prefix: '$VENV'}
         commit = _git_commit(root)['commit']
@@ -314,7 +314,7 @@ def render_notebooks(only=None, root=None, out=None) -> dict:
                 _execute(src, params, cwd, executed, flags)
             except Exception as e:
                 raise RuntimeError(f"{src.relative_to(root)}: {_failure(e)}") from e
-            if params is not None and _tree_digest(proj/'results') != store:
+            if params is not None and _tree_digest(proj/'results'/RENDER_SCALE) != store:
                 raise RuntimeError(f"{src.name} changed the results store while rendering with {params}")
             new_ckpts = sorted(_checkpoints(scratch/'runs') - ckpts_before)
             if params is not None and new_ckpts:

@@ -253,13 +253,16 @@ def protocol_preconditions(store: dict, scale: str, protocol: dict | None = None
     ratio = (_by_budget(pts, 'gFD') / _by_budget(pts, 'rFD')).min().min()
     ceil = _by_budget(pts, 'rec_shape_accuracy').min().min()
     shown = (1 - _by_budget(pts, 'shape_unshown')).max().max()
-    top = pts[pts.budget == pts.budget.max()].groupby('method').probe_shape_grid.mean()
+    top = pts[pts.budget == pts.budget.max()].groupby('method')[['probe_shape_grid', 'probe_shape_last']].mean()
     vtp, ae = p['methods'][1], p['methods'][0]
-    v, a = top.get(vtp, float('nan')), top.get(ae, float('nan'))
+    v, a = (top.loc[k] if k in top.index else pd.Series(float('nan'), top.columns) for k in (vtp, ae))
     r = float(rnd.probe_shape_grid.mean()) if len(rnd) else float('nan')
     m = pre['probe_margin']
-    common[f'semantics: {vtp} grid shape probe at the largest budget >= {ae} + {m:.0%} and >= random init + '
-           f'{m:.0%} (have {v:.3f} vs {a:.3f} and {r:.3f})'] = bool(v >= a + m and v >= r + m)
+    common[f'semantics: {vtp} shape probes at the largest budget: latent grid >= {ae} + {m:.0%} and >= random '
+           f'init + {m:.0%} (have {v.probe_shape_grid:.3f} vs {a.probe_shape_grid:.3f} and {r:.3f}), last layer '
+           f'>= {ae} + {m:.0%} (have {v.probe_shape_last:.3f} vs {a.probe_shape_last:.3f})'] = bool(
+        v.probe_shape_grid >= a.probe_shape_grid + m and v.probe_shape_grid >= r + m and
+        v.probe_shape_last >= a.probe_shape_last + m)
     return dict(common=common,
                 gFD={f"regime: mean gFD >= {pre['regime_ratio']:g} x mean rFD for both arms at every budget "
                      f"(smallest ratio {ratio:.2f})": bool(ratio >= pre['regime_ratio'])},
@@ -304,7 +307,8 @@ def synthetic_protocol_store(effect: bool, seeds=(10, 11, 12, 13, 14), budgets=(
                 g = (14 - 6 * lx if vtp and effect else 9.) + rng.normal(0, noise)
                 u = (0.80 - 0.15 * lx if vtp and effect else 0.78) + rng.normal(0, 0.01)
                 rows.append(dict(method=m, seed=sd, budget=float(b), flops=b * 4e12, gFD=g, rFD=2.,
-                                 rec_shape_accuracy=0.98, shape_unshown=u, probe_shape_grid=0.75 if vtp else 0.58))
+                                 rec_shape_accuracy=0.98, shape_unshown=u, probe_shape_grid=0.75 if vtp else 0.58,
+                                 probe_shape_last=0.99 if vtp else 0.49))
     rnd = pd.DataFrame([dict(method='random init', seed=sd, probe_shape_grid=0.40) for sd in seeds])
     return dict(points=pd.DataFrame(rows), random=rnd, stage2=pd.DataFrame())
 
@@ -455,7 +459,8 @@ def protocol_document(scale: str, store: dict, power: pd.DataFrame | None = None
              f"point; regime (gFD claims) gFD >= {pre['regime_ratio']:g} x rFD for both arms at every budget; "
              f"ceiling (shape claims) >= {pre['min_ceiling']:g}; headroom (shape claims) <= {pre['max_shown']:.0%} "
              f"of the decoder's shape shown; semantics (all) VTP grid probe >= AE + {pre['probe_margin']:.0%} and "
-             f">= random init + {pre['probe_margin']:.0%} at the largest budget.",
+             f">= random init + {pre['probe_margin']:.0%}, last-layer probe >= AE + {pre['probe_margin']:.0%}, at "
+             "the largest budget.",
              f"- Secondary, not judged: rFD, decoder-controlled gFD, last-layer probe, the largest budget re-decoded "
              f"after {s['stage2_steps']} stage-2 steps.", '', '## The family', '']
     lines += [f'{i + 1}. {c}' for i, c in enumerate(claim_names(p))]

@@ -13,17 +13,19 @@ import torch.nn as nn
 import torch.distributed as dist
 from safetensors.torch import load_file, safe_open
 from tqdm.auto import tqdm
-from .config import get_settings, get_device, config_hash, seed_everything, setup_threads
+from .config import (get_settings, get_device, config_hash, seed_everything, setup_threads,
+                              environment_info)
 from .distributed import rank_world, init_distributed, full_tensor, gathered, defer_finite_check
 from .io import (atomic_write, write_json, atomic_save, read_jsonl, append_jsonl, rewrite_jsonl, file_lock,
                           second_name)
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'resume_rows', 'run_dir', 'prepare_run_dir', 'remove_stale_temps', 'is_finished',
-           'CheckpointError', 'checkpoint_state', 'read_checkpoint', 'restore_checkpoint', 'latest_checkpoint',
-           'log_spaced_steps', 'save_rolling', 'shared_prefix_dir', 'shared_prefix_checkpoint', 'save_shared_prefix',
-           'epoch_permutation', 'batch_indices', 'to_device', 'batch_to', 'Recipe', 'fit', 'parse_overrides',
-           'read_config_file', 'training_cli']
+__all__ = ['CHECKPOINT_FORMAT', 'PHASE_FIELDS', 'PHASE_SOURCES', 'resume_rows', 'run_dir', 'prepare_run_dir',
+           'remove_stale_temps', 'is_finished', 'CheckpointError', 'checkpoint_state', 'read_checkpoint',
+           'restore_checkpoint', 'latest_checkpoint', 'log_spaced_steps', 'save_rolling', 'shared_prefix_dir',
+           'shared_prefix_checkpoint', 'prefix_provenance_path', 'save_shared_prefix', 'phase_record', 'merge_phases',
+           'close_phases', 'record_phases', 'run_phases', 'prefix_phases', 'epoch_permutation', 'batch_indices',
+           'to_device', 'batch_to', 'Recipe', 'fit', 'parse_overrides', 'read_config_file', 'training_cli']
 
 # %% ../nbs/04a_runs.ipynb #40d23616
 def resume_rows(run: Path, step: int, rank: int = 0) -> list:
@@ -157,15 +159,70 @@ def shared_prefix_checkpoint(kind: str, key: dict, step: int, runs_dir=None) -> 
     "The latest readable saved state of prefix `key` at or before `step` (None: nothing to start from)."
     return latest_checkpoint(shared_prefix_dir(kind, key, runs_dir), 'step-*.safetensors', step)
 
-def save_shared_prefix(kind: str, prefix: tuple, state: tuple, runs_dir=None) -> Path:
-    "Save the training state (`trainer`, `opt`) at the end of `prefix` = (key, step), atomically."
+def prefix_provenance_path(saved: Path) -> Path:
+    "The provenance file of a saved prefix state `step-<n>.safetensors`: `provenance-<n>.json` beside it."
+    return Path(saved).parent/f"provenance-{Path(saved).stem.split('-', 1)[1]}.json"
+
+def save_shared_prefix(kind: str, prefix: tuple, state: tuple, runs_dir=None, phases: list = ()) -> Path:
+    "Save the training state (`trainer`, `opt`) at the end of `prefix` = (key, step), atomically, with its provenance."
     key, step = prefix
     d = shared_prefix_dir(kind, key, runs_dir)
     if not (d/'config.json').exists():
         atomic_write(d/'config.json', json.dumps(key, indent=1, sort_keys=True, default=list))
+    path = d/f'step-{step:08d}.safetensors'
+    write_json(prefix_provenance_path(path), dict(step=step, environment=environment_info(), phases=list(phases)))
     tensors, meta = checkpoint_state(*state, step, config_hash(key))
-    return atomic_save(tensors, d/f'step-{step:08d}.safetensors', meta)
+    return atomic_save(tensors, path, meta)
 
+# %% ../nbs/04a_runs.ipynb #35b6f4d3
+PHASE_FIELDS = ('source', 'git_commit', 'git_dirty', 'cpu_kind')
+PHASE_SOURCES = ('scratch', 'checkpoint', 'shared_prefix', 'unrecorded')
+
+def phase_record(from_step: int, source: str, env: dict | None = None) -> dict:
+    "A phase of training from `from_step`, started from `source`, by the process of `env` (default: this one)."
+    if source not in PHASE_SOURCES:
+        raise ValueError(f"phase source {source!r}: expected one of {PHASE_SOURCES}")
+    env = environment_info() if env is None else env
+    return dict(from_step=from_step, source=source, git_commit=env.get('git_commit'), git_dirty=env.get('git_dirty'),
+                cpu_kind=env.get('cpu'))
+
+def merge_phases(phases: list, new: list) -> list:
+    "`phases` then `new`, each new phase replacing those recorded from its step on (their steps were trained again)."
+    out = list(phases)
+    for p in new:
+        out = [q for q in out if q['from_step'] < p['from_step']] + [p]
+    return out
+
+def close_phases(phases: list, end: int) -> list:
+    "The phases that trained steps 0 ... `end`, each with its `to_step` (steps that no phase names: `unrecorded`)."
+    kept = [p for p in phases if p['from_step'] < end]
+    if end > 0 and (not kept or kept[0]['from_step'] > 0):
+        kept = [phase_record(0, 'unrecorded', {})] + kept
+    ends = [p['from_step'] for p in kept[1:]] + [end]
+    return [dict(from_step=p['from_step'], to_step=e, **{k: p.get(k) for k in PHASE_FIELDS})
+            for p, e in zip(kept, ends)]
+
+def record_phases(run: Path, new: list) -> list:
+    "Merge the `new` phases into `run/phases.jsonl` (rewritten atomically: a kill leaves the old list or the new)."
+    phases = merge_phases(read_jsonl(run/'phases.jsonl'), new)
+    rewrite_jsonl(run/'phases.jsonl', phases)
+    return phases
+
+def run_phases(run: Path, end: int) -> list:
+    "The closed phases that trained `run` up to step `end`."
+    return close_phases(read_jsonl(run/'phases.jsonl'), end)
+
+def prefix_phases(saved: Path) -> list:
+    "The phases that trained the saved prefix state `saved` (one `unrecorded` phase when its provenance names none)."
+    path = prefix_provenance_path(saved)
+    try:
+        phases = json.loads(path.read_text()).get('phases') if path.exists() else []
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(phases, list) or not all(isinstance(p, dict) and 'from_step' in p for p in phases):
+        raise ValueError(f"{path}: 'phases' must be a list of objects with 'from_step', got {phases!r}")
+    return [{'from_step': p['from_step'], **{k: p.get(k) for k in PHASE_FIELDS}} for p in phases] or \
+           [phase_record(0, 'unrecorded', {})]
 
 # %% ../nbs/04a_runs.ipynb #5bb6c8fc
 @functools.lru_cache(maxsize=4)
@@ -297,6 +354,7 @@ class _Loop:
     fsdp: bool
     runs_dir: object
     prefix: tuple | None = None
+    origin: tuple = ('scratch', None)          # where the trained state came from: (source, saved prefix state)
     rows: list = field(default_factory=list)
     keep: set = field(default_factory=set)
     flops: int = 0
@@ -319,12 +377,22 @@ def _resume(lp: _Loop, trainer: nn.Module, opt) -> int:
     if (last := latest_checkpoint(lp.run/'checkpoints')) is not None:
         step = restore_checkpoint(trainer, opt, last, lp.hash)
         lp.rows = resume_rows(lp.run, step, lp.rank)
+        lp.origin = ('checkpoint', None)
         return step
     if lp.prefix is not None:
         saved = shared_prefix_checkpoint(lp.recipe.kind, *lp.prefix, lp.runs_dir)
         if saved is not None:
+            lp.origin = ('shared_prefix', saved)
             return restore_checkpoint(trainer, opt, saved, config_hash(lp.prefix[0]))   # the shared prefix, exactly
     return 0
+
+def _start_phase(lp: _Loop, step: int, end: int):
+    "Record the phase that trains steps `step` ... `end` (rank 0; none when no step is left to train)."
+    if lp.rank > 0 or step >= end:
+        return
+    source, saved = lp.origin
+    carried = prefix_phases(saved) if source == 'shared_prefix' else []
+    record_phases(lp.run, [*carried, phase_record(step, source)])
 
 def _check_finite(recipe: Recipe, run: Path, loss, terms: dict, step: int, bad):
     "Raise when the loss of `step` is NaN or inf (one host sync); deferred (`bad` a tensor): note its first bad step."
@@ -370,7 +438,7 @@ def _save(lp: _Loop, trainer: nn.Module, opt, step: int, rolling: bool):
         if lp.rank == 0 and rolling:
             save_rolling(lp.run, *state, step, lp.hash, lp.keep)
         if lp.rank == 0 and at_prefix:
-            save_shared_prefix(lp.recipe.kind, lp.prefix, state, lp.runs_dir)
+            save_shared_prefix(lp.recipe.kind, lp.prefix, state, lp.runs_dir, run_phases(lp.run, step))
 
 def _finish(lp: _Loop, trainer: nn.Module, step: int):
     "Write the metrics files; at the last step also the final save, `done.json`, and drop the rolling checkpoint."
@@ -382,7 +450,7 @@ def _finish(lp: _Loop, trainer: nn.Module, step: int):
     info = lp.recipe.save_final(lp.run, trainer, lp.fsdp)                # collective under FSDP
     if lp.rank == 0:
         write_json(lp.run/'done.json', dict(steps=step, flops=step * lp.flops, config_hash=lp.hash,
-                                            world_size=lp.world, **info))
+                                            world_size=lp.world, **info, phases=run_phases(lp.run, step)))
         for last in (lp.run/'checkpoints').glob('last-*.safetensors'):  # nothing resumes a finished run
             last.unlink()
 
@@ -405,6 +473,7 @@ def _train(lp: _Loop, device, max_steps: int | None, progress: bool):
     net = recipe.network(trainer, ddp=lp.world > 1 and not lp.fsdp)     # after the FLOP count (eager)
     lp.keep = set(log_spaced_steps(cfg.steps, cfg.ckpt_log_points))
     end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+    _start_phase(lp, step, end)
     amp = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or lp.rank > 0,
                desc=recipe.label + (' FSDP' if lp.fsdp else ''))

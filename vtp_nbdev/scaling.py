@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from .config import config_hash, get_device, get_settings, project_root, environment_info, SCALES
 from .pretrain import PretrainConfig, VTPPretrainer, pretrain, run_dir_for, count_step_flops
 from .loader import load_batch
-from .runs import log_spaced_steps, parse_overrides
+from .runs import log_spaced_steps, parse_overrides, close_phases
 from .io import read_jsonl, write_json, file_lock
 from .data import get_dataset, PROCEDURAL
 from .eval_reconstruction import evaluate_tokenizer
@@ -22,8 +22,8 @@ from .fid import REFERENCE_EXTRACTORS
 # %% auto #0
 __all__ = ['SCALE_SETTINGS', 'UNCHECKED_SCALES', 'scale_settings', 'series_budgets', 'flops_per_step', 'probe_config',
            'scaling_config', 'export_checkpoint', 'results_dir', 'point_key', 'record_path', 'point_path', 'flops_at',
-           'dirty_files', 'check_provenance', 'write_record', 'score_point', 'tokenizer_lock', 'run_series',
-           'load_results', 'main', 'guided_point']
+           'dirty_files', 'check_provenance', 'write_record', 'score_point', 'trained_phases', 'phase_commits',
+           'phase_problems', 'tokenizer_lock', 'run_series', 'load_results', 'main', 'guided_point']
 
 # %% ../nbs/13_scaling.ipynb #09a45397
 _GEN_SMOKE = dict(n_latents=256, dit=dict(preset='tiny', steps=30, batch=32, lr=1e-3, log_every=10, ckpt_every=30),
@@ -241,8 +241,37 @@ def score_point(run, step: int, scale: str, gen: dict | None = None, device=None
                dit_proxy=g['dit_proxy'], generation_config=g['generation_config'], gen_hash=config_hash(gen),
                dit_run=Path(g['dit_run']).name,
                eval_hash=config_hash(s['eval']),
-               seconds=dict(evaluate=t1 - t0, generation=time.time() - t1), environment=environment_info(root))
+               seconds=dict(evaluate=t1 - t0, generation=time.time() - t1), phases=trained_phases(run, step),
+               environment=environment_info(root))
     return write_record(path, rec, root)
+
+# %% ../nbs/13_scaling.ipynb #f22ef30c
+def trained_phases(run, step: int) -> list | None:
+    "The phases of finished tokenizer `run` that trained its checkpoint `step` (None: its `done.json` names none)."
+    done = Path(run)/'done.json'
+    phases = json.loads(done.read_text()).get('phases') if done.exists() else None
+    return None if phases is None else close_phases(phases, step)
+
+def phase_commits(rec: dict) -> list:
+    "The distinct git commits that trained a record's checkpoint, in training order (unknown ones left out)."
+    return list(dict.fromkeys(p['git_commit'] for p in rec.get('phases') or [] if p.get('git_commit')))
+
+def _phase_problem(p: dict) -> str | None:
+    "What is uncertain about the code that trained phase `p` (None: a clean, known commit)."
+    span = f"steps {p.get('from_step')}-{p.get('to_step')} ({p.get('source')})"
+    if not p.get('git_commit'):
+        return f"{span}: trained by an unknown commit"
+    if p.get('git_dirty') is None:
+        return f"{span}: trained at {p['git_commit'][:12]} from a git tree not known to be clean"
+    return f"{span}: trained at {p['git_commit'][:12]} with uncommitted changes" if p['git_dirty'] else None
+
+def phase_problems(rec: dict) -> list:
+    "What leaves unsure which code trained a record's checkpoint ([] for records of `UNCHECKED_SCALES`)."
+    if rec.get('scale') in UNCHECKED_SCALES:
+        return []
+    if not rec.get('phases'):
+        return ["the record names no training phases: the commits that trained its checkpoint are unknown"]
+    return [problem for p in rec['phases'] if (problem := _phase_problem(p)) is not None]
 
 # %% ../nbs/13_scaling.ipynb #e5902a2d
 def tokenizer_lock(cfg: PretrainConfig, runs_dir=None):

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 from .config import config_hash
 from .scaling import (scale_settings, scaling_config, export_checkpoint, record_path, write_record,
-                               check_provenance, results_dir, tokenizer_lock, flops_at)
+                               check_provenance, results_dir, tokenizer_lock, flops_at, trained_phases,
+                               phase_problems)
 from .pretrain import pretrain
 from .tokenizer import VTPModel
 from .diagnostics import DiagnosticsSetup, attribute_labels, probe_model
@@ -107,7 +108,6 @@ def _measure_point(tb: DiagnosticsSetup, cfg, s: dict) -> dict:
     probes = probe_model(tb, model, attribute_labels(tb, 'train', tb.n_probe_train),
                          attribute_labels(tb, 'test', tb.n_probe_test))
     t.append(time.time())
-    done = json.loads((run/'done.json').read_text())
     return dict(flops=flops_at(run, cfg.steps), steps=cfg.steps, config_hash=run.name,
                 **{k: row[k] for k in ('gFD', 'rFD', 'gFD_controlled', 'sample_shape_accuracy',
                                        'sample_colour_accuracy', 'shape_chance', 'n_samples', 'dit_run')},
@@ -116,7 +116,7 @@ def _measure_point(tb: DiagnosticsSetup, cfg, s: dict) -> dict:
                                             ceil['rec_shape_accuracy']),
                 probe_shape_bottleneck=_shape_probe(probes, 'bottleneck'),
                 probe_shape_grid=_shape_probe(probes, 'bottleneck_grid'), probe_shape_last=_shape_probe(probes, 'last'),
-                probe_shape_chance=_shape_probe_chance(probes), phases=done.get('phases'),
+                probe_shape_chance=_shape_probe_chance(probes), phases=trained_phases(run, cfg.steps),
                 seconds=dict(pretrain=t[1] - t[0], proxy=t[2] - t[1], ceiling_probes=t[3] - t[2]))
 
 def _shape_probe_chance(rows: list) -> float:
@@ -244,10 +244,12 @@ def protocol_preconditions(store: dict, scale: str, protocol: dict | None = None
     want = {(m, sd, float(b)) for m in p['methods'] for sd in s['seeds'] for b in s['budgets']}
     have = set(zip(pts.method, pts.seed, pts.budget.astype(float))) if len(pts) else set()
     k = len(set(pts.budget)) if len(pts) else 0
+    unsure = [r for r in pts.to_dict('records') if phase_problems(r)] if len(pts) else []
     span = float(pts.budget.max() / pts.budget.min()) if len(pts) else 0.
     common = {f'all {len(want)} registered points scored (have {len(want & have)})': want <= have,
               f">= {pre['min_budgets']} budgets over >= {pre['min_span']:g}x (have {k} over {span:g}x)":
-                  k >= pre['min_budgets'] and span >= pre['min_span']}
+                  k >= pre['min_budgets'] and span >= pre['min_span'],
+              f'provenance: every point names the clean commits that trained it (unsure: {len(unsure)})': not unsure}
     if not len(pts):
         return dict(common=common, gFD={}, shape_unshown={})
     ratio = (_by_budget(pts, 'gFD') / _by_budget(pts, 'rFD')).min().min()
@@ -306,7 +308,9 @@ def synthetic_protocol_store(effect: bool, seeds=(10, 11, 12, 13, 14), budgets=(
                 vtp = m != 'AE'
                 g = (14 - 6 * lx if vtp and effect else 9.) + rng.normal(0, noise)
                 u = (0.80 - 0.15 * lx if vtp and effect else 0.78) + rng.normal(0, 0.01)
-                rows.append(dict(method=m, seed=sd, budget=float(b), flops=b * 4e12, gFD=g, rFD=2.,
+                rows.append(dict(scale='cpu', method=m, seed=sd, budget=float(b), flops=b * 4e12, gFD=g, rFD=2.,
+                                 phases=[dict(from_step=0, to_step=100, source='scratch', git_commit='0' * 40,
+                                              git_dirty=False, cpu_kind='synthetic')],
                                  rec_shape_accuracy=0.98, shape_unshown=u, probe_shape_grid=0.75 if vtp else 0.58,
                                  probe_shape_last=0.99 if vtp else 0.49))
     rnd = pd.DataFrame([dict(method='random init', seed=sd, probe_shape_grid=0.40) for sd in seeds])
@@ -456,7 +460,7 @@ def protocol_document(scale: str, store: dict, power: pd.DataFrame | None = None
              f"over {len(claim_names(p))} claims; TOST margins per 10x: "
              + ', '.join(f'{k} +-{v:g}' for k, v in p['margins'].items()) + '.',
              f"- Preconditions: >= {pre['min_budgets']} budgets over >= {pre['min_span']:g}x and every registered "
-             f"point; regime (gFD claims) gFD >= {pre['regime_ratio']:g} x rFD for both arms at every budget; "
+             f"point, each naming the clean commits that trained it; regime (gFD claims) gFD >= {pre['regime_ratio']:g} x rFD for both arms at every budget; "
              f"ceiling (shape claims) >= {pre['min_ceiling']:g}; headroom (shape claims) <= {pre['max_shown']:.0%} "
              f"of the decoder's shape shown; semantics (all) VTP grid probe >= AE + {pre['probe_margin']:.0%} and "
              f">= random init + {pre['probe_margin']:.0%}, last-layer probe >= AE + {pre['probe_margin']:.0%}, at "

@@ -457,7 +457,7 @@ def protocol_document(scale: str, store: dict, power: pd.DataFrame | None = None
              f"- Proxy: DiT {DiagnosticsSetup(scale).gen['dit']['preset']}, {s['dit_steps']} steps; {s['n']} samples "
              f"and reference images; ceiling on {s['n_ceiling']} reconstructions.",
              f"- Endpoints: {', '.join(p['endpoints'])} (lower is better); alpha {p['alpha']:g} familywise, Holm "
-             f"over {len(claim_names(p))} claims; TOST margins per 10x: "
+             f"over {len(claim_names(p))} claims; the AE's slope per 10x must lie above -margin: "
              + ', '.join(f'{k} +-{v:g}' for k, v in p['margins'].items()) + '.',
              f"- Preconditions: >= {pre['min_budgets']} budgets over >= {pre['min_span']:g}x and every registered "
              f"point, each naming the clean commits that trained it; regime (gFD claims) gFD >= {pre['regime_ratio']:g} x rFD for both arms at every budget; "

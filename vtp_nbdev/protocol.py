@@ -34,7 +34,7 @@ V3_PROTOCOL = dict(
     preconditions=dict(min_budgets=4, min_span=16., regime_ratio=3., min_ceiling=0.9, max_shown=0.8,
                        probe_margin=0.10),
     scales={
-        'cpu': dict(seeds=(10, 11, 12, 13, 14), budgets=(2, 4, 8, 16, 32), dit_steps=800, n=5000, n_ceiling=1000,
+        'cpu': dict(seeds=(10, 11, 12, 13, 14), budgets=(2, 4, 8, 16, 32), dit_steps=1600, n=5000, n_ceiling=1000,
                     stage2_steps=1000, n_rec=1000),
         'smoke': dict(seeds=(10, 11), budgets=(1, 2, 4, 16), dit_steps=30, n=64, n_ceiling=64, stage2_steps=4,
                       n_rec=64),

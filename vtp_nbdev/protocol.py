@@ -480,6 +480,7 @@ def protocol_document(scale: str, store: dict, power: pd.DataFrame | None = None
                   f"{r.get('tokenizer_flops_per_s', float('nan')) / 1e9:.1f} GFLOP/s, "
                   f"{r.get('point_s', float('nan')):.0f} s per point after pre-training, "
                   f"{r.get('stage2_s', float('nan')):.0f} s per stage-2 unit. Every unit is keyed and stored on its "
-                  'own, so the runs resume and split into pieces (`vtp-repro --scale cpu --only v3_confirmatory`, or '
-                  'one seed per machine).', '', _md(cost)]
+                  'own, so the runs resume and split into pieces: `vtp-repro --scale cpu --only v3_confirmatory` runs '
+                  'them all, `papermill nbs/repro/v3_confirmatory.ipynb out.ipynb -p scale cpu -p seeds 12` one seed '
+                  '(a machine per seed, then the store merged).', '', _md(cost)]
     return '\n'.join(lines) + '\n'

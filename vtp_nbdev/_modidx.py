@@ -763,6 +763,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'vtp_nbdev.protocol.run_unit': ('protocol.html#run_unit', 'vtp_nbdev/protocol.py'),
                                     'vtp_nbdev.protocol.series_flops': ('protocol.html#series_flops', 'vtp_nbdev/protocol.py'),
                                     'vtp_nbdev.protocol.shape_unshown': ('protocol.html#shape_unshown', 'vtp_nbdev/protocol.py'),
+                                    'vtp_nbdev.protocol.stored_record': ('protocol.html#stored_record', 'vtp_nbdev/protocol.py'),
                                     'vtp_nbdev.protocol.synthetic_protocol_store': ( 'protocol.html#synthetic_protocol_store',
                                                                                      'vtp_nbdev/protocol.py'),
                                     'vtp_nbdev.protocol.tokenizer_rate': ('protocol.html#tokenizer_rate', 'vtp_nbdev/protocol.py'),

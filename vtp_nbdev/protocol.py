@@ -19,10 +19,10 @@ from .stats import (Claim, Family, scaling_family, decide_family, nominal_budget
 
 # %% auto #0
 __all__ = ['V3_PROTOCOL', 'EXPLORED_SEEDS', 'protocol_settings', 'budget_flops', 'claim_names', 'point_settings', 'shape_unshown',
-           'protocol_point', 'protocol_random_probe', 'protocol_stage2', 'protocol_units', 'run_unit', 'protocol_store',
-           'protocol_preconditions', 'protocol_family', 'synthetic_protocol_store', 'one_sided_power', 'v2_endpoints',
-           'protocol_power', 'series_flops', 'tokenizer_rate', 'protocol_cost', 'measured_rates', 'cost_probe',
-           'protocol_document']
+           'stored_record', 'protocol_point', 'protocol_random_probe', 'protocol_stage2', 'protocol_units', 'run_unit',
+           'protocol_store', 'protocol_preconditions', 'protocol_family', 'synthetic_protocol_store', 'one_sided_power',
+           'v2_endpoints', 'protocol_power', 'series_flops', 'tokenizer_rate', 'protocol_cost', 'measured_rates',
+           'cost_probe', 'protocol_document']
 
 # %% ../nbs/19_protocol.ipynb #d8cf2cbd
 V3_PROTOCOL = dict(
@@ -123,21 +123,25 @@ def _shape_probe_chance(rows: list) -> float:
     "The chance level of the shape probe (its most frequent test value)."
     return next(r['chance'] for r in rows if r['attribute'] == 'shape')
 
+def stored_record(path: Path, scale: str, compute, run: bool = True, root=None) -> dict | None:
+    "The record at `path`; else, when `run`, `compute()` written there (provenance checked first); else None."
+    if path.exists():
+        return json.loads(path.read_text())
+    if not run:
+        return None
+    check_provenance(scale, root)                    # before the work: a refused record costs nothing
+    return write_record(path, compute(), root)
+
 def protocol_point(scale: str, losses: str, seed: int, multiple: float, run: bool = True, root=None, sub: str = 'v3',
                    protocol: dict | None = None) -> dict | None:
     "The record of one protocol point: the stored one, else measured and written (when `run`), else None."
     p = protocol or V3_PROTOCOL
     tb, cfg, key = point_settings(scale, losses, seed, multiple, p)
     path = record_path(scale, cfg, f'{multiple:g}C', key, sub=sub, root=root)
-    if path.exists():
-        return json.loads(path.read_text())
-    if not run:
-        return None
-    check_provenance(scale, root)                    # before the work: a refused record costs nothing
-    out = _measure_point(tb, cfg, p['scales'][scale])
-    rec = dict(out, scale=scale, protocol=p['name'], method=losses, seed=seed, budget=float(multiple), key=key,
-               key_hash=config_hash(key), confirmatory=seed in p['scales'][scale]['seeds'])
-    return write_record(path, rec, root)
+    compute = lambda: dict(_measure_point(tb, cfg, p['scales'][scale]), scale=scale, protocol=p['name'], method=losses,
+                           seed=seed, budget=float(multiple), key=key, key_hash=config_hash(key),
+                           confirmatory=seed in p['scales'][scale]['seeds'])
+    return stored_record(path, scale, compute, run, root)
 
 # %% ../nbs/19_protocol.ipynb #25cec887
 def protocol_random_probe(scale: str, seed: int, run: bool = True, root=None, sub: str = 'v3',
@@ -148,22 +152,18 @@ def protocol_random_probe(scale: str, seed: int, run: bool = True, root=None, su
     cfg = scaling_config(scale, p['methods'][0], seed)
     key = dict(protocol=p['name'], model=cfg.model, preset=cfg.preset, probes=(tb.n_probe_train, tb.n_probe_test),
                dataset=tb.dataset)
-    path = record_path(scale, cfg, 'random_init', key, sub=sub, root=root)
-    if path.exists():
-        return json.loads(path.read_text())
-    if not run:
-        return None
-    check_provenance(scale, root)
-    import torch
-    t0 = time.time()
-    torch.manual_seed(seed)
-    model = VTPModel(tb.model).eval()
-    rows = probe_model(tb, model, attribute_labels(tb, 'train', tb.n_probe_train),
-                       attribute_labels(tb, 'test', tb.n_probe_test))
-    rec = dict(scale=scale, protocol=p['name'], method='random init', seed=seed, key=key, key_hash=config_hash(key),
-               probe_shape_grid=_shape_probe(rows, 'bottleneck_grid'), probe_shape_last=_shape_probe(rows, 'last'),
-               probe_shape_chance=_shape_probe_chance(rows), seconds=time.time() - t0)
-    return write_record(path, rec, root)
+    def compute() -> dict:
+        import torch
+        t0 = time.time()
+        torch.manual_seed(seed)
+        model = VTPModel(tb.model).eval()
+        rows = probe_model(tb, model, attribute_labels(tb, 'train', tb.n_probe_train),
+                           attribute_labels(tb, 'test', tb.n_probe_test))
+        return dict(scale=scale, protocol=p['name'], method='random init', seed=seed, key=key,
+                    key_hash=config_hash(key), probe_shape_grid=_shape_probe(rows, 'bottleneck_grid'),
+                    probe_shape_last=_shape_probe(rows, 'last'), probe_shape_chance=_shape_probe_chance(rows),
+                    seconds=time.time() - t0)
+    return stored_record(record_path(scale, cfg, 'random_init', key, sub=sub, root=root), scale, compute, run, root)
 
 def protocol_stage2(scale: str, losses: str, seed: int, run: bool = True, root=None, sub: str = 'v3',
                     protocol: dict | None = None, multiple: float | None = None) -> dict | None:
@@ -176,23 +176,19 @@ def protocol_stage2(scale: str, losses: str, seed: int, run: bool = True, root=N
         return None
     tb, cfg, key = point_settings(scale, losses, seed, top, p)
     key = dict(key, stage2=stage2_config(tb, s['stage2_steps']).to_dict(), n_rec=s['n_rec'])
+    def compute() -> dict:
+        t0 = time.time()
+        with tokenizer_lock(cfg):
+            tok_run = pretrain(cfg, progress=False)
+        dec = stage2_decoder(tok_run, tb, s['stage2_steps'], s['n_rec'])
+        r = redecode(point['dit_run'], dec['decoder'], tb, s['n'])
+        return dict(scale=scale, protocol=p['name'], method=losses, seed=seed, budget=float(top), key=key,
+                    key_hash=config_hash(key), stage2_steps=s['stage2_steps'], psnr=dec['psnr'], rFD_stage2=r['rFD'],
+                    gFD_stage2=r['gFD'], gFD_controlled_stage2=r['gFD_controlled'],
+                    sample_shape_accuracy_stage2=r['sample_shape_accuracy'], gFD=point['gFD'], rFD=point['rFD'],
+                    seconds=time.time() - t0)
     path = record_path(scale, cfg, f'{top:g}C_stage2', key, sub=sub, root=root)
-    if path.exists():
-        return json.loads(path.read_text())
-    if not run:
-        return None
-    check_provenance(scale, root)
-    t0 = time.time()
-    with tokenizer_lock(cfg):
-        tok_run = pretrain(cfg, progress=False)
-    dec = stage2_decoder(tok_run, tb, s['stage2_steps'], s['n_rec'])
-    r = redecode(point['dit_run'], dec['decoder'], tb, s['n'])
-    rec = dict(scale=scale, protocol=p['name'], method=losses, seed=seed, budget=float(top), key=key,
-               key_hash=config_hash(key), stage2_steps=s['stage2_steps'], psnr=dec['psnr'], rFD_stage2=r['rFD'],
-               gFD_stage2=r['gFD'], gFD_controlled_stage2=r['gFD_controlled'],
-               sample_shape_accuracy_stage2=r['sample_shape_accuracy'], gFD=point['gFD'], rFD=point['rFD'],
-               seconds=time.time() - t0)
-    return write_record(path, rec, root)
+    return stored_record(path, scale, compute, run, root)
 
 # %% ../nbs/19_protocol.ipynb #693c5d88
 def protocol_units(scale: str, protocol: dict | None = None) -> list:
@@ -418,19 +414,16 @@ def cost_probe(scale: str, seed: int = 1, multiple: float = 16, losses: str = 'A
     if seed in p['scales'][scale]['seeds']:
         raise ValueError(f"cost_probe: seed {seed} is a registered confirmatory seed; measure on an explored one")
     _, cfg, key = point_settings(scale, losses, seed, multiple, p)
+    def compute() -> dict:
+        point = protocol_point(scale, losses, seed, multiple, True, root, 'pilot', p)
+        s2 = protocol_stage2(scale, losses, seed, True, root, 'pilot', p, multiple)
+        rnd = protocol_random_probe(scale, seed, True, root, 'pilot', p)
+        with tokenizer_lock(cfg):
+            tok_run = pretrain(cfg, progress=False)
+        return dict(measured_rates(point, s2, rnd, tok_run), scale=scale, protocol=p['name'], method=losses,
+                    seed=seed, budget=float(multiple), tokenizer_steps=cfg.steps, key_hash=config_hash(key))
     path = record_path(scale, cfg, f'{multiple:g}C_rates', dict(key, measured='rates'), sub='pilot', root=root)
-    if path.exists():
-        return json.loads(path.read_text())
-    if not run:
-        return None
-    point = protocol_point(scale, losses, seed, multiple, True, root, 'pilot', p)
-    s2 = protocol_stage2(scale, losses, seed, True, root, 'pilot', p, multiple)
-    rnd = protocol_random_probe(scale, seed, True, root, 'pilot', p)
-    with tokenizer_lock(cfg):
-        tok_run = pretrain(cfg, progress=False)
-    rates = measured_rates(point, s2, rnd, tok_run)
-    return write_record(path, dict(rates, scale=scale, protocol=p['name'], method=losses, seed=seed,
-                                   budget=float(multiple), tokenizer_steps=cfg.steps, key_hash=config_hash(key)), root)
+    return stored_record(path, scale, compute, run, root)
 
 # %% ../nbs/19_protocol.ipynb #68d24ec8
 def _md(df: pd.DataFrame) -> str:
@@ -460,7 +453,8 @@ def protocol_document(scale: str, store: dict, power: pd.DataFrame | None = None
              f"over {len(claim_names(p))} claims; the AE's slope per 10x must lie above -margin: "
              + ', '.join(f'{k} +-{v:g}' for k, v in p['margins'].items()) + '.',
              f"- Preconditions: >= {pre['min_budgets']} budgets over >= {pre['min_span']:g}x and every registered "
-             f"point, each naming the clean commits that trained it; regime (gFD claims) gFD >= {pre['regime_ratio']:g} x rFD for both arms at every budget; "
+             f"point, each naming the clean commits that trained it; regime (gFD claims) gFD >= "
+             f"{pre['regime_ratio']:g} x rFD for both arms at every budget; "
              f"ceiling (shape claims) >= {pre['min_ceiling']:g}; headroom (shape claims) <= {pre['max_shown']:.0%} "
              f"of the decoder's shape shown; semantics (all) VTP grid probe >= AE + {pre['probe_margin']:.0%} and "
              f">= random init + {pre['probe_margin']:.0%}, last-layer probe >= AE + {pre['probe_margin']:.0%}, at "

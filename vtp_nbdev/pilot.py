@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from .config import config_hash
 from .io import atomic_save
-from .scaling import record_path, write_record, check_provenance
+from .scaling import record_path, stored_record
 from .data import get_dataset
 from .dit import load_lightningdit
 from .latents import extract_latents, load_latents_stats
@@ -55,17 +55,12 @@ def pilot_settings(scale: str) -> dict:
 def pilot_record(tb: DiagnosticsSetup, cfg, tag: str, key: dict, compute, run: bool = True, root=None,
                  **fields) -> dict | None:
     "The pilot record of one unit: the stored one, else `compute()` written with `fields` (when `run`), else None."
-    path = record_path(tb.scale, cfg, tag, key, sub='pilot', root=root)
-    if path.exists():
-        return json.loads(path.read_text())
-    if not run:
-        return None
-    check_provenance(tb.scale, root)                    # before the work: a refused record costs nothing
-    t0 = time.time()
-    out = compute()
-    rec = dict(fields, **out, scale=tb.scale, method=cfg.losses, seed=cfg.seed, unit=tag, key=key,
-               key_hash=config_hash(key), seconds=time.time() - t0)
-    return write_record(path, rec, root)
+    def unit() -> dict:
+        t0 = time.time()
+        out = compute()
+        return dict(fields, **out, scale=tb.scale, method=cfg.losses, seed=cfg.seed, unit=tag, key=key,
+                    key_hash=config_hash(key), seconds=time.time() - t0)
+    return stored_record(record_path(tb.scale, cfg, tag, key, sub='pilot', root=root), tb.scale, unit, run, root)
 
 # %% ../nbs/18_pilot.ipynb #104d6d40
 def dit_proxy_config(tb: DiagnosticsSetup, dit_seed: int, steps: int | None = None) -> DiTTrainConfig:

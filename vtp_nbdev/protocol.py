@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .config import config_hash
-from .scaling import (scale_settings, scaling_config, export_checkpoint, record_path, write_record,
-                               check_provenance, results_dir, tokenizer_lock, flops_at, trained_phases,
-                               phase_problems)
+from .scaling import (scale_settings, scaling_config, export_checkpoint, record_path,
+                               results_dir, tokenizer_lock, flops_at, trained_phases, phase_problems,
+                               stored_record)
 from .pretrain import pretrain
 from .tokenizer import VTPModel
 from .diagnostics import DiagnosticsSetup, attribute_labels, probe_model
@@ -19,10 +19,10 @@ from .stats import (Claim, Family, scaling_family, decide_family, nominal_budget
 
 # %% auto #0
 __all__ = ['V3_PROTOCOL', 'EXPLORED_SEEDS', 'protocol_settings', 'budget_flops', 'claim_names', 'point_settings', 'shape_unshown',
-           'stored_record', 'protocol_point', 'protocol_random_probe', 'protocol_stage2', 'protocol_units', 'run_unit',
-           'protocol_store', 'protocol_preconditions', 'protocol_family', 'synthetic_protocol_store', 'one_sided_power',
-           'v2_endpoints', 'protocol_power', 'series_flops', 'tokenizer_rate', 'protocol_cost', 'measured_rates',
-           'cost_probe', 'protocol_document']
+           'protocol_point', 'protocol_random_probe', 'protocol_stage2', 'protocol_units', 'run_unit', 'protocol_store',
+           'protocol_preconditions', 'protocol_family', 'synthetic_protocol_store', 'one_sided_power', 'v2_endpoints',
+           'protocol_power', 'series_flops', 'tokenizer_rate', 'protocol_cost', 'measured_rates', 'cost_probe',
+           'protocol_document']
 
 # %% ../nbs/19_protocol.ipynb #d8cf2cbd
 V3_PROTOCOL = dict(
@@ -122,15 +122,6 @@ def _measure_point(tb: DiagnosticsSetup, cfg, s: dict) -> dict:
 def _shape_probe_chance(rows: list) -> float:
     "The chance level of the shape probe (its most frequent test value)."
     return next(r['chance'] for r in rows if r['attribute'] == 'shape')
-
-def stored_record(path: Path, scale: str, compute, run: bool = True, root=None) -> dict | None:
-    "The record at `path`; else, when `run`, `compute()` written there (provenance checked first); else None."
-    if path.exists():
-        return json.loads(path.read_text())
-    if not run:
-        return None
-    check_provenance(scale, root)                    # before the work: a refused record costs nothing
-    return write_record(path, compute(), root)
 
 def protocol_point(scale: str, losses: str, seed: int, multiple: float, run: bool = True, root=None, sub: str = 'v3',
                    protocol: dict | None = None) -> dict | None:
@@ -326,7 +317,8 @@ def v2_endpoints(points, budgets=None) -> pd.DataFrame:
     if points is None or not len(points) or not need <= set(points):
         have = sorted(points.columns) if points is not None and len(points) else 'no points'
         raise ValueError(f"v2_endpoints: expected scaling points with columns {sorted(need)}; have {have}")
-    pts = points.assign(budget=np.round(nominal_budgets(points.flops) / nominal_budgets(points.flops).min(), 1))
+    nominal = nominal_budgets(points.flops)
+    pts = points.assign(budget=np.round(nominal / nominal.min(), 1))
     pts = pts[pts.budget.isin(budgets)] if budgets is not None else pts
     chance = pts.get('shape_chance', pd.Series(0.2, index=pts.index)).fillna(0.2)
     return pts.assign(shape_unshown=1 - (pts.sample_shape_accuracy - chance) / (1 - chance))

@@ -22,8 +22,8 @@ from .fid import REFERENCE_EXTRACTORS
 # %% auto #0
 __all__ = ['SCALE_SETTINGS', 'UNCHECKED_SCALES', 'scale_settings', 'series_budgets', 'flops_per_step', 'probe_config',
            'scaling_config', 'export_checkpoint', 'results_dir', 'point_key', 'record_path', 'point_path', 'flops_at',
-           'dirty_files', 'check_provenance', 'write_record', 'score_point', 'trained_phases', 'phase_commits',
-           'phase_problems', 'tokenizer_lock', 'run_series', 'load_results', 'main', 'guided_point']
+           'dirty_files', 'check_provenance', 'write_record', 'score_point', 'stored_record', 'trained_phases',
+           'phase_commits', 'phase_problems', 'tokenizer_lock', 'run_series', 'load_results', 'main', 'guided_point']
 
 # %% ../nbs/13_scaling.ipynb #09a45397
 _GEN_SMOKE = dict(n_latents=256, dit=dict(preset='tiny', steps=30, batch=32, lr=1e-3, log_every=10, ckpt_every=30),
@@ -244,6 +244,15 @@ def score_point(run, step: int, scale: str, gen: dict | None = None, device=None
                seconds=dict(evaluate=t1 - t0, generation=time.time() - t1), phases=trained_phases(run, step),
                environment=environment_info(root))
     return write_record(path, rec, root)
+
+def stored_record(path: Path, scale: str, compute, run: bool = True, root=None) -> dict | None:
+    "The record at `path`; else, when `run`, `compute()` written there (provenance checked first); else None."
+    if path.exists():
+        return json.loads(path.read_text())
+    if not run:
+        return None
+    check_provenance(scale, root)                    # before the work: a refused record costs nothing
+    return write_record(path, compute(), root)
 
 # %% ../nbs/13_scaling.ipynb #f22ef30c
 def trained_phases(run, step: int) -> list | None:
